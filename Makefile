@@ -1,0 +1,31 @@
+# deca-p2p: two commands on a fresh machine: `make cluster` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TOPOLOGY ?= topologies/ring8.json
+CLUSTER_ARGS ?=
+
+.PHONY: install test cluster simulate bench clean
+
+install: $(STAMP)
+
+# torch is pinned and installed first: an unpinned torch pulls several GB of CUDA wheels.
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+cluster: install
+	$(VENV)/bin/deca-peer cluster --topology $(TOPOLOGY) $(CLUSTER_ARGS)
+
+simulate: install
+	$(VENV)/bin/deca-peer simulate --topology $(TOPOLOGY)
+
+clean:
+	rm -rf $(VENV) runs *.egg-info
