@@ -1,0 +1,72 @@
+"""Bootstrap files: where each peer listens (and, with --secure, its public key). They replace a server.
+
+Format (DESIGN §4): {"peers": {"<id>": {"endpoint": "tcp://host:port", "public_key": "<z85>"?}}}.
+Without a file, peer i listens on tcp://127.0.0.1:(base_port + i).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+_ENDPOINT = re.compile(r"^tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
+
+
+class BootstrapError(ValueError):
+    """A bad bootstrap file or host list; the message is one line naming the cause."""
+
+
+def default_endpoints(ids: Iterable[int], base_port: int, host: str = "127.0.0.1") -> dict[int, str]:
+    return {int(i): f"tcp://{host}:{base_port + int(i)}" for i in ids}
+
+
+def load(path: str | Path) -> dict[int, dict]:
+    """{peer id: {"endpoint": ..., "public_key"?: ...}}, validated."""
+    p = Path(path)
+    if not p.is_file():
+        raise BootstrapError(f"bootstrap file {p} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BootstrapError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("peers"), dict) or not data["peers"]:
+        raise BootstrapError(f'{p}: expected {{"peers": {{"<id>": {{"endpoint": "tcp://host:port"}}}}}}')
+    out: dict[int, dict] = {}
+    for key, entry in data["peers"].items():
+        if not str(key).isdigit():
+            raise BootstrapError(f"{p}: peer id {key!r} is not a non-negative integer")
+        if not isinstance(entry, dict) or not isinstance(entry.get("endpoint"), str):
+            raise BootstrapError(f"{p}: peer {key}: missing string 'endpoint'")
+        m = _ENDPOINT.match(entry["endpoint"])
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise BootstrapError(f"{p}: peer {key}: endpoint {entry['endpoint']!r} is not tcp://host:port")
+        unknown = set(entry) - {"endpoint", "public_key"}
+        if unknown:
+            raise BootstrapError(f"{p}: peer {key}: unknown key(s) {', '.join(sorted(unknown))}")
+        out[int(key)] = dict(entry)
+    endpoints = [e["endpoint"] for e in out.values()]
+    dup = {e for e in endpoints if endpoints.count(e) > 1}
+    if dup:
+        raise BootstrapError(f"{p}: endpoint {sorted(dup)[0]} is given to more than one peer")
+    return out
+
+
+def endpoints(entries: dict[int, dict]) -> dict[int, str]:
+    return {i: e["endpoint"] for i, e in entries.items()}
+
+
+def make(ids: Sequence[int], hosts: Sequence[str], base_port: int) -> dict:
+    """Peers assigned to hosts round-robin; peers sharing a host get consecutive ports from base_port."""
+    if not hosts:
+        raise BootstrapError("give at least one host")
+    per_host: dict[str, int] = {}
+    peers = {}
+    for k, i in enumerate(sorted(ids)):
+        host = hosts[k % len(hosts)]
+        port = base_port + per_host.get(host, 0)
+        per_host[host] = per_host.get(host, 0) + 1
+        if port > 65535:
+            raise BootstrapError(f"port {port} out of range: lower --base-port")
+        peers[str(i)] = {"endpoint": f"tcp://{host}:{port}"}
+    return {"peers": peers}

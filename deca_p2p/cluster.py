@@ -1,0 +1,147 @@
+"""Launch and watch a whole local network: one `deca-peer start` OS process per node.
+
+The live view reads each peer's JSONL metrics as they are written; Ctrl-C (or SIGTERM) sends SIGTERM to every
+peer (each stops at a step boundary with a final checkpoint), then SIGKILL to any still alive after a grace
+period, so no process is left behind.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .metrics import METRICS_FILE, peer_dir
+from .report import write_report
+from .topology import Topology
+
+
+class _Tail:
+    """Reads a growing JSONL file incrementally; keeps the latest record of each event kind."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.buf = path, 0, ""
+        self.latest: dict[str, dict] = {}
+        self.compute_s = self.wait_s = 0.0
+
+    def poll(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path) as f:
+            f.seek(self.offset)
+            chunk = f.read()
+            self.offset = f.tell()
+        self.buf += chunk
+        *lines, self.buf = self.buf.split("\n")
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self.latest[rec.get("event", "?")] = rec
+            if rec.get("event") == "step":
+                self.compute_s += rec.get("compute_s") or 0.0
+                self.wait_s += rec.get("wait_s") or 0.0
+
+
+def _live_table(topo: Topology, procs: dict[int, subprocess.Popen], tails: dict[int, _Tail], t0: float) -> Table:
+    t = Table(title=f"{topo.name}: {len(procs)} peers, {time.monotonic() - t0:.0f} s")
+    for col in ("peer", "state", "round", "block", "step", "loss", "MB sent", "computing", "waiting", "eval acc"):
+        t.add_column(col, justify="right")
+    for i, p in sorted(procs.items()):
+        tail = tails[i]
+        s = tail.latest.get("step", {})
+        ev = tail.latest.get("eval", {})
+        code = p.poll()
+        state = "running" if code is None else ("done" if code == 0 else f"exit {code}")
+        if code is None and "step" not in tail.latest:
+            state = "starting"
+        busy = tail.compute_s + tail.wait_s
+        t.add_row(str(i), state, str(s.get("round", "")), str(s.get("block", "")), str(s.get("step", "")),
+                  f"{s['loss']:.3f}" if "loss" in s else "", f"{(s.get('bytes_sent') or 0) / 1e6:.1f}",
+                  f"{100 * tail.compute_s / busy:.0f}%" if busy else "", f"{100 * tail.wait_s / busy:.0f}%" if busy else "",
+                  f"{ev['acc']:.3f}" if "acc" in ev else "")
+    return t
+
+
+def stop_all(procs: dict[int, subprocess.Popen], grace_s: float = 30.0) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs.values():
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run_cluster(topo: Topology, topology_path: str, run_dir: Path, peer_args: Sequence[str], *,
+                live: bool = True, console: Console | None = None) -> int:
+    """Start every peer, show them until all exit, print the final table; returns 0 when all peers succeeded."""
+    console = console or Console()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    procs: dict[int, subprocess.Popen] = {}
+    tails = {i: _Tail(peer_dir(run_dir, i) / METRICS_FILE) for i in topo.nodes}
+    interrupted = False
+
+    def on_signal(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    t0 = time.monotonic()
+    try:
+        for i in topo.nodes:
+            peer_dir(run_dir, i).mkdir(parents=True, exist_ok=True)
+            out = open(peer_dir(run_dir, i) / "peer.log", "w")
+            cmd = [sys.executable, "-m", "deca_p2p.cli", "start", "--id", str(i), "--neighbors", topology_path,
+                   "--run-dir", str(run_dir), *peer_args]
+            # own session: the terminal's Ctrl-C reaches only us, and we stop the peers in order
+            procs[i] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+            out.close()
+        with Live(_live_table(topo, procs, tails, t0), console=console, refresh_per_second=2,
+                  transient=False) if live else _NoLive() as view:
+            while not interrupted and any(p.poll() is None for p in procs.values()):
+                if any(p.poll() not in (None, 0) for p in procs.values()):
+                    break  # a peer failed: stop the rest rather than let them wait for it
+                time.sleep(0.5)
+                for tail in tails.values():
+                    tail.poll()
+                view.update(_live_table(topo, procs, tails, t0))
+            if interrupted or any(p.poll() is None for p in procs.values()):
+                stop_all(procs)
+            for tail in tails.values():
+                tail.poll()
+            view.update(_live_table(topo, procs, tails, t0))
+    finally:
+        stop_all(procs, grace_s=5.0)
+        for s, h in old.items():
+            signal.signal(s, h)
+    failed = {i: p.returncode for i, p in procs.items() if p.returncode != 0}
+    for i, code in sorted(failed.items()):
+        log = (peer_dir(run_dir, i) / "peer.log").read_text().strip().splitlines()
+        console.print(f"peer {i} exited with {code}: {log[-1] if log else '(no output)'}")
+    write_report(run_dir, title=f"{topo.name}: {time.monotonic() - t0:.0f} s, run dir {run_dir}")
+    console.print(f"run directory: {run_dir}")
+    return 0 if not failed else 1
+
+
+class _NoLive:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, *_):
+        pass

@@ -1,0 +1,119 @@
+"""Run configuration: one dataclass, read from TOML or YAML, overridden from the command line."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file or value; the message is one line naming the cause."""
+
+
+@dataclass
+class TrainConfig:
+    # optimizer
+    algo: str = "deca"                # deca | dadam (Adam on all parameters + gossip) | dsgd
+    discrepancy: str = "paper"        # DECA's h_r reading: paper | qg | none (DESIGN §2)
+    lr: float = 1e-3
+    alphas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    # schedule
+    rounds: int = 2                   # T: every block is activated once per round
+    inner_steps: int = 16             # R: local steps (and exchanges) per activation
+    block_order: str = "ascending"    # ascending | descending | random (seeded, identical on every peer)
+    embeddings_block: bool = True     # train the embeddings as an extra block (the default model starts from random init)
+    head_block: bool = True           # train final norm + LM head as an extra block
+    # data
+    batch_size: int = 16
+    alpha: float = 0.25               # Dirichlet concentration of the non-IID split
+    train_per_task: int = 2000
+    eval_per_task: int = 40
+    max_len: int = 64
+    seed: int = 0
+    # communication
+    comm: str = "gossip"              # gossip | none (local-only baseline)
+    codec: str = "raw"                # raw | bf16 | fp16 | int8
+    exchange_timeout_s: float = 60.0  # how long to wait for a neighbour's block before mixing without it
+    hello_timeout_s: float = 60.0
+    base_port: int = 5550             # peer i listens on tcp://127.0.0.1:(base_port + i) without a bootstrap file
+    # runtime
+    dtype: str = "float32"            # model working dtype: float32 | bfloat16 | float16 (fp32 master copy of the active block)
+    device: str = "cpu"               # cpu | cuda | auto
+    threads: int = 0                  # torch threads per peer (0: cores / peers, at least 1)
+    eval_every: int = 0               # evaluate every N activations (0: at the end of each round)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        choices = {"algo": ("deca", "dadam", "dsgd"), "discrepancy": ("paper", "qg", "none"),
+                   "block_order": ("ascending", "descending", "random"), "comm": ("gossip", "none"),
+                   "codec": ("raw", "bf16", "fp16", "int8"), "dtype": ("float32", "bfloat16", "float16"),
+                   "device": ("cpu", "cuda", "auto")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        for key in ("rounds", "inner_steps", "batch_size", "train_per_task", "eval_per_task", "max_len"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.lr < 0 or self.alpha <= 0 or self.exchange_timeout_s <= 0:
+            raise ConfigError("lr must be >= 0, alpha and exchange_timeout_s > 0")
+        return self
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    default = getattr(TrainConfig(), key)
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if isinstance(default, tuple):
+            items = json.loads(value) if isinstance(value, str) else value
+            return tuple(float(x) for x in items)
+        if isinstance(default, (int, float, str)):
+            return type(default)(value)
+    except (TypeError, ValueError, json.JSONDecodeError):
+        raise ConfigError(f"{key}: cannot read {value!r} as {type(default).__name__}") from None
+    return value
+
+
+def make_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults <- config file (TOML or YAML) <- overrides (None values are ignored)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(read_config_file(path))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    text = p.read_text()
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a table of settings at the top level")
+    return data

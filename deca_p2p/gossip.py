@@ -1,0 +1,177 @@
+"""One gossip exchange keyed by (round, block, step): send my block, collect my neighbours', mix.
+
+Every neighbour's block arrives as a delta against its public copy θ̂_j (wire.PublicCopy), which this
+peer keeps for each neighbour; the mix Σ_j w_ij θ̂_j is accumulated as messages arrive. Messages for a
+later exchange are buffered (a bounded window), messages of a finished activation are dropped, and a late
+delta of the current activation is still applied to θ̂_j so the delta chain stays intact. A neighbour that
+does not answer within the timeout is left out of that exchange: its weight goes to the self weight.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from . import wire
+from .optim import MixAccumulator
+from .topology import Topology
+from .trainer import Schedule
+from .transport import Transport
+
+
+@dataclass
+class ExchangeResult:
+    mixed: list[torch.Tensor]
+    arrived: list[int]
+    missing: list[int]
+    wait_s: float
+    disagreement: float                      # sqrt(Σ_j w_ij ‖θ̂_j − θ½_i‖²) over the neighbours mixed in
+    neighbour_stats: dict[int, dict] = field(default_factory=dict)
+
+
+class Gossip:
+    def __init__(self, transport: Transport, my_id: int, topo: Topology, schedule: Schedule,
+                 block_names: Sequence[Sequence[str]], *, codec: str = "raw", inc: int = 0,
+                 timeout_s: float = 60.0, window: int = 4, stop: threading.Event | None = None):
+        self.tr = transport
+        self.me = my_id
+        self.neighbours = topo.neighbors(my_id)
+        self.row = topo.weight_row(my_id)
+        self.schedule = schedule
+        self.block_names = [list(n) for n in block_names]
+        self.codec = codec
+        self.inc = inc
+        self.timeout_s = timeout_s
+        self.window = window
+        self.stop = stop or threading.Event()  # set by a signal handler: stop waiting, mix what has arrived
+        self.own = wire.PublicCopy()
+        self.copies = {j: wire.PublicCopy() for j in self.neighbours}
+        self.last_seq: dict[int, int | None] = {j: None for j in self.neighbours}
+        self.peer_inc: dict[int, int] = {}
+        self.pending: dict[int, dict[int, wire.Message]] = {j: {} for j in self.neighbours}
+        self.gone: set[int] = set()      # said bye
+        self.suspect: set[int] = set()   # missed a deadline: not waited for until they speak again
+        self.send_full = True
+        self.dropped: Counter[str] = Counter()
+        self.late = 0
+        self._activation_start = 0
+
+    # ------------------------------------------------------------------ the exchange
+    def begin_activation(self, round_idx: int, block: int) -> None:
+        self.own.reset()
+        self.send_full = True
+        self._activation_start = self.schedule.seq(round_idx, block, 0)
+
+    @torch.no_grad()
+    def exchange(self, round_idx: int, block: int, step: int, tensors: dict[str, torch.Tensor],
+                 stats: dict[str, float] | None = None) -> ExchangeResult:
+        seq = self.schedule.seq(round_idx, block, step)
+        t0 = time.perf_counter()
+        full, self.send_full = self.send_full, False
+        frames = self.own.encode_block(tensors, src=self.me, codec=self.codec, full=full, inc=self.inc,
+                                       round=round_idx, block=block, step=step,
+                                       stats={k: float(v) for k, v in (stats or {}).items()})
+        for j in self.neighbours:
+            if j not in self.gone:
+                self.tr.send(j, frames)
+        own = list(tensors.values())
+        acc = MixAccumulator(own)
+        arrived: dict[int, dict] = {}
+        disagreement = 0.0
+        deadline = t0 + self.timeout_s
+        while True:
+            for j in self.neighbours:  # buffered early arrivals first
+                if j not in arrived and seq in self.pending[j]:
+                    self._take(j, self.pending[j].pop(seq), seq, acc, arrived)
+            waiting = [j for j in self.neighbours if j not in arrived and j not in self.gone and j not in self.suspect]
+            if not waiting or self.stop.is_set():
+                break
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                self.suspect.update(waiting)
+                break
+            got = self.tr.recv(min(left, 0.25))
+            if got is not None:
+                self._handle(*got, seq=seq, acc=acc, arrived=arrived)
+        for j in arrived:
+            disagreement += self.row[j] * sum(float((self.copies[j].tensors[k] - t).double().pow(2).sum())
+                                              for k, t in tensors.items())
+        # the self weight absorbs every neighbour missing from this exchange
+        acc.add(own, 1.0 - sum(self.row[j] for j in sorted(arrived)))
+        return ExchangeResult(acc.result(), sorted(arrived), [j for j in self.neighbours if j not in arrived],
+                              time.perf_counter() - t0, disagreement ** 0.5, arrived)
+
+    # ------------------------------------------------------------------ incoming messages
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+
+    def _handle(self, src: int | None, frames: list, *, seq: int | None = None, acc=None, arrived=None) -> None:
+        if src is None or src not in self.copies:
+            return self._drop("unknown_sender")
+        try:
+            msg = wire.decode(frames)
+        except wire.WireError as e:
+            return self._drop(e.reason)
+        if msg.src != src:
+            return self._drop("spoofed_src")
+        if self.peer_inc.get(src, msg.inc) != msg.inc:  # the neighbour restarted: its old public copy is void
+            self.copies[src].reset()
+            self.last_seq[src] = None
+            self.pending[src].clear()
+            self.send_full = True
+        self.peer_inc[src] = msg.inc
+        self.suspect.discard(src)
+        if msg.kind == "hello":
+            self.gone.discard(src)
+            self.send_full = True
+            return
+        if msg.kind == "bye":
+            self.gone.add(src)
+            return
+        if msg.kind == "resync":
+            self.send_full = True
+            return
+        self.gone.discard(src)
+        mseq = self.schedule.seq(msg.round, msg.block, msg.step)
+        if mseq is None:
+            return self._drop("position")
+        try:
+            wire.check_names(msg, self.block_names[msg.block])
+        except wire.WireError as e:
+            return self._drop(e.reason)
+        if seq is not None and mseq > seq:
+            if mseq - seq > self.window or len(self.pending[src]) >= self.window:
+                return self._drop("too_far_ahead")
+            self.pending[src][mseq] = msg
+            return
+        if mseq < self._activation_start:
+            return self._drop("stale")
+        self._take(src, msg, seq, acc, arrived)
+
+    def _take(self, j: int, msg: wire.Message, seq: int | None, acc, arrived) -> None:
+        mseq = self.schedule.seq(msg.round, msg.block, msg.step)
+        if not msg.full and self.last_seq[j] != mseq - 1:
+            self._drop("chain_gap")  # a delta whose predecessor we never applied: ask for a full block
+            self.tr.send(j, wire.encode(wire.Message(kind="resync", src=self.me, inc=self.inc)))
+            return
+        try:
+            self.copies[j].apply(msg.tensors, msg.full)
+        except wire.WireError as e:
+            return self._drop(e.reason)
+        self.last_seq[j] = mseq
+        if mseq == seq and acc is not None:
+            acc.add(list(self.copies[j].tensors.values()), self.row[j])
+            arrived[j] = msg.stats
+        else:
+            self.late += 1
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Handle control messages between exchanges (e.g. during evaluation)."""
+        got = self.tr.recv(timeout_s)
+        while got is not None:
+            self._handle(*got)
+            got = self.tr.recv(0)

@@ -1,0 +1,64 @@
+"""Per-peer JSONL metrics in a run directory: written line by line, read back for reports."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def peer_dir(run_dir: str | Path, peer_id: int) -> Path:
+    return Path(run_dir) / f"peer-{peer_id}"
+
+
+def _clean(v: Any) -> Any:
+    # JSON has no NaN/Inf; keep the file parseable by any reader
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsLog:
+    """Append-only JSONL; each line flushed so a live view (or a crash) sees everything written so far."""
+
+    def __init__(self, run_dir: str | Path, peer_id: int):
+        self.dir = peer_dir(run_dir, peer_id)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.peer_id = peer_id
+        self._f = open(self.dir / METRICS_FILE, "a", buffering=1)
+
+    def write(self, event: str, **fields: Any) -> None:
+        rec = {"event": event, "peer": self.peer_id, "time": time.time()}
+        rec.update({k: _clean(v) for k, v in fields.items()})
+        self._f.write(json.dumps(rec) + "\n")
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+
+def read_metrics(run_dir: str | Path) -> dict[int, list[dict]]:
+    """All peers' records, by peer id; a torn last line (a peer killed mid-write) is skipped."""
+    out: dict[int, list[dict]] = {}
+    for d in sorted(Path(run_dir).glob("peer-*")):
+        f = d / METRICS_FILE
+        if not f.is_file():
+            continue
+        try:
+            pid = int(d.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        recs = []
+        for line in f.read_text().splitlines():
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        out[pid] = recs
+    return out

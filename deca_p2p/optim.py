@@ -1,0 +1,171 @@
+"""DECA on one active block, and the baselines behind the same small interface.
+
+Pure math: no sockets, no processes. Every optimizer here has the same three calls,
+driven by the training loop once per inner step:
+
+    opt.local_step()      # θ_r -> θ½ from p.grad, in place
+    opt.mix(mixed)        # θ½ -> θ_{r+1} = Σ_j w_ij θ½_j (computed by the caller, e.g. with MixAccumulator)
+    opt.reset()           # on block (re)activation
+
+See DESIGN §2 for the update equations.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+
+DISCREPANCIES = ("paper", "qg", "none")
+
+
+class GossipOptimizer:
+    """Common state: the parameter list and the last step's statistics."""
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("optimizer got an empty parameter list")
+        if lr < 0:
+            raise ValueError(f"learning rate must be >= 0, got {lr}")
+        self.lr = float(lr)
+        self.last_stats: dict[str, float] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.step_count = 0
+
+    def local_step(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def mix(self, mixed: Sequence[torch.Tensor]) -> None:
+        self._set_params(mixed)
+
+    def _set_params(self, mixed: Sequence[torch.Tensor]) -> None:
+        if len(mixed) != len(self.params):
+            raise ValueError(f"mix got {len(mixed)} tensors for {len(self.params)} parameters")
+        for p, new in zip(self.params, mixed):
+            p.copy_(new)
+
+    def _grad_norm(self) -> float:
+        sq = sum(float(p.grad.double().pow(2).sum()) for p in self.params if p.grad is not None)
+        return math.sqrt(sq)
+
+
+class DSGD(GossipOptimizer):
+    """Decentralized SGD: θ½ = θ − γ g, then gossip."""
+
+    @torch.no_grad()
+    def local_step(self) -> None:
+        self.last_stats = {"grad_norm": self._grad_norm()}
+        for p in self.params:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-self.lr)
+        self.step_count += 1
+
+
+class DECA(GossipOptimizer):
+    """Decentralized block-wise Adam with block-wise moment approximation (BMA).
+
+    local_step: Adam on the block with α-moments (bias-corrected with the inner step count r+1).
+    mix:        θ_{r+1} replaces θ½; the consensus discrepancy h_r is folded into the moments with β.
+    `discrepancy` picks the reading of h_r (DESIGN §2): "paper" h = θ_{r+1} − θ_r, "qg" h = (θ_r − θ_{r+1}) / γ,
+    "none" no BMA (β1 = β2 = 1: decentralized Adam on the block).
+    """
+
+    def __init__(self, params, lr: float, alphas=(0.9, 0.999), betas=(0.9, 0.999), eps: float = 1e-8,
+                 discrepancy: str = "paper"):
+        if discrepancy not in DISCREPANCIES:
+            raise ValueError(f"discrepancy must be one of {', '.join(DISCREPANCIES)}, got {discrepancy!r}")
+        if discrepancy == "qg" and lr == 0:
+            raise ValueError("discrepancy 'qg' divides by the learning rate, which is 0")
+        for name, (a, b) in (("alphas", alphas), ("betas", betas)):
+            if not (0.0 <= a <= 1.0 and 0.0 <= b <= 1.0):
+                raise ValueError(f"{name} must lie in [0, 1], got {(a, b)}")
+        self.alphas = tuple(float(a) for a in alphas)
+        self.betas = (1.0, 1.0) if discrepancy == "none" else tuple(float(b) for b in betas)
+        self.eps = float(eps)
+        self.discrepancy = discrepancy
+        super().__init__(params, lr)
+
+    def reset(self) -> None:
+        """Fresh moments: called when the block is (re)activated, as BAdam does."""
+        super().reset()
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self._before: list[torch.Tensor] | None = None  # θ_r, kept between local_step and mix
+
+    @torch.no_grad()
+    def local_step(self) -> None:
+        a1, a2 = self.alphas
+        t = self.step_count + 1
+        bc1, bc2 = 1.0 - a1 ** t, 1.0 - a2 ** t
+        self.last_stats = {"grad_norm": self._grad_norm()}
+        self._before = [p.detach().clone() for p in self.params]
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            g = p.grad
+            m.mul_(a1).add_(g, alpha=1.0 - a1)
+            v.mul_(a2).addcmul_(g, g, value=1.0 - a2)
+            # Same operation order as torch.optim.Adam, so one peer without BMA matches it to rounding.
+            denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / bc1)
+        self.step_count = t
+
+    @torch.no_grad()
+    def mix(self, mixed: Sequence[torch.Tensor]) -> None:
+        if self._before is None:
+            raise RuntimeError("mix() called before local_step()")
+        self._set_params(mixed)
+        b1, b2 = self.betas
+        h_sq = 0.0
+        for p, before, m, v in zip(self.params, self._before, self.m, self.v):
+            if self.discrepancy == "qg":
+                h = (before - p).div_(self.lr)
+            else:
+                h = p - before
+            h_sq += float(h.double().pow(2).sum())
+            if b1 != 1.0:
+                m.mul_(b1).add_(h, alpha=1.0 - b1)
+            if b2 != 1.0:
+                v.mul_(b2).addcmul_(h, h, value=1.0 - b2)
+        self._before = None
+        self.last_stats.update(
+            h_norm=math.sqrt(h_sq),
+            m_norm=math.sqrt(sum(float(m.double().pow(2).sum()) for m in self.m)),
+            v_mean=float(sum(float(v.double().sum()) for v in self.v) / max(1, sum(v.numel() for v in self.v))),
+        )
+
+
+def make_optimizer(algo: str, params, lr: float, *, alphas=(0.9, 0.999), betas=(0.9, 0.999), eps: float = 1e-8,
+                   discrepancy: str = "paper") -> GossipOptimizer:
+    """deca: DECA on the active block; dadam: Adam + gossip on all parameters (no BMA); dsgd: SGD + gossip."""
+    if algo == "deca":
+        return DECA(params, lr, alphas, betas, eps, discrepancy)
+    if algo == "dadam":
+        return DECA(params, lr, alphas, betas, eps, "none")
+    if algo == "dsgd":
+        return DSGD(params, lr)
+    raise ValueError(f"unknown algorithm {algo!r} (choose deca, dadam or dsgd)")
+
+
+class MixAccumulator:
+    """Σ_j w_ij θ_j built one neighbour at a time, as messages arrive.
+
+    One float64 buffer per tensor, whatever the degree. float64 makes the sum practically independent of the
+    arrival order, so a networked peer reproduces the in-process reference to float32 rounding.
+    """
+
+    def __init__(self, like: Sequence[torch.Tensor]):
+        self.acc = [torch.zeros(t.shape, dtype=torch.float64, device=t.device) for t in like]
+        self.weight = 0.0
+
+    def add(self, tensors: Sequence[torch.Tensor], weight: float) -> None:
+        for a, t in zip(self.acc, tensors):
+            a.add_(t.to(a.device, torch.float64), alpha=weight)
+        self.weight += weight
+
+    def result(self, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        return [a.to(dtype) for a in self.acc]

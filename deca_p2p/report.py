@@ -1,0 +1,148 @@
+"""Tables and plots of a run: printed at the end of simulate and cluster, rebuilt by `deca-peer report`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from rich.console import Console
+from rich.table import Table
+
+from .metrics import read_metrics
+
+
+def _task_keys(rows: Mapping[int, Mapping[str, float]]) -> list[str]:
+    keys = {k for r in rows.values() for k in r if k.startswith("acc/")}
+    return sorted(keys)
+
+
+def mean_metrics(rows: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    keys = {k for r in rows.values() for k, v in r.items() if isinstance(v, (int, float))}
+    return {k: sum(r.get(k, 0.0) or 0.0 for r in rows.values()) / len(rows) for k in sorted(keys)}
+
+
+def eval_table(per_peer: Mapping[int, Mapping[str, float]], *, initial=None, average_model=None, extra=None,
+               title: str = "") -> Table:
+    """Per-peer eval loss and accuracy (overall and per task), then the network mean and the averaged model."""
+    tasks = _task_keys(per_peer)
+    extra = extra or {}
+    extra_cols = list(dict.fromkeys(k for r in extra.values() for k in r))
+    t = Table(title=title)
+    for col in ["peer", "eval loss", "acc", *[k[4:] for k in tasks], *extra_cols]:
+        t.add_column(col, justify="right")
+
+    def row(name, r, ex=None):
+        ex = ex or {}
+        cells = [name, f"{r['eval_loss']:.4f}", f"{r['acc']:.3f}", *[f"{r.get(k, 0.0):.2f}" for k in tasks]]
+        cells += [str(ex.get(c, "")) for c in extra_cols]
+        t.add_row(*cells)
+
+    if initial is not None:
+        row("start", initial)
+    for pid in sorted(per_peer):
+        row(str(pid), per_peer[pid], extra.get(pid))
+    row("mean", mean_metrics(per_peer))
+    if average_model is not None:
+        row("avg model", average_model)
+    return t
+
+
+def print_eval_table(per_peer, **kw) -> None:
+    Console().print(eval_table(per_peer, **kw))
+
+
+def final_evals(run_dir: str | Path) -> dict[int, dict]:
+    """The last eval record of every peer ("final" if it finished, else its latest "eval")."""
+    out = {}
+    for pid, recs in read_metrics(run_dir).items():
+        evals = [r for r in recs if r.get("event") in ("eval", "final")]
+        if evals:
+            out[pid] = evals[-1]
+    return out
+
+
+def traffic_and_time(run_dir: str | Path) -> dict[int, dict]:
+    """Per peer: MB sent/received, seconds computing vs waiting on the network, steps done."""
+    out = {}
+    for pid, recs in read_metrics(run_dir).items():
+        steps = [r for r in recs if r.get("event") == "step"]
+        last = steps[-1] if steps else {}
+        out[pid] = {
+            "steps": len(steps),
+            "MB sent": f"{(last.get('bytes_sent') or 0) / 1e6:.1f}",
+            "MB recv": f"{(last.get('bytes_recv') or 0) / 1e6:.1f}",
+            "compute s": f"{sum(r.get('compute_s') or 0 for r in steps):.0f}",
+            "wait s": f"{sum(r.get('wait_s') or 0 for r in steps):.0f}",
+        }
+    return out
+
+
+def run_table(run_dir: str | Path, title: str = "") -> Table | None:
+    finals = final_evals(run_dir)
+    if not finals:
+        return None
+    start = next((r for recs in read_metrics(run_dir).values() for r in recs
+                  if r.get("event") == "eval" and r.get("activation") == -1), None)
+    return eval_table(finals, initial=start, extra=traffic_and_time(run_dir), title=title or str(run_dir))
+
+
+def make_plots(run_dir: str | Path) -> list[Path]:
+    """loss vs step, consensus distance (disagreement with neighbours) vs step, bytes vs step, eval accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = read_metrics(run_dir)
+    out_dir = Path(run_dir) / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    panels = [("loss", "train loss", "loss.png"), ("disagreement", "consensus distance ‖θ̂_j − θ½_i‖ (w-weighted)",
+                                                     "consensus.png"), ("bytes_sent", "MB sent", "bytes.png")]
+    paths = []
+    for key, label, name in panels:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        plotted = False
+        for pid, recs in sorted(data.items()):
+            pts = [(r["seq"], r[key]) for r in recs if r.get("event") == "step" and r.get(key) is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ys = [y / 1e6 for y in ys] if key == "bytes_sent" else ys
+                ax.plot(xs, ys, label=f"peer {pid}", lw=1)
+                plotted = True
+        if not plotted:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("exchange (inner step)")
+        ax.set_ylabel(label)
+        if key == "disagreement":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        paths.append(out_dir / name)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for pid, recs in sorted(data.items()):
+        pts = [(r.get("activation", -1), r["acc"]) for r in recs if r.get("event") == "eval"]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", label=f"peer {pid}", lw=1)
+    ax.set_xlabel("block activation")
+    ax.set_ylabel("eval exact-match accuracy")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_dir / "eval_acc.png", dpi=110)
+    plt.close(fig)
+    paths.append(out_dir / "eval_acc.png")
+    return paths
+
+
+def write_report(run_dir: str | Path, title: str = "") -> Table | None:
+    """Print and save (summary.md) the final table, and draw the plots."""
+    table = run_table(run_dir, title)
+    if table is None:
+        return None
+    console = Console(record=True, width=160)
+    console.print(table)
+    Path(run_dir, "summary.md").write_text("```\n" + console.export_text() + "```\n")
+    make_plots(run_dir)
+    return table

@@ -1,0 +1,107 @@
+"""The in-process reference network: all n peers in one process, the same maths as the real peers.
+
+Each peer's block goes through the same codec and public-copy (delta) path as on the wire, and is mixed with
+the same float64 accumulator, so a real network with the raw codec must reproduce these weights. It is the
+oracle for the networked version and a quick tool for algorithm studies.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import wire
+from .config import TrainConfig
+from .metrics import MetricsLog
+from .optim import MixAccumulator
+from .data import evaluate
+from .runtime import PeerSetup, average_models, load_run_inputs, set_threads
+from .topology import Topology
+from .trainer import PeerTrainer
+
+
+def exchange_in_memory(topo: Topology, blocks: dict[int, dict[str, torch.Tensor]], copies: dict[int, wire.PublicCopy],
+                       codec: str, full: bool) -> dict[int, list[torch.Tensor]]:
+    """One gossip exchange: every peer publishes its block through its public copy; each mixes its neighbours'."""
+    for i, tensors in blocks.items():
+        copies[i].encode_block(tensors, src=i, codec=codec, full=full)
+    mixed = {}
+    for i, own in blocks.items():
+        acc = MixAccumulator(list(own.values()))
+        row = topo.weight_row(i)
+        for j in topo.neighbors(i):
+            acc.add(list(copies[j].tensors.values()), row[j])
+        acc.add(list(own.values()), self_weight(row, i, topo.neighbors(i)))
+        mixed[i] = acc.result()
+    return mixed
+
+
+def self_weight(row: dict[int, float], me: int, present) -> float:
+    """The self weight absorbs every neighbour missing from this exchange (1 - Σ of those present)."""
+    return 1.0 - sum(row[j] for j in sorted(present) if j != me)
+
+
+@dataclass
+class SimResult:
+    per_peer: dict[int, dict[str, float]]
+    average_model: dict[str, float]
+    initial: dict[str, float]
+    wall_s: float
+    models: dict[int, torch.nn.Module] = field(repr=False, default_factory=dict)
+
+
+def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=None, run_dir=None,
+             progress: Callable[[str], None] | None = None) -> SimResult:
+    set_threads(cfg.threads or 1)
+    inputs = load_run_inputs(cfg, topo.nodes, model_path=model_path, data_path=data_path)
+    t0 = time.perf_counter()
+    trainers: dict[int, PeerTrainer] = {}
+    logs: dict[int, MetricsLog] = {}
+    for i in topo.nodes:
+        setup: PeerSetup = inputs.peer(i)
+        trainers[i] = PeerTrainer(copy.deepcopy(inputs.model), setup.batcher, cfg)
+        if run_dir is not None:
+            logs[i] = MetricsLog(run_dir, i)
+    initial = evaluate(inputs.model, inputs.tokenizer, inputs.eval_examples)
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    copies = {i: wire.PublicCopy() for i in topo.nodes}
+    schedule = next(iter(trainers.values())).schedule
+    for a, (rnd, blk) in enumerate(schedule.activations()):
+        for i, t in trainers.items():
+            t.activate(blk)
+            copies[i].reset()
+        for step in range(cfg.inner_steps):
+            stats = {i: t.local_step() for i, t in trainers.items()}
+            blocks = {i: t.block() for i, t in trainers.items()}
+            if cfg.comm == "none":
+                mixed = {i: [x.clone() for x in b.values()] for i, b in blocks.items()}
+            else:
+                mixed = exchange_in_memory(topo, blocks, copies, cfg.codec, full=(step == 0))
+            for i, t in trainers.items():
+                stats[i].update(t.apply_mix(mixed[i]))
+                if i in logs:
+                    logs[i].write("step", round=rnd, block=blk, step=step,
+                                  seq=schedule.seq(rnd, blk, step), **stats[i])
+        if progress is not None:
+            mean_loss = sum(s["loss"] for s in stats.values()) / len(stats)
+            progress(f"round {rnd} block {blk}: mean train loss {mean_loss:.4f}")
+        last_of_round = (a + 1) % schedule.n_blocks == 0
+        if logs and (last_of_round or (cfg.eval_every and (a + 1) % cfg.eval_every == 0)):
+            for i, t in trainers.items():
+                logs[i].write("eval", round=rnd, activation=a,
+                              **evaluate(t.model, inputs.tokenizer, inputs.eval_examples))
+    per_peer = {i: evaluate(t.model, inputs.tokenizer, inputs.eval_examples) for i, t in trainers.items()}
+    avg = average_models([t.model for t in trainers.values()])
+    result = SimResult(per_peer, evaluate(avg, inputs.tokenizer, inputs.eval_examples), initial,
+                       time.perf_counter() - t0, {i: t.model for i, t in trainers.items()})
+    for i, log in logs.items():
+        log.write("final", **per_peer[i])
+        log.close()
+    return result

@@ -1,0 +1,108 @@
+"""One peer's training state, free of networking: the same code runs in `simulate` and in a real peer.
+
+The training loop of a peer, top to bottom (DESIGN §2):
+
+    for round, block in schedule:               # every block once per round, same order on all peers
+        trainer.activate(block)                 # freeze the rest, fresh moments
+        for step in range(R):
+            stats = trainer.local_step()        # minibatch gradient on the block, local Adam step -> θ½
+            mixed = exchange(trainer.block())   # gossip θ½ with the neighbours: Σ_j w_ij θ½_j
+            trainer.apply_mix(mixed)            # θ_{r+1}, and BMA folds h_r into the moments
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .blocks import ActiveBlock, Block, block_order, partition, whole_model_block
+from .config import TrainConfig
+from .data import Batcher
+from .optim import GossipOptimizer, make_optimizer
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The (round, block) activations of a run, and a running index over its exchanges."""
+
+    n_blocks: int
+    rounds: int
+    inner_steps: int
+    order: str
+    seed: int
+
+    def activations(self) -> list[tuple[int, int]]:
+        return [(r, b) for r in range(self.rounds) for b in block_order(self.n_blocks, self.order, r, self.seed)]
+
+    def seq(self, round_idx: int, block: int, step: int) -> int | None:
+        """Position of exchange (round, block, step) in the run, or None if the run has no such exchange."""
+        if not (0 <= round_idx < self.rounds and 0 <= block < self.n_blocks and 0 <= step < self.inner_steps):
+            return None
+        pos = block_order(self.n_blocks, self.order, round_idx, self.seed).index(block)
+        return (round_idx * self.n_blocks + pos) * self.inner_steps + step
+
+    @property
+    def total_exchanges(self) -> int:
+        return self.rounds * self.n_blocks * self.inner_steps
+
+
+def peer_seed(seed: int, peer_id: int) -> int:
+    """Each peer draws its own minibatches, reproducibly."""
+    return seed * 1_000_003 + peer_id
+
+
+def make_blocks(model: nn.Module, cfg: TrainConfig) -> list[Block]:
+    if cfg.algo == "deca":
+        return partition(model, embeddings=cfg.embeddings_block, head=cfg.head_block)
+    return [whole_model_block(model)]  # decentralized Adam and DSGD train everything at once
+
+
+def make_schedule(n_blocks: int, cfg: TrainConfig) -> Schedule:
+    return Schedule(n_blocks, cfg.rounds, cfg.inner_steps, cfg.block_order, cfg.seed)
+
+
+class PeerTrainer:
+    def __init__(self, model: nn.Module, batcher: Batcher, cfg: TrainConfig):
+        self.model = model
+        self.batcher = batcher
+        self.cfg = cfg
+        self.blocks = make_blocks(model, cfg)
+        self.schedule = make_schedule(len(self.blocks), cfg)
+        self.active: ActiveBlock | None = None
+        self.opt: GossipOptimizer | None = None
+        self.device = next(model.parameters()).device
+        model.train()
+
+    def activate(self, block: int) -> None:
+        if self.active is not None and self.active.block.index == block:
+            return  # a single whole-model block keeps its optimizer state across rounds
+        if self.active is not None:
+            self.active.release()
+        self.active = ActiveBlock(self.model, self.blocks[block])
+        c = self.cfg
+        self.opt = make_optimizer(c.algo, self.active.params, c.lr, alphas=c.alphas, betas=c.betas, eps=c.eps,
+                                  discrepancy=c.discrepancy)
+
+    def local_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        batch = {k: v.to(self.device) for k, v in self.batcher.next_batch().items()}
+        loss = self.model(**batch).loss
+        loss.backward()
+        self.active.grads_to_master()
+        self.opt.local_step()
+        stats = {"loss": float(loss.detach())}
+        stats.update(self.opt.last_stats)
+        stats["compute_s"] = time.perf_counter() - t0
+        return stats
+
+    def block(self) -> dict[str, torch.Tensor]:
+        """θ½ of the active block (fp32), by parameter name."""
+        return self.active.tensors()
+
+    def apply_mix(self, mixed: list[torch.Tensor]) -> dict[str, float]:
+        self.opt.mix(mixed)
+        self.active.master_to_model()
+        self.active.zero_grad()
+        return {k: self.opt.last_stats[k] for k in ("h_norm", "m_norm", "v_mean") if k in self.opt.last_stats}

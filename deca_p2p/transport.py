@@ -1,0 +1,673 @@
+"""ZeroMQ transport: sockets, per-link emulation, byte counters.  No model knowledge.
+
+Layout (DESIGN.md §6, zguide ch. 8 "Harmony"): every peer binds one ROUTER at its own endpoint
+and connects one DEALER per neighbour (routing id ``peer-<my_id>``) to that neighbour's ROUTER.
+A peer therefore *sends* on its DEALERs and *receives* on its ROUTER; the first frame the ROUTER
+yields is the sender's routing id.
+
+Threads.  ZeroMQ sockets are not thread-safe, so:
+
+* the ROUTER is created, used and closed by the caller's thread only (``start``/``recv``/
+  ``barrier``/``close``);
+* each outgoing link has its own sender thread which creates, uses and closes that link's DEALER.
+  ``send`` only appends to the link's queue, so it never blocks the caller.
+
+Link emulation.  The kernel has no netem, so each link models a pipe of rate R (bytes/s) and
+one-way latency L exactly: a message of S bytes (all frames) finishes transmission at
+``t_tx = max(now, link_free_at) + S/R`` (``link_free_at = t_tx``) and is handed to ZeroMQ at
+``t_tx + L + jitter``, jitter ~ U[-J, J] from a seeded RNG, clamped so that delivery order is
+preserved (TCP does not reorder) and no message is delivered before it was transmitted.
+
+Failures.  A send that cannot be handed to ZeroMQ within ``send_timeout_s`` (peer down:
+``IMMEDIATE=1`` refuses to queue; or its high-water mark stays full) is dropped and counted in
+``LinkCounters.send_failures``; nothing is raised into the caller and no thread dies.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import re
+import socket as _socket
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import zmq
+
+__all__ = ["TransportError", "LinkSpec", "LinkCounters", "Transport"]
+
+_ROUTING_ID_RE = re.compile(rb"peer-(0|[1-9][0-9]{0,9})")
+_TCP_RE = re.compile(r"tcp://(\[[^\]]*\]|[^:/\[\]]+):(\d+)")
+
+HELLO_INTERVAL_S = 0.2          # barrier: re-send hellos to unfinished neighbours this often
+SNDHWM = 4                      # DEALER send high-water mark (messages)
+RCVHWM = 1000                   # ROUTER receive high-water mark per connection (messages)
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 2000
+_POLL_SLICE_S = 0.05            # sender threads re-check for close() at least this often
+
+
+class TransportError(RuntimeError):
+    """A transport failure with a one-line, user-facing message."""
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """Emulated properties of one outgoing link (``bandwidth_mbps=None``: unlimited)."""
+
+    latency_ms: float = 0.0
+    bandwidth_mbps: float | None = None
+    jitter_ms: float = 0.0
+
+
+@dataclass
+class LinkCounters:
+    """Traffic on one link.  ``sent_*`` count messages handed to ZeroMQ; ``recv_*`` received ones."""
+
+    sent_header: int = 0
+    sent_payload: int = 0
+    recv_header: int = 0
+    recv_payload: int = 0
+    msgs_sent: int = 0
+    msgs_recv: int = 0
+    send_failures: int = 0
+
+
+def _wire():
+    from . import wire  # imported by start(), not at module import: wire pulls in torch
+
+    return wire
+
+
+def _link_params(spec: Any) -> tuple[float, float | None, float]:
+    """(latency s, rate bytes/s or None, jitter s) from any object with LinkSpec's attributes."""
+    if spec is None:
+        return 0.0, None, 0.0
+    try:
+        lat = float(getattr(spec, "latency_ms", 0.0) or 0.0)
+        bw = getattr(spec, "bandwidth_mbps", None)
+        bw = None if bw is None else float(bw)
+        jit = float(getattr(spec, "jitter_ms", 0.0) or 0.0)
+    except (TypeError, ValueError) as e:
+        raise TransportError(f"invalid link spec {spec!r}: {e}") from None
+    if not (math.isfinite(lat) and lat >= 0):
+        raise TransportError(f"invalid link spec {spec!r}: latency_ms must be >= 0")
+    if not (math.isfinite(jit) and jit >= 0):
+        raise TransportError(f"invalid link spec {spec!r}: jitter_ms must be >= 0")
+    if bw is not None and not (bw > 0):  # inf is allowed and means unlimited
+        raise TransportError(f"invalid link spec {spec!r}: bandwidth_mbps must be > 0 or null")
+    rate = None if bw is None or math.isinf(bw) else bw * 1e6 / 8.0
+    return lat / 1e3, rate, jit / 1e3
+
+
+def _as_buffer(frame: Any) -> Any:
+    """Return an object exposing a C-contiguous buffer for ``frame`` (kept alive until sent)."""
+    if isinstance(frame, (bytes, zmq.Frame)):
+        return frame
+    try:
+        mv = memoryview(frame)
+    except TypeError:
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(frame, torch.Tensor):
+            t = frame.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            t = t.contiguous()  # a transposed tensor would otherwise go out in memory order
+            return t.reshape(-1).view(torch.uint8).numpy()
+        raise TypeError(f"frame of type {type(frame).__name__} does not support the buffer protocol") from None
+    if not mv.c_contiguous:
+        raise ValueError("frame buffer is not C-contiguous (send a contiguous copy)")
+    return frame
+
+
+def _nbytes(buf: Any) -> int:
+    if isinstance(buf, bytes):
+        return len(buf)
+    return memoryview(buf).nbytes
+
+
+def _parse_src(routing_id: bytes) -> int | None:
+    m = _ROUTING_ID_RE.fullmatch(routing_id)
+    return int(m.group(1)) if m else None
+
+
+def _bind_address(endpoint: str) -> str:
+    """Where to bind for ``endpoint``: itself when its host is a local address, else ``tcp://*:port``.
+
+    Host names are resolved here (libzmq does not resolve names on bind) and the address is
+    tested by binding an ordinary socket to it, which succeeds exactly for this machine's addresses.
+    """
+    m = _TCP_RE.fullmatch(endpoint)
+    if m is None:
+        if endpoint.startswith(("ipc://", "inproc://")):
+            return endpoint
+        raise TransportError(f"invalid endpoint {endpoint!r}: expected tcp://host:port")
+    host, port = m.group(1), m.group(2)
+    if host in ("*", "0.0.0.0"):
+        return f"tcp://*:{port}"
+    if host.startswith("["):
+        return endpoint  # IPv6 literal: bind as given (IPV6 is enabled on the socket)
+    try:
+        ip = _socket.getaddrinfo(host, None, _socket.AF_INET, _socket.SOCK_STREAM)[0][4][0]
+    except (OSError, IndexError):
+        return f"tcp://*:{port}"
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    try:
+        s.bind((ip, 0))
+    except OSError:
+        return f"tcp://*:{port}"
+    finally:
+        s.close()
+    return f"tcp://{ip}:{port}"
+
+
+def _zmq_reason(e: zmq.ZMQError) -> str:
+    if e.errno == zmq.EADDRINUSE:
+        return "address already in use"
+    msg = str(e.strerror or e)
+    return msg[:1].lower() + msg[1:]
+
+
+class _Item:
+    __slots__ = ("frames", "header", "payload", "deliver_at", "timeout", "data", "hello_inc")
+
+    def __init__(self, frames, header, payload, deliver_at, timeout, data, hello_inc):
+        self.frames = frames
+        self.header = header
+        self.payload = payload
+        self.deliver_at = deliver_at
+        self.timeout = timeout          # seconds to keep trying to hand it to zmq (0: one try)
+        self.data = data                # True: caller's message (failures are counted)
+        self.hello_inc = hello_inc      # not None: our hello with this incarnation
+
+
+class _Link:
+    """One outgoing link: emulation queue + the sender thread that owns the DEALER."""
+
+    def __init__(self, tr: "Transport", dst: int, endpoint: str, spec: Any, rng: random.Random):
+        self.tr = tr
+        self.dst = dst
+        self.endpoint = endpoint
+        self.latency, self.rate, self.jitter = _link_params(spec)
+        self.rng = rng
+        self.cond = threading.Condition()
+        self.queue: deque[_Item] = deque()
+        self.free_at = 0.0
+        self.last_deliver = 0.0
+        self.outstanding = 0            # queued or being handed to zmq
+        self.hellos_outstanding = 0
+        self.hello_ok_inc: int | None = None   # incarnation of the last hello zmq accepted
+        self.closing = False
+        self.close_deadline = math.inf
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, name=f"deca-link-{tr.my_id}->{dst}", daemon=True)
+
+    # -- caller side -----------------------------------------------------------------------
+    def enqueue(self, frames: list, header: int, payload: int, *, timeout: float, data: bool,
+                hello_inc: int | None = None) -> None:
+        with self.cond:
+            now = time.monotonic()
+            t_tx = now
+            if self.rate is not None:
+                t_tx = max(now, self.free_at) + (header + payload) / self.rate
+                self.free_at = t_tx
+            deliver = t_tx + self.latency
+            if self.jitter > 0:
+                deliver += self.rng.uniform(-self.jitter, self.jitter)
+            deliver = max(deliver, t_tx, self.last_deliver)
+            self.last_deliver = deliver
+            self.queue.append(_Item(frames, header, payload, deliver, timeout, data, hello_inc))
+            self.outstanding += 1
+            if hello_inc is not None:
+                self.hellos_outstanding += 1
+            self.cond.notify_all()
+
+    # -- sender thread ---------------------------------------------------------------------
+    def _make_socket(self) -> zmq.Socket:
+        tr = self.tr
+        sock = tr.ctx.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.ROUTING_ID, f"peer-{tr.my_id}".encode())
+            sock.setsockopt(zmq.SNDHWM, SNDHWM)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.SNDTIMEO, max(0, int(tr.send_timeout_s * 1000)))
+            sock.setsockopt(zmq.LINGER, tr.linger_ms)
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+            tr._set_heartbeat(sock)
+            if self.endpoint.startswith("tcp://["):
+                sock.setsockopt(zmq.IPV6, 1)
+            sock.connect(self.endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return sock
+
+    def _run(self) -> None:
+        try:
+            sock = self._make_socket()
+        except BaseException as e:  # reported by Transport.start()
+            self.error = e
+            self.ready.set()
+            return
+        self.ready.set()
+        try:
+            while True:
+                item = self._next_item()
+                if item is None:
+                    break
+                ok = False
+                try:
+                    ok = self._transmit(sock, item)
+                except Exception:  # never let a send error kill the thread
+                    ok = False
+                self._done(item, ok)
+                item = None  # drop our reference to the frames
+        finally:
+            with self.cond:
+                left = self.close_deadline - time.monotonic() if self.closing else math.inf
+            linger = self.tr.linger_ms if math.isinf(left) else int(max(0.0, min(left * 1e3, self.tr.linger_ms)))
+            try:
+                sock.close(linger=linger)
+            except Exception:
+                pass
+
+    def _next_item(self) -> _Item | None:
+        """Wait until the head of the queue is due; None when the link is closing and done."""
+        with self.cond:
+            while True:
+                if self.queue:
+                    head = self.queue[0]
+                    if self.closing and head.deliver_at > self.close_deadline:
+                        self._drop_all_locked()
+                        return None
+                    wait = head.deliver_at - time.monotonic()
+                    if wait <= 0:
+                        return self.queue.popleft()
+                    self.cond.wait(wait)
+                elif self.closing:
+                    return None
+                else:
+                    self.cond.wait()
+
+    def _drop_all_locked(self) -> None:
+        failures = sum(1 for it in self.queue if it.data)
+        hellos = sum(1 for it in self.queue if it.hello_inc is not None)
+        self.outstanding -= len(self.queue)
+        self.hellos_outstanding -= hellos
+        self.queue.clear()
+        if failures:
+            self.tr._count_failures(self.dst, failures)
+        self.cond.notify_all()
+
+    def _transmit(self, sock: zmq.Socket, item: _Item) -> bool:
+        """Hand one message to zmq, retrying while the pipe is full or not connected."""
+        give_up = time.monotonic() + item.timeout
+        while True:
+            try:
+                sock.send_multipart(item.frames, flags=zmq.NOBLOCK, copy=False)
+                return True
+            except zmq.Again:
+                pass
+            except zmq.ZMQError:
+                return False
+            left = min(give_up, self.close_deadline) - time.monotonic()
+            if left <= 0:
+                return False
+            sock.poll(max(1, int(min(left, _POLL_SLICE_S) * 1e3)), zmq.POLLOUT)
+
+    def _done(self, item: _Item, ok: bool) -> None:
+        if ok:
+            self.tr._count_sent(self.dst, item.header, item.payload)
+        elif item.data:
+            self.tr._count_failures(self.dst, 1)
+        with self.cond:
+            self.outstanding -= 1
+            if item.hello_inc is not None:
+                self.hellos_outstanding -= 1
+                if ok:
+                    self.hello_ok_inc = item.hello_inc
+            self.cond.notify_all()
+
+    def begin_close(self, deadline: float) -> None:
+        with self.cond:
+            self.closing = True
+            self.close_deadline = deadline
+            self.cond.notify_all()
+
+    def wait_idle(self, deadline: float) -> bool:
+        with self.cond:
+            while self.outstanding > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+            return True
+
+
+class Transport:
+    """One peer's sockets: a bound ROUTER for input, one emulated DEALER link per neighbour.
+
+    ``send`` may be called from any thread; ``start``, ``recv``, ``barrier`` and ``close`` must be
+    called from one thread (the one that owns the ROUTER).
+    """
+
+    def __init__(self, my_id: int, endpoints: dict[int, str], neighbours: Sequence[int],
+                 links: dict[int, LinkSpec] | None = None, *,
+                 max_message_bytes: int = 1 << 31, send_timeout_s: float = 10.0,
+                 linger_ms: int = 1000, heartbeat_s: float = 1.0,
+                 ctx: zmq.Context | None = None, seed: int = 0):
+        self.my_id = int(my_id)
+        eps = {int(k): str(v) for k, v in endpoints.items()}
+        if self.my_id not in eps:
+            raise TransportError(f"no endpoint for peer {self.my_id} (this peer)")
+        nbrs: list[int] = []
+        for n in neighbours:
+            n = int(n)
+            if n == self.my_id:
+                raise TransportError(f"peer {self.my_id} lists itself as a neighbour")
+            if n in nbrs:
+                raise TransportError(f"neighbour {n} listed twice")
+            if n not in eps:
+                raise TransportError(f"no endpoint for neighbour {n}")
+            nbrs.append(n)
+        if send_timeout_s < 0 or linger_ms < 0 or max_message_bytes <= 0:
+            raise TransportError("send_timeout_s, linger_ms must be >= 0 and max_message_bytes > 0")
+        links = dict(links or {})
+        self.endpoints = eps
+        self.endpoint = eps[self.my_id]
+        self.neighbours: tuple[int, ...] = tuple(nbrs)
+        self.max_message_bytes = int(max_message_bytes)
+        self.send_timeout_s = float(send_timeout_s)
+        self.linger_ms = int(linger_ms)
+        self.heartbeat_s = float(heartbeat_s)
+        self.seed = seed
+        self._own_ctx = ctx is None
+        self.ctx: zmq.Context = zmq.Context() if ctx is None else ctx
+        self._links: dict[int, _Link] = {
+            n: _Link(self, n, eps[n], links.get(n), random.Random(f"deca-link/{seed}/{self.my_id}/{n}"))
+            for n in nbrs
+        }
+        self._ctr_lock = threading.Lock()
+        self._counters: dict[int, LinkCounters] = {n: LinkCounters() for n in nbrs}
+        self.unknown_msgs_recv = 0      # messages whose routing id is not "peer-<n>"
+        self._router: zmq.Socket | None = None
+        self.bound_endpoint: str | None = None
+        self._pending: deque[tuple[int | None, list]] = deque()
+        self._answered: set[tuple[int, int]] = set()
+        self._inc = 0
+        self._hello_frames: list | None = None
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _set_heartbeat(self, sock: zmq.Socket) -> None:
+        ivl = int(self.heartbeat_s * 1000)
+        if ivl > 0:
+            sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, min(3 * ivl, 6_553_500))
+
+    def start(self) -> None:
+        """Bind the ROUTER and connect one DEALER per neighbour."""
+        if self._closed:
+            raise TransportError("transport is closed")
+        if self._started:
+            raise TransportError("transport already started")
+        _wire()  # import now (it pulls in torch): close() and barrier() must not pay for it
+        addr = _bind_address(self.endpoint)
+        router = self.ctx.socket(zmq.ROUTER)
+        try:
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            router.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+            router.setsockopt(zmq.RCVHWM, RCVHWM)
+            router.setsockopt(zmq.LINGER, 0)
+            self._set_heartbeat(router)
+            if addr.startswith("tcp://["):
+                router.setsockopt(zmq.IPV6, 1)
+            router.bind(addr)
+        except zmq.ZMQError as e:
+            router.close(linger=0)
+            raise TransportError(f"cannot bind {self.endpoint}: {_zmq_reason(e)}") from None
+        self._router = router
+        try:
+            self.bound_endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        except zmq.ZMQError:
+            self.bound_endpoint = addr
+        self._started = True
+        for link in self._links.values():
+            link.thread.start()
+        errors = []
+        for link in self._links.values():
+            link.ready.wait()
+            if link.error is not None:
+                err = link.error
+                reason = _zmq_reason(err) if isinstance(err, zmq.ZMQError) else str(err)
+                errors.append(f"cannot connect to peer {link.dst} at {link.endpoint}: {reason}")
+        if errors:
+            self.close(send_bye=False)
+            raise TransportError(errors[0])
+
+    def close(self, send_bye: bool = True) -> None:
+        """Send bye to neighbours (best effort), stop the link threads, close sockets (bounded)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            if send_bye:
+                try:
+                    w = _wire()
+                    bye = w.encode(w.Message("bye", src=self.my_id, inc=self._inc))
+                    hdr, pay = self._sizes(bye)
+                    for link in self._links.values():
+                        if link.thread.is_alive():
+                            link.enqueue(bye, hdr, pay, timeout=self.linger_ms / 1e3, data=False)
+                except Exception:
+                    pass
+            deadline = time.monotonic() + self.linger_ms / 1e3
+            for link in self._links.values():
+                link.begin_close(deadline)
+            stuck = False
+            for link in self._links.values():
+                if link.thread.ident is not None:
+                    link.thread.join(max(0.0, deadline - time.monotonic()) + 2.0)
+                    stuck |= link.thread.is_alive()
+            if self._router is not None:
+                self._router.close(linger=0)
+                self._router = None
+            if stuck:  # cannot happen unless zmq hangs; never block forever in term()
+                return
+        if self._own_ctx:
+            self.ctx.term()
+
+    def __enter__(self) -> "Transport":
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if not self._started:
+            raise TransportError("transport not started")
+        if self._closed:
+            raise TransportError("transport is closed")
+
+    # -- sending ---------------------------------------------------------------------------
+    @staticmethod
+    def _sizes(frames: list) -> tuple[int, int]:
+        return _nbytes(frames[0]), sum(_nbytes(f) for f in frames[1:])
+
+    def send(self, dst: int, frames: list) -> None:
+        """Queue ``frames`` for ``dst``; returns at once.  Frame 0 is the header.
+
+        Payload frames are sent zero-copy: they stay referenced until zmq is done with them, and
+        the caller must not mutate them after this call.
+        """
+        self._check_open()
+        link = self._links.get(dst)
+        if link is None:
+            raise TransportError(f"peer {dst} is not a neighbour of peer {self.my_id}")
+        if not frames:
+            raise ValueError("a message needs at least one frame (the header)")
+        bufs = [_as_buffer(f) for f in frames]
+        hdr, pay = self._sizes(bufs)
+        link.enqueue(bufs, hdr, pay, timeout=self.send_timeout_s, data=True)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every queued outgoing message has been handed to zmq (or dropped)."""
+        if not self._started:
+            return True
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        return all(link.wait_idle(deadline) for link in self._links.values())
+
+    def _send_hello(self, dst: int, *, timeout: float) -> None:
+        assert self._hello_frames is not None
+        hdr, pay = self._sizes(self._hello_frames)
+        self._links[dst].enqueue(self._hello_frames, hdr, pay, timeout=timeout, data=False,
+                                 hello_inc=self._inc)
+
+    def _hello(self) -> list:
+        if self._hello_frames is None:
+            w = _wire()
+            self._hello_frames = w.encode(w.Message("hello", src=self.my_id, inc=self._inc))
+        return self._hello_frames
+
+    # -- counters --------------------------------------------------------------------------
+    def _count_sent(self, dst: int, header: int, payload: int) -> None:
+        with self._ctr_lock:
+            c = self._counters[dst]
+            c.sent_header += header
+            c.sent_payload += payload
+            c.msgs_sent += 1
+
+    def _count_failures(self, dst: int, k: int) -> None:
+        with self._ctr_lock:
+            self._counters[dst].send_failures += k
+
+    def counters(self) -> dict[int, LinkCounters]:
+        """Snapshot of the per-link counters (neighbours, plus any other peer id heard from)."""
+        with self._ctr_lock:
+            return {k: copy.copy(v) for k, v in self._counters.items()}
+
+    # -- receiving -------------------------------------------------------------------------
+    def _recv_raw(self, timeout_s: float | None) -> tuple[int | None, list] | None:
+        router = self._router
+        assert router is not None
+        ms = None if timeout_s is None else max(0, int(math.ceil(timeout_s * 1e3)))
+        if not router.poll(ms, zmq.POLLIN):
+            return None
+        try:
+            parts = router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        src = _parse_src(parts[0].bytes)
+        frames = parts[1:]
+        if src is None:
+            with self._ctr_lock:
+                self.unknown_msgs_recv += 1
+        else:
+            hdr = len(frames[0]) if frames else 0
+            pay = sum(len(f) for f in frames[1:])
+            with self._ctr_lock:
+                c = self._counters.get(src)
+                if c is None:
+                    c = self._counters[src] = LinkCounters()
+                c.recv_header += hdr
+                c.recv_payload += pay
+                c.msgs_recv += 1
+        return src, frames
+
+    def recv(self, timeout_s: float | None) -> tuple[int | None, list] | None:
+        """Next message: ``(src, frames)`` (src None when the routing id is not ``peer-<n>``).
+
+        Frames are ``zmq.Frame`` objects received zero-copy (``frame.buffer`` is a memoryview).
+        Returns None after ``timeout_s`` (None: wait forever) without a message.  A hello from a
+        neighbour is answered once per (peer, incarnation) with our own hello, and returned too.
+        """
+        self._check_open()
+        if self._pending:
+            return self._pending.popleft()
+        r = self._recv_raw(timeout_s)
+        if r is not None and r[0] in self._links and len(r[1]) == 1:
+            self._maybe_answer_hello(r[0], r[1])
+        return r
+
+    def _maybe_answer_hello(self, src: int, frames: list) -> None:
+        w = _wire()
+        try:
+            msg = w.decode(frames)
+        except w.WireError:
+            return
+        if msg.kind == "hello" and msg.src == src:
+            self._answer(src, msg.inc)
+
+    def _answer(self, src: int, inc: int) -> None:
+        key = (src, inc)
+        if key not in self._answered:
+            self._answered.add(key)
+            self._hello()
+            self._send_hello(src, timeout=self.send_timeout_s)
+
+    def barrier(self, inc: int, timeout_s: float) -> None:
+        """Start-up hello barrier with every neighbour.
+
+        Returns once, for every neighbour, (a) a hello or any decodable message from it has been
+        received and (b) one of our hellos has been accepted by zmq on the link to it (with
+        ``IMMEDIATE=1`` that means the neighbour's ROUTER is up, so it will read our hello).
+        Hellos are re-sent every ``HELLO_INTERVAL_S`` to neighbours not yet done, and each
+        received hello is answered once.  Non-hello messages received meanwhile are kept for
+        ``recv``.  Raises TransportError naming the missing peers after ``timeout_s``.
+        """
+        self._check_open()
+        w = _wire()
+        if self._hello_frames is None or inc != self._inc:
+            self._inc = int(inc)
+            self._hello_frames = None
+        self._hello()
+        start = time.monotonic()
+        deadline = start + timeout_s
+        heard: set[int] = set()
+        next_tx = start
+        while True:
+            missing = [n for n in self.neighbours
+                       if n not in heard or self._links[n].hello_ok_inc != self._inc]
+            if not missing:
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                unheard = [n for n in missing if n not in heard] or missing
+                noun = "peer" if len(unheard) == 1 else "peers"
+                raise TransportError(f"hello barrier timed out after {timeout_s:g} s: no answer from "
+                                     f"{noun} {', '.join(str(n) for n in unheard)}")
+            if now >= next_tx:
+                for n in missing:
+                    link = self._links[n]
+                    if link.hellos_outstanding == 0:
+                        self._send_hello(n, timeout=0.0)
+                next_tx = now + HELLO_INTERVAL_S
+            r = self._recv_raw(max(0.0, min(_POLL_SLICE_S, next_tx - now, deadline - now)))
+            if r is None:
+                continue
+            src, frames = r
+            try:
+                msg = w.decode(frames)
+            except w.WireError:
+                self._pending.append(r)
+                continue
+            if src in self._links and msg.src == src:
+                heard.add(src)
+                if msg.kind == "hello":
+                    self._answer(src, msg.inc)
+                    continue
+            if msg.kind != "hello":
+                self._pending.append(r)

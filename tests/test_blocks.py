@@ -1,0 +1,89 @@
+"""Partitioning Hugging Face causal LMs into blocks, block order, activation and fp32 master copies."""
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from deca_p2p.blocks import ActiveBlock, block_order, partition, whole_model_block
+
+
+def _llama(dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=32))
+
+
+@pytest.mark.parametrize("make", [_llama, _gpt2])
+def test_partition_covers_every_parameter_once(make):
+    model = make()
+    names = [n for n, _ in model.named_parameters()]
+    layers_only = partition(model)
+    assert [b.name for b in layers_only] == [f"layer.{i}" for i in range(len(layers_only))]
+    full = partition(model, embeddings=True, head=True)
+    assert full[0].name == "embeddings" and full[-1].name == "head"
+    flat = [n for b in full for n in b.param_names]
+    assert sorted(flat) == sorted(names) and len(flat) == len(set(flat))
+    assert [b.index for b in full] == list(range(len(full)))
+    assert whole_model_block(model).param_names == tuple(names)
+
+
+def test_llama_head_block_holds_final_norm_and_lm_head():
+    head = partition(_llama(), head=True)[-1]
+    assert set(head.param_names) == {"model.norm.weight", "lm_head.weight"}
+
+
+def test_block_orders():
+    assert block_order(4, "ascending", 0, 0) == [0, 1, 2, 3]
+    assert block_order(4, "descending", 3, 0) == [3, 2, 1, 0]
+    a = block_order(10, "random", 2, seed=7)
+    assert sorted(a) == list(range(10))
+    assert a == block_order(10, "random", 2, seed=7)  # every peer computes the same order
+    assert any(block_order(10, "random", r, seed=7) != a for r in range(3, 8))
+    with pytest.raises(ValueError, match="block order"):
+        block_order(3, "sideways", 0, 0)
+
+
+def test_activation_freezes_everything_else_and_trains_only_the_block():
+    model = _llama()
+    blocks = partition(model, embeddings=True, head=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    active = ActiveBlock(model, blocks[1])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(blocks[1].param_names)
+    ids = torch.randint(0, 50, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in active.params)
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    with torch.no_grad():
+        for p in active.params:
+            p.sub_(0.1 * p.grad)
+    active.release()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(blocks[1].param_names)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_bf16_model_gets_fp32_master_copy():
+    model = _llama(torch.bfloat16)
+    block = partition(model)[0]
+    active = ActiveBlock(model, block)
+    assert active.has_master and all(p.dtype == torch.float32 for p in active.params)
+    ids = torch.randint(0, 50, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    active.grads_to_master()
+    assert all(m.grad is not None and m.grad.dtype == torch.float32 for m in active.params)
+    assert all(p.grad is None for p in active.model_params)  # the bf16 grads are freed once copied
+    with torch.no_grad():
+        for m in active.params:
+            m.add_(1.0)
+    active.master_to_model()
+    named = dict(model.named_parameters())
+    for n, m in zip(active.names, active.params):
+        assert torch.equal(named[n], m.to(torch.bfloat16))
+    active.release()
+    assert active.params == []
