@@ -1,10 +1,13 @@
 """One gossip exchange keyed by (round, block, step): send my block, collect my neighbours', mix.
 
 Every neighbour's block arrives as a delta against its public copy θ̂_j (wire.PublicCopy), which this
-peer keeps for each neighbour; the mix Σ_j w_ij θ̂_j is accumulated as messages arrive. Messages for a
-later exchange are buffered (a bounded window), messages of a finished activation are dropped, and a late
-delta of the current activation is still applied to θ̂_j so the delta chain stays intact. A neighbour that
-does not answer within the timeout is left out of that exchange: its weight goes to the self weight.
+peer keeps for each neighbour (the delta protocol needs it; it is also what lets a neighbour drop out or
+rejoin mid-activation). Arriving deltas are applied to θ̂_j at once; the mix Σ_j w_ij θ̂_j is then summed
+in neighbour-id order, which makes it bit-identical to the in-process reference whatever the arrival order.
+Messages for a later exchange are buffered (a bounded window), messages of a finished activation are
+dropped, and a late delta of the current activation is still applied to θ̂_j so the delta chain stays
+intact. A neighbour that does not answer within the timeout is left out of that exchange: its weight goes
+to the self weight.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Sequence
 import torch
 
 from . import wire
-from .optim import MixAccumulator
+from .optim import MixAccumulator, self_weight
 from .topology import Topology
 from .trainer import Schedule
 from .transport import Transport
@@ -79,14 +82,13 @@ class Gossip:
             if j not in self.gone:
                 self.tr.send(j, frames)
         own = list(tensors.values())
-        acc = MixAccumulator(own)
         arrived: dict[int, dict] = {}
         disagreement = 0.0
         deadline = t0 + self.timeout_s
         while True:
             for j in self.neighbours:  # buffered early arrivals first
                 if j not in arrived and seq in self.pending[j]:
-                    self._take(j, self.pending[j].pop(seq), seq, acc, arrived)
+                    self._take(j, self.pending[j].pop(seq), seq, arrived)
             waiting = [j for j in self.neighbours if j not in arrived and j not in self.gone and j not in self.suspect]
             if not waiting or self.stop.is_set():
                 break
@@ -96,12 +98,14 @@ class Gossip:
                 break
             got = self.tr.recv(min(left, 0.25))
             if got is not None:
-                self._handle(*got, seq=seq, acc=acc, arrived=arrived)
-        for j in arrived:
+                self._handle(*got, seq=seq, arrived=arrived)
+        acc = MixAccumulator(own)
+        for j in sorted(arrived):  # a fixed order: float sums do not depend on who arrived first
+            acc.add(list(self.copies[j].tensors.values()), self.row[j])
             disagreement += self.row[j] * sum(float((self.copies[j].tensors[k] - t).double().pow(2).sum())
                                               for k, t in tensors.items())
         # the self weight absorbs every neighbour missing from this exchange
-        acc.add(own, 1.0 - sum(self.row[j] for j in sorted(arrived)))
+        acc.add(own, self_weight(self.row, self.me, arrived))
         return ExchangeResult(acc.result(), sorted(arrived), [j for j in self.neighbours if j not in arrived],
                               time.perf_counter() - t0, disagreement ** 0.5, arrived)
 
@@ -109,7 +113,7 @@ class Gossip:
     def _drop(self, reason: str) -> None:
         self.dropped[reason] += 1
 
-    def _handle(self, src: int | None, frames: list, *, seq: int | None = None, acc=None, arrived=None) -> None:
+    def _handle(self, src: int | None, frames: list, *, seq: int | None = None, arrived=None) -> None:
         if src is None or src not in self.copies:
             return self._drop("unknown_sender")
         try:
@@ -125,9 +129,8 @@ class Gossip:
             self.send_full = True
         self.peer_inc[src] = msg.inc
         self.suspect.discard(src)
-        if msg.kind == "hello":
+        if msg.kind == "hello":  # a late start-up hello, or a restart (then the incarnation check above resyncs)
             self.gone.discard(src)
-            self.send_full = True
             return
         if msg.kind == "bye":
             self.gone.add(src)
@@ -150,9 +153,9 @@ class Gossip:
             return
         if mseq < self._activation_start:
             return self._drop("stale")
-        self._take(src, msg, seq, acc, arrived)
+        self._take(src, msg, seq, arrived)
 
-    def _take(self, j: int, msg: wire.Message, seq: int | None, acc, arrived) -> None:
+    def _take(self, j: int, msg: wire.Message, seq: int | None, arrived) -> None:
         mseq = self.schedule.seq(msg.round, msg.block, msg.step)
         if not msg.full and self.last_seq[j] != mseq - 1:
             self._drop("chain_gap")  # a delta whose predecessor we never applied: ask for a full block
@@ -163,8 +166,7 @@ class Gossip:
         except wire.WireError as e:
             return self._drop(e.reason)
         self.last_seq[j] = mseq
-        if mseq == seq and acc is not None:
-            acc.add(list(self.copies[j].tensors.values()), self.row[j])
+        if mseq == seq and arrived is not None:
             arrived[j] = msg.stats
         else:
             self.late += 1

@@ -152,10 +152,10 @@ def make_optimizer(algo: str, params, lr: float, *, alphas=(0.9, 0.999), betas=(
 
 
 class MixAccumulator:
-    """Σ_j w_ij θ_j built one neighbour at a time, as messages arrive.
+    """Σ_j w_ij θ_j, one neighbour at a time, in a float64 buffer per tensor.
 
-    One float64 buffer per tensor, whatever the degree. float64 makes the sum practically independent of the
-    arrival order, so a networked peer reproduces the in-process reference to float32 rounding.
+    Callers add neighbours in id order: float sums depend on order, and a fixed order is what makes a
+    networked peer bit-identical to the in-process reference.
     """
 
     def __init__(self, like: Sequence[torch.Tensor]):
@@ -169,3 +169,8 @@ class MixAccumulator:
 
     def result(self, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         return [a.to(dtype) for a in self.acc]
+
+
+def self_weight(row: dict[int, float], me: int, present) -> float:
+    """The self weight absorbs every neighbour missing from this exchange: 1 − Σ of those present."""
+    return 1.0 - sum(row[j] for j in sorted(present) if j != me)

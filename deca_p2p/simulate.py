@@ -18,7 +18,7 @@ import torch
 from . import wire
 from .config import TrainConfig
 from .metrics import MetricsLog
-from .optim import MixAccumulator
+from .optim import MixAccumulator, self_weight
 from .data import evaluate
 from .runtime import PeerSetup, average_models, load_run_inputs, set_threads
 from .topology import Topology
@@ -39,11 +39,6 @@ def exchange_in_memory(topo: Topology, blocks: dict[int, dict[str, torch.Tensor]
         acc.add(list(own.values()), self_weight(row, i, topo.neighbors(i)))
         mixed[i] = acc.result()
     return mixed
-
-
-def self_weight(row: dict[int, float], me: int, present) -> float:
-    """The self weight absorbs every neighbour missing from this exchange (1 - Σ of those present)."""
-    return 1.0 - sum(row[j] for j in sorted(present) if j != me)
 
 
 @dataclass

@@ -213,6 +213,10 @@ class _Link:
     def enqueue(self, frames: list, header: int, payload: int, *, timeout: float, data: bool,
                 hello_inc: int | None = None) -> None:
         with self.cond:
+            if self.closing:  # raced with close(): the sender thread is gone or going
+                if data:
+                    self.tr._count_failures(self.dst, 1)
+                return
             now = time.monotonic()
             t_tx = now
             if self.rate is not None:
@@ -380,7 +384,7 @@ class Transport:
             nbrs.append(n)
         if send_timeout_s < 0 or linger_ms < 0 or max_message_bytes <= 0:
             raise TransportError("send_timeout_s, linger_ms must be >= 0 and max_message_bytes > 0")
-        links = dict(links or {})
+        links = {int(k): v for k, v in (links or {}).items()}
         self.endpoints = eps
         self.endpoint = eps[self.my_id]
         self.neighbours: tuple[int, ...] = tuple(nbrs)

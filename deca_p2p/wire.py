@@ -545,7 +545,7 @@ def _encode(msg: Message, roundtrip: bool, check_finite: bool):
         "block": _int_field("block", msg.block),
         "step": _int_field("step", msg.step),
         "codec": codec.name,
-        "full": msg.full,
+        "full": bool(msg.full) if isinstance(msg.full, (bool, np.bool_)) else msg.full,
         "tensors": entries,
         "stats": {k: _stat_value(k, x) for k, x in msg.stats.items()},
     }
@@ -559,8 +559,9 @@ def _encode(msg: Message, roundtrip: bool, check_finite: bool):
 def encode(msg: Message, *, check_finite: bool = True) -> list:
     """Frames ``[header: bytes, payload: memoryview, ...]`` for ``msg``.
 
-    Payloads are zero-copy views of the codec's contiguous wire tensors (for ``raw`` float32, of
-    the message's own tensors): keep them unmodified until zmq has sent them. Raises WireError for
+    Payloads are zero-copy views of the codec's contiguous wire tensors; where the codec passes a
+    tensor through (raw float32/float16/bfloat16, bf16 of bfloat16, fp16 of float16) that is the
+    message's own tensor's memory: keep it unmodified until zmq has sent it. Raises WireError for
     an invalid message; with ``check_finite`` (default) also for NaN/Inf values, which every
     receiver would reject anyway. Narrowing casts (fp16/bf16/float64->float32) saturate.
     """
@@ -723,8 +724,8 @@ class PublicCopy:
             return {k: _fresh_f32(_as_cpu_float(v)) for k, v in current.items()}
         if self.tensors is None:
             raise ValueError("PublicCopy: no public copy yet; the first message must be full")
-        if list(current) != list(self.tensors):
-            raise ValueError(f"PublicCopy: names {list(current)} differ from the public copy's {list(self.tensors)}")
+        if set(current) != set(self.tensors):
+            raise ValueError(f"PublicCopy: names {sorted(current)} differ from the public copy's {sorted(self.tensors)}")
         out = {}
         for k, v in current.items():
             v = _as_cpu_float(v)

@@ -287,7 +287,7 @@ def test_bind_port_in_use_names_endpoint(make):
     assert "\n" not in msg
 
 
-def test_non_local_host_binds_wildcard(make):
+def test_non_local_host_binds_wildcard():
     from deca_p2p.transport import _bind_address
 
     assert _bind_address("tcp://127.0.0.1:5553") == "tcp://127.0.0.1:5553"

@@ -1,0 +1,74 @@
+"""End to end: real `deca-peer start` OS processes over ZeroMQ on 127.0.0.1 reproduce the in-process reference."""
+import os
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, deca_peer_cmd, free_base_port
+from deca_p2p.checkpoint import latest
+from deca_p2p.config import make_config
+from deca_p2p.simulate import simulate
+from deca_p2p.topology import load as load_topology
+
+SMALL = {"rounds": 1, "inner_steps": 3, "batch_size": 8, "train_per_task": 100, "eval_per_task": 3,
+         "threads": 1, "seed": 3, "lr": 3e-3, "codec": "raw"}
+
+
+def _cli_args(cfg: dict) -> list[str]:
+    out = []
+    for k, v in cfg.items():
+        out += [f"--{k.replace('_', '-')}" if k in ("rounds", "inner_steps", "batch_size", "threads", "seed", "lr", "codec")
+                else "--set", str(v) if k in ("rounds", "inner_steps", "batch_size", "threads", "seed", "lr", "codec")
+                else f"{k}={v}"]
+    return out
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def test_network_reproduces_in_process_simulation(deca_cache, tmp_path):
+    topo_path = REPO / "topologies" / "ring4.json"
+    base = free_base_port(4)
+    run_dir = tmp_path / "run"
+    procs = [subprocess.Popen(deca_peer_cmd("start", "--id", i, "--neighbors", topo_path, "--run-dir", run_dir,
+                                            "--base-port", base, *_cli_args(SMALL)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+             for i in range(4)]
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        outs.append(out.decode(errors="replace"))
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(o[-2000:] for o in outs)
+
+    res = simulate(load_topology(topo_path), make_config(None, SMALL))
+    worst = 0.0
+    for i in range(4):
+        ckpt = latest(run_dir / f"peer-{i}" / "checkpoint")
+        assert ckpt is not None
+        net = load_file(ckpt / "model.safetensors")
+        ref = dict(res.models[i].named_parameters())
+        assert set(net) <= set(ref)
+        for name, t in net.items():
+            worst = max(worst, float((t.float() - ref[name].detach().float()).abs().max()))
+    assert worst <= 1e-6, worst
+    # the network moved the weights: peers differ from the initial model and from each other
+    a = load_file(latest(run_dir / "peer-0" / "checkpoint") / "model.safetensors")
+    b = load_file(latest(run_dir / "peer-2" / "checkpoint") / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hello_barrier_names_the_peer_that_never_started(deca_cache, tmp_path):
+    base = free_base_port(4)
+    p = subprocess.run(deca_peer_cmd("start", "--id", 0, "--neighbors", REPO / "topologies" / "ring4.json",
+                                     "--run-dir", tmp_path / "run", "--base-port", base, "--hello-timeout", 3,
+                                     *_cli_args(SMALL)),
+                       capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    assert "hello" in line and "1" in line and "3" in line, line
