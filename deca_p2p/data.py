@@ -25,7 +25,7 @@ import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -179,7 +179,7 @@ def load_jsonl(path: str | os.PathLike) -> list[Example]:
     """
     name = str(path)
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         raise DataError(f"{name}: no such file") from None
@@ -210,7 +210,7 @@ def load_jsonl(path: str | os.PathLike) -> list[Example]:
             fields[key] = val
         out.append(Example(fields["prompt"], fields["completion"], fields["label"]))
     if not out:
-        raise DataError(f"{name}:{len(lines)}: no examples (empty file)")
+        raise DataError(f"{name}: no examples (empty file)")
     return out
 
 
@@ -227,7 +227,8 @@ def dirichlet_split(
     For each label (in sorted order) the proportions over peers are drawn from
     ``Dirichlet(alpha * ones(n_peers))`` and that label's shuffled indices are cut accordingly.
     Every index appears exactly once overall; every peer gets at least one example (if a draw
-    leaves a peer empty, the split is redrawn with ``seed + 1``, ``seed + 2``, ...). Small ``alpha``
+    leaves a peer empty, the split is redrawn from the seed sequence ``(seed, 1)``, ``(seed, 2)``,
+    ...: deterministic, and never the split of another seed). Small ``alpha``
     means strong skew; large ``alpha`` approaches an IID split. Each peer's indices are sorted.
     """
     n = len(labels)
@@ -241,7 +242,7 @@ def dirichlet_split(
     for i, lab in enumerate(labels):
         by_label[lab].append(i)
     for attempt in range(max_tries):
-        rng = np.random.default_rng(seed + attempt)
+        rng = np.random.default_rng(seed if attempt == 0 else (seed, attempt))
         parts: list[list[int]] = [[] for _ in range(n_peers)]
         for lab in sorted(by_label):
             idx = np.array(by_label[lab], dtype=np.int64)
@@ -351,9 +352,11 @@ def build_default_model(path: str | os.PathLike, seed: int = 0) -> Path:
             model.save_pretrained(tmp, safe_serialization=True)
         try:
             os.rename(tmp, path)
-        except OSError:
+        except OSError as e:
             if not (path / "config.json").exists():
-                raise
+                raise ModelError(
+                    f"model path {path} exists but is not a model directory ({e.strerror}); remove it"
+                ) from None
             # another process renamed its build into place first: keep theirs
     finally:
         if tmp.exists():
@@ -430,7 +433,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
             )
     except ValueError as e:
         raise ModelError(f"model path {path} is not a causal LM ({_one_line(e)})") from None
-    except (OSError, EnvironmentError) as e:
+    except OSError as e:
         raise ModelError(f"model path {path}: cannot load weights ({_one_line(e)})") from None
     for mod in model.modules():
         if isinstance(mod, torch.nn.Dropout):
