@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .data import QuietProgress
+
 LATEST = "latest"
 
 
@@ -29,7 +31,8 @@ def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[
     final = root / f"ckpt-{tag}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        with QuietProgress():
+            model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():

@@ -348,7 +348,7 @@ def build_default_model(path: str | os.PathLike, seed: int = 0) -> Path:
             torch.manual_seed(seed)
             model = LlamaForCausalLM(config)
         model.to(torch.float32)
-        with _QuietProgress():
+        with QuietProgress():
             model.save_pretrained(tmp, safe_serialization=True)
         try:
             os.rename(tmp, path)
@@ -381,7 +381,7 @@ def ensure_default_model() -> Path:
     return path
 
 
-class _QuietProgress:
+class QuietProgress:
     """Temporarily turn off transformers' progress bars (restored on exit)."""
 
     def __enter__(self):
@@ -427,7 +427,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
         raise ModelError(f"model path {path}: cannot read config.json ({_one_line(e)})") from None
     _zero_dropout_config(config)
     try:
-        with _QuietProgress():
+        with QuietProgress():
             model = AutoModelForCausalLM.from_pretrained(
                 path, config=config, dtype=dtype, local_files_only=True
             )
