@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from .data import QuietProgress
@@ -28,7 +29,7 @@ def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[
     """Save model (+ tokenizer, + small text files) as `<root>/ckpt-<tag>` and point `<root>/latest` at it."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"ckpt-{tag}"
+    final = root / f"ckpt-{tag}-{time.time_ns()}"  # never the directory `latest` points to now
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         with QuietProgress():
@@ -39,8 +40,6 @@ def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[
             (tmp / name).write_text(text)
         for f in tmp.iterdir():
             _fsync_path(f)
-        if final.exists():
-            shutil.rmtree(final)
         os.rename(tmp, final)
         link_tmp = root / f".latest-{os.getpid()}"
         if link_tmp.is_symlink() or link_tmp.exists():

@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 
 from .metrics import METRICS_FILE, peer_dir
-from .report import write_report
+from .report import fmt, write_report
 from .topology import Topology
 
 
@@ -65,9 +65,9 @@ def _live_table(topo: Topology, procs: dict[int, subprocess.Popen], tails: dict[
             state = "starting"
         busy = tail.compute_s + tail.wait_s
         t.add_row(str(i), state, str(s.get("round", "")), str(s.get("block", "")), str(s.get("step", "")),
-                  f"{s['loss']:.3f}" if "loss" in s else "", f"{(s.get('bytes_sent') or 0) / 1e6:.1f}",
+                  fmt(s.get("loss"), 3) if "loss" in s else "", f"{(s.get('bytes_sent') or 0) / 1e6:.1f}",
                   f"{100 * tail.compute_s / busy:.0f}%" if busy else "", f"{100 * tail.wait_s / busy:.0f}%" if busy else "",
-                  f"{ev['acc']:.3f}" if "acc" in ev else "")
+                  fmt(ev.get("acc"), 3) if "acc" in ev else "")
     return t
 
 
@@ -97,7 +97,7 @@ def run_cluster(topo: Topology, topology_path: str, run_dir: Path, peer_args: Se
         nonlocal interrupted
         interrupted = True
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     t0 = time.monotonic()
     try:
         for i in topo.nodes:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,8 +65,20 @@ class TrainConfig:
         for key in ("rounds", "inner_steps", "batch_size", "train_per_task", "eval_per_task", "max_len"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.lr < 0 or self.alpha <= 0 or self.exchange_timeout_s <= 0:
-            raise ConfigError("lr must be >= 0, alpha and exchange_timeout_s > 0")
+        for key in ("lr", "alpha", "eps", "exchange_timeout_s", "hello_timeout_s"):
+            v = getattr(self, key)
+            if not math.isfinite(v) or v < 0 or (v == 0 and key != "lr"):
+                raise ConfigError(f"{key} must be a finite number {'>= 0' if key == 'lr' else '> 0'}, got {v}")
+        for key in ("alphas", "betas"):
+            v = getattr(self, key)
+            if len(v) != 2 or not all(0.0 <= x <= 1.0 for x in v):
+                raise ConfigError(f"{key} must be two numbers in [0, 1], got {list(v)}")
+        if self.discrepancy == "qg" and self.lr == 0:
+            raise ConfigError("discrepancy 'qg' divides by the learning rate, which is 0")
+        if self.max_len < 2:
+            raise ConfigError(f"max_len must be at least 2, got {self.max_len}")
+        if not 0 < self.base_port < 65536:
+            raise ConfigError(f"base_port must be a TCP port, got {self.base_port}")
         return self
 
 
@@ -107,7 +120,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
-    text = p.read_text()
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read ({e})") from None
     try:
         data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
@@ -116,4 +132,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a table of settings at the top level")
+    if not all(isinstance(k, str) for k in data):
+        raise ConfigError(f"{p}: setting names must be strings")
     return data

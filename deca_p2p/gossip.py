@@ -38,7 +38,7 @@ class ExchangeResult:
 
 class Gossip:
     def __init__(self, transport: Transport, my_id: int, topo: Topology, schedule: Schedule,
-                 block_names: Sequence[Sequence[str]], *, codec: str = "raw", inc: int = 0,
+                 block_names: Sequence[Sequence[str]], *, block_shapes: Sequence[Sequence[tuple]] | None = None, codec: str = "raw", inc: int = 0,
                  timeout_s: float = 60.0, window: int = 4, stop: threading.Event | None = None):
         self.tr = transport
         self.me = my_id
@@ -46,6 +46,7 @@ class Gossip:
         self.row = topo.weight_row(my_id)
         self.schedule = schedule
         self.block_names = [list(n) for n in block_names]
+        self.block_shapes = None if block_shapes is None else [[tuple(x) for x in b] for b in block_shapes]
         self.codec = codec
         self.inc = inc
         self.timeout_s = timeout_s
@@ -62,6 +63,7 @@ class Gossip:
         self.dropped: Counter[str] = Counter()
         self.late = 0
         self._activation_start = 0
+        self._unusable: set[int] = set()  # answered this exchange, but with a block we could not use
 
     # ------------------------------------------------------------------ the exchange
     def begin_activation(self, round_idx: int, block: int) -> None:
@@ -83,31 +85,50 @@ class Gossip:
                 self.tr.send(j, frames)
         own = list(tensors.values())
         arrived: dict[int, dict] = {}
-        disagreement = 0.0
+        self._unusable = set()
         deadline = t0 + self.timeout_s
         while True:
             for j in self.neighbours:  # buffered early arrivals first
                 if j not in arrived and seq in self.pending[j]:
                     self._take(j, self.pending[j].pop(seq), seq, arrived)
-            waiting = [j for j in self.neighbours if j not in arrived and j not in self.gone and j not in self.suspect]
-            if not waiting or self.stop.is_set():
-                break
+            waiting = [j for j in self.neighbours
+                       if j not in arrived and j not in self.gone and j not in self.suspect and j not in self._unusable]
             left = deadline - time.perf_counter()
-            if left <= 0:
-                self.suspect.update(waiting)
+            if not waiting or self.stop.is_set() or left <= 0:
+                # nobody left to wait for: still read what is already queued (a suspect's block, a resync, a bye)
+                got = self.tr.recv(0)
+                if got is not None:
+                    self._handle(*got, seq=seq, arrived=arrived)
+                    continue
+                if left <= 0:
+                    self.suspect.update(waiting)
                 break
             got = self.tr.recv(min(left, 0.25))
             if got is not None:
                 self._handle(*got, seq=seq, arrived=arrived)
         acc = MixAccumulator(own)
+        disagreement = 0.0
         for j in sorted(arrived):  # a fixed order: float sums do not depend on who arrived first
-            acc.add(list(self.copies[j].tensors.values()), self.row[j])
-            disagreement += self.row[j] * sum(float((self.copies[j].tensors[k] - t).double().pow(2).sum())
-                                              for k, t in tensors.items())
+            theirs = [self.copies[j].tensors[k] for k in tensors]
+            acc.add(theirs, self.row[j])
+            disagreement += self.row[j] * sum(float((a - b).double().pow(2).sum()) for a, b in zip(theirs, own))
         # the self weight absorbs every neighbour missing from this exchange
         acc.add(own, self_weight(self.row, self.me, arrived))
         return ExchangeResult(acc.result(), sorted(arrived), [j for j in self.neighbours if j not in arrived],
                               time.perf_counter() - t0, disagreement ** 0.5, arrived)
+
+    def finish(self, timeout_s: float) -> None:
+        """Say bye, then keep reading until every neighbour has said bye too (bounded): a slower neighbour may
+        still need our last block, which sits in the transport's queue until then."""
+        bye = wire.encode(wire.Message(kind="bye", src=self.me, inc=self.inc))
+        for j in self.neighbours:
+            if j not in self.gone:
+                self.tr.send(j, bye)
+        deadline = time.perf_counter() + timeout_s
+        while any(j not in self.gone for j in self.neighbours) and time.perf_counter() < deadline:
+            got = self.tr.recv(min(0.25, max(0.0, deadline - time.perf_counter())))
+            if got is not None:
+                self._handle(*got)
 
     # ------------------------------------------------------------------ incoming messages
     def _drop(self, reason: str) -> None:
@@ -127,10 +148,12 @@ class Gossip:
             self.last_seq[src] = None
             self.pending[src].clear()
             self.send_full = True
+            if arrived is not None:
+                arrived.pop(src, None)
         self.peer_inc[src] = msg.inc
-        self.suspect.discard(src)
         if msg.kind == "hello":  # a late start-up hello, or a restart (then the incarnation check above resyncs)
             self.gone.discard(src)
+            self.suspect.discard(src)
             return
         if msg.kind == "bye":
             self.gone.add(src)
@@ -143,13 +166,15 @@ class Gossip:
         if mseq is None:
             return self._drop("position")
         try:
-            wire.check_names(msg, self.block_names[msg.block])
+            shapes = None if self.block_shapes is None else self.block_shapes[msg.block]
+            wire.check_names(msg, self.block_names[msg.block], shapes)
         except wire.WireError as e:
             return self._drop(e.reason)
         if seq is not None and mseq > seq:
             if mseq - seq > self.window or len(self.pending[src]) >= self.window:
                 return self._drop("too_far_ahead")
             self.pending[src][mseq] = msg
+            self.suspect.discard(src)
             return
         if mseq < self._activation_start:
             return self._drop("stale")
@@ -160,20 +185,16 @@ class Gossip:
         if not msg.full and self.last_seq[j] != mseq - 1:
             self._drop("chain_gap")  # a delta whose predecessor we never applied: ask for a full block
             self.tr.send(j, wire.encode(wire.Message(kind="resync", src=self.me, inc=self.inc)))
+            if mseq == seq:
+                self._unusable.add(j)  # it answered; its repaired block comes next step, don't wait for it now
             return
         try:
             self.copies[j].apply(msg.tensors, msg.full)
         except wire.WireError as e:
             return self._drop(e.reason)
         self.last_seq[j] = mseq
+        self.suspect.discard(j)
         if mseq == seq and arrived is not None:
             arrived[j] = msg.stats
         else:
             self.late += 1
-
-    def poll(self, timeout_s: float = 0.0) -> None:
-        """Handle control messages between exchanges (e.g. during evaluation)."""
-        got = self.tr.recv(timeout_s)
-        while got is not None:
-            self._handle(*got)
-            got = self.tr.recv(0)

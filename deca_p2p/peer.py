@@ -55,6 +55,8 @@ def resolve_endpoints(args: PeerArgs, topo: topology.Topology) -> dict[int, str]
 
 def _install_stop_handlers(stop: threading.Event) -> None:
     def handler(signum, frame):
+        if stop.is_set():  # a second signal: the user really means it (e.g. stuck in the hello barrier)
+            raise SystemExit(128 + signum)
         stop.set()
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
@@ -86,7 +88,7 @@ def run_peer(args: PeerArgs, stop: threading.Event | None = None) -> None:
     finally:
         log.close()
         transport.flush(5.0)
-        transport.close(send_bye=True)
+        transport.close(send_bye=True)  # a repeat of gossip's bye is harmless; it matters when training failed
 
 
 def _train(args: PeerArgs, topo, transport: Transport, log: MetricsLog, stop: threading.Event) -> None:
@@ -108,8 +110,10 @@ def _train(args: PeerArgs, topo, transport: Transport, log: MetricsLog, stop: th
         log.write("eval", round=-1, activation=-1, **evaluate(inputs.model, inputs.tokenizer, inputs.eval_examples))
     transport.barrier(inc, cfg.hello_timeout_s)
     log.write("ready", wait_s=0.0)
-    gossip = Gossip(transport, me, topo, sched, [b.param_names for b in trainer.blocks], codec=cfg.codec, inc=inc,
-                    timeout_s=cfg.exchange_timeout_s, stop=stop)
+    named = dict(inputs.model.named_parameters())
+    gossip = Gossip(transport, me, topo, sched, [b.param_names for b in trainer.blocks],
+                    block_shapes=[[tuple(named[n].shape) for n in b.param_names] for b in trainer.blocks],
+                    codec=cfg.codec, inc=inc, timeout_s=cfg.exchange_timeout_s, stop=stop)
     proc = psutil.Process()
     peak_rss = 0
     ckpt_root = peer_dir(args.run_dir, me) / "checkpoint"
@@ -132,14 +136,15 @@ def _train(args: PeerArgs, topo, transport: Transport, log: MetricsLog, stop: th
                 break
         peak_rss = max(peak_rss, proc.memory_info().rss)
         end_of_round = (a + 1) % sched.n_blocks == 0
-        if stop.is_set() or end_of_round or (cfg.eval_every and (a + 1) % cfg.eval_every == 0):
-            log.write("eval", round=rnd, activation=a, **evaluate(trainer.model, inputs.tokenizer, inputs.eval_examples))
-        if stop.is_set() or end_of_round:
+        if stop.is_set() or end_of_round:  # checkpoint first: a stopping peer has a grace period, not forever
             save_atomic(trainer.model, inputs.tokenizer, ckpt_root, tag=f"a{a:05d}",
                         extra_files={"deca_state.json": json.dumps({"activation": a, "round": rnd, "block": blk})})
         if stop.is_set():
             break
-    sent, recv = _bytes(transport)
+        if end_of_round or (cfg.eval_every and (a + 1) % cfg.eval_every == 0):
+            log.write("eval", round=rnd, activation=a, **evaluate(trainer.model, inputs.tokenizer, inputs.eval_examples))
     final = evaluate(trainer.model, inputs.tokenizer, inputs.eval_examples)
+    gossip.finish(cfg.exchange_timeout_s)  # slower neighbours may still need our last block
+    sent, recv = _bytes(transport)
     log.write("final", stopped=stop.is_set(), bytes_sent=sent, bytes_recv=recv, peak_rss_mb=peak_rss / 2**20,
               dropped=dict(gossip.dropped), late=gossip.late, **final)

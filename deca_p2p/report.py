@@ -15,9 +15,18 @@ def _task_keys(rows: Mapping[int, Mapping[str, float]]) -> list[str]:
     return sorted(keys)
 
 
+def fmt(v, digits: int) -> str:
+    """A number, or "nan" where a diverged run logged null."""
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "nan"
+
+
 def mean_metrics(rows: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
     keys = {k for r in rows.values() for k, v in r.items() if isinstance(v, (int, float))}
-    return {k: sum(r.get(k, 0.0) or 0.0 for r in rows.values()) / len(rows) for k in sorted(keys)}
+    out = {}
+    for k in sorted(keys):
+        vals = [r.get(k) for r in rows.values()]
+        out[k] = sum(vals) / len(vals) if all(isinstance(v, (int, float)) for v in vals) else None
+    return out
 
 
 def eval_table(per_peer: Mapping[int, Mapping[str, float]], *, initial=None, average_model=None, extra=None,
@@ -32,7 +41,7 @@ def eval_table(per_peer: Mapping[int, Mapping[str, float]], *, initial=None, ave
 
     def row(name, r, ex=None):
         ex = ex or {}
-        cells = [name, f"{r['eval_loss']:.4f}", f"{r['acc']:.3f}", *[f"{r.get(k, 0.0):.2f}" for k in tasks]]
+        cells = [name, fmt(r.get("eval_loss"), 4), fmt(r.get("acc"), 3), *[fmt(r.get(k), 2) for k in tasks]]
         cells += [str(ex.get(c, "")) for c in extra_cols]
         t.add_row(*cells)
 

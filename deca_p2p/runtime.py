@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .data import Batcher, Example, default_dataset, dirichlet_split, ensure_default_model, load_jsonl, load_model
+from .config import ConfigError, TrainConfig
+from .data import Batcher, DataError, Example, default_dataset, dirichlet_split, ensure_default_model, load_jsonl, load_model
 from .trainer import peer_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,7 +31,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+        raise ConfigError("--device cuda asked for, but torch sees no CUDA device")
     return device
 
 
@@ -81,7 +81,10 @@ def load_run_inputs(cfg: TrainConfig, nodes: Sequence[int], *, model_path=None, 
     else:
         train, evals = default_dataset(cfg.train_per_task, cfg.eval_per_task, cfg.seed)
     nodes = sorted(nodes)
-    parts = dirichlet_split([e.label for e in train], len(nodes), cfg.alpha, cfg.seed)
+    try:
+        parts = dirichlet_split([e.label for e in train], len(nodes), cfg.alpha, cfg.seed)
+    except ValueError as e:  # too little data for this many peers
+        raise DataError(str(e)) from None
     return RunInputs(cfg, nodes, model, tokenizer, train, evals, dict(zip(nodes, parts)))
 
 

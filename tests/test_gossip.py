@@ -1,0 +1,92 @@
+"""One gossip exchange over real ZeroMQ sockets on 127.0.0.1 (two transports in this process)."""
+import threading
+
+import pytest
+import torch
+import zmq
+
+from conftest import free_base_port
+from deca_p2p.gossip import Gossip
+from deca_p2p.topology import ring
+from deca_p2p.trainer import Schedule
+from deca_p2p.transport import Transport
+
+NAMES = [["w", "b"]]
+SHAPES = [[(3, 2), (2,)]]
+
+
+@pytest.fixture
+def pair():
+    base = free_base_port(2)
+    eps = {i: f"tcp://127.0.0.1:{base + i}" for i in range(2)}
+    trs = [Transport(i, eps, [1 - i], send_timeout_s=1.0) for i in range(2)]
+    for t in trs:
+        t.start()
+    yield trs, eps
+    for t in trs:
+        t.close(send_bye=False)
+
+
+def _gossip(tr, me, timeout=5.0):
+    sched = Schedule(n_blocks=1, rounds=1, inner_steps=4, order="ascending", seed=0)
+    g = Gossip(tr, me, ring(2), sched, NAMES, block_shapes=SHAPES, timeout_s=timeout, inc=100 + me)
+    g.begin_activation(0, 0)
+    return g
+
+
+def _block(seed):
+    torch.manual_seed(seed)
+    return {"w": torch.randn(3, 2), "b": torch.randn(2)}
+
+
+def test_two_peers_mix_to_their_average(pair):
+    trs, _ = pair
+    gs = [_gossip(trs[i], i) for i in range(2)]
+    blocks = [_block(0), _block(1)]
+    out = [None, None]
+    for step in range(3):
+        for b in blocks:
+            b["w"] += 0.1 * step  # a changing block: steps after the first travel as deltas
+        th = threading.Thread(target=lambda: out.__setitem__(1, gs[1].exchange(0, 0, step, blocks[1])))
+        th.start()
+        out[0] = gs[0].exchange(0, 0, step, blocks[0])
+        th.join()
+        for r in out:
+            assert r.missing == []
+        avg = [(blocks[0][k] + blocks[1][k]) / 2 for k in ("w", "b")]
+        for r in out:
+            for got, want in zip(r.mixed, avg):
+                assert torch.allclose(got, want, atol=1e-6)
+    assert sum(gs[0].dropped.values()) == 0
+
+
+def test_silent_neighbour_is_left_out_and_not_waited_for_again(pair):
+    trs, _ = pair
+    g = _gossip(trs[0], 0, timeout=0.5)
+    own = _block(2)
+    r = g.exchange(0, 0, 0, own)
+    assert r.missing == [1] and r.wait_s >= 0.5
+    for got, want in zip(r.mixed, own.values()):
+        assert torch.equal(got, want)  # the self weight absorbed the missing neighbour
+    r = g.exchange(0, 0, 1, own)
+    assert r.missing == [1] and r.wait_s < 0.4  # suspect: not waited for again
+
+
+def test_garbage_and_spoofed_messages_are_dropped_and_counted(pair):
+    trs, eps = pair
+    g = _gossip(trs[0], 0, timeout=0.6)
+    ctx = zmq.Context.instance()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.ROUTING_ID, b"peer-1")
+    rogue.connect(eps[0])
+    rogue.send_multipart([b"\x00garbage"])
+    rogue.send_multipart([b"\xff" * 10, b"x"])
+    from deca_p2p import wire
+
+    spoof = wire.encode(wire.Message(kind="block", src=7, full=True, tensors={"w": torch.zeros(3, 2), "b": torch.zeros(2)}))
+    rogue.send_multipart([bytes(memoryview(f)) for f in spoof])
+    r = g.exchange(0, 0, 0, _block(3))
+    rogue.close(linger=0)
+    assert r.missing == [1]
+    assert sum(g.dropped.values()) >= 3, g.dropped
+    assert g.dropped["spoofed_src"] == 1
