@@ -82,10 +82,9 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / "simulate_comm.png", dpi=110)
     print("\n".join(lines))
-    g, n = rows["gossip"], rows["none"]
-    print(f"eval loss, local-only / DECA: {sum(p['eval_loss'] for p in n[0].per_peer.values()) / "
-          f"sum(p['eval_loss'] for p in g[0].per_peer.values()):.2f}x")
-
+    loss = {c: sum(p["eval_loss"] for p in r[0].per_peer.values()) / len(r[0].per_peer) for c, r in rows.items()}
+    print(f"rare-task accuracy DECA {rows['gossip'][1]:.3f} vs local-only {rows['none'][1]:.3f}; "
+          f"eval loss local-only / DECA: {loss['none'] / loss['gossip']:.2f}x")
 
 if __name__ == "__main__":
     main()

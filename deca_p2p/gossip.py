@@ -11,6 +11,7 @@ to the self weight.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter
@@ -47,6 +48,9 @@ class Gossip:
         self.schedule = schedule
         self.block_names = [list(n) for n in block_names]
         self.block_shapes = None if block_shapes is None else [[tuple(x) for x in b] for b in block_shapes]
+        # nothing legitimate is larger than the biggest block in float32 (the widest wire dtype)
+        self.max_payload_bytes = None if block_shapes is None else 4 * max(
+            sum(math.prod(x) for x in b) for b in self.block_shapes)
         self.codec = codec
         self.inc = inc
         self.timeout_s = timeout_s
@@ -138,7 +142,7 @@ class Gossip:
         if src is None or src not in self.copies:
             return self._drop("unknown_sender")
         try:
-            msg = wire.decode(frames)
+            msg = wire.decode(frames, max_payload_bytes=self.max_payload_bytes)
         except wire.WireError as e:
             return self._drop(e.reason)
         if msg.src != src:
