@@ -41,6 +41,7 @@ class TrainConfig:
     # communication
     comm: str = "gossip"              # gossip | none (local-only baseline)
     codec: str = "raw"                # raw | bf16 | fp16 | int8
+    gossip_every: int = 1             # exchange after every c-th inner step (and the last of an activation)
     exchange_timeout_s: float = 60.0  # how long to wait for a neighbour's block before mixing without it
     hello_timeout_s: float = 60.0
     base_port: int = 5550             # peer i listens on tcp://127.0.0.1:(base_port + i) without a bootstrap file
@@ -49,6 +50,11 @@ class TrainConfig:
     device: str = "cpu"               # cpu | cuda | auto
     threads: int = 0                  # torch threads per peer (0: cores / peers, at least 1)
     eval_every: int = 0               # evaluate every N activations (0: at the end of each round)
+    checkpoint_every: int = 1         # atomic checkpoint every N activations (and at the end of each round)
+    resume: bool = True               # a restarted peer resumes from its latest checkpoint in the run dir
+    slowdown: float = 1.0             # >1 makes this peer a straggler on purpose (tests and demos)
+    secure: bool = False              # ZeroMQ CURVE: encrypted links, senders identified by their key
+    keys_dir: str = "keys"            # where `deca-peer keys` put the secret keys (never in the bootstrap file)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,7 +68,8 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        for key in ("rounds", "inner_steps", "batch_size", "train_per_task", "eval_per_task", "max_len"):
+        for key in ("rounds", "inner_steps", "batch_size", "train_per_task", "eval_per_task", "max_len", "gossip_every",
+                    "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         for key in ("lr", "alpha", "eps", "exchange_timeout_s", "hello_timeout_s"):
@@ -75,6 +82,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be two numbers in [0, 1], got {list(v)}")
         if self.discrepancy == "qg" and self.lr == 0:
             raise ConfigError("discrepancy 'qg' divides by the learning rate, which is 0")
+        if not math.isfinite(self.slowdown) or self.slowdown < 1:
+            raise ConfigError(f"slowdown must be a factor >= 1, got {self.slowdown}")
         if self.max_len < 2:
             raise ConfigError(f"max_len must be at least 2, got {self.max_len}")
         if not 0 < self.base_port < 65536:

@@ -68,17 +68,19 @@ class Gossip:
         self.late = 0
         self._activation_start = 0
         self._unusable: set[int] = set()  # answered this exchange, but with a block we could not use
+        self.position: int | None = None  # seq of the exchange in progress (or last done)
 
     # ------------------------------------------------------------------ the exchange
     def begin_activation(self, round_idx: int, block: int) -> None:
         self.own.reset()
         self.send_full = True
-        self._activation_start = self.schedule.seq(round_idx, block, 0)
+        self._activation_start = self.schedule.activation_seq(round_idx, block)
 
     @torch.no_grad()
     def exchange(self, round_idx: int, block: int, step: int, tensors: dict[str, torch.Tensor],
                  stats: dict[str, float] | None = None) -> ExchangeResult:
         seq = self.schedule.seq(round_idx, block, step)
+        self.position = seq
         t0 = time.perf_counter()
         full, self.send_full = self.send_full, False
         frames = self.own.encode_block(tensors, src=self.me, codec=self.codec, full=full, inc=self.inc,
@@ -91,6 +93,9 @@ class Gossip:
         arrived: dict[int, dict] = {}
         self._unusable = set()
         deadline = t0 + self.timeout_s
+        for j in self.neighbours:  # buffered blocks of exchanges we skipped (a rejoin) are of no use now
+            for k in [k for k in self.pending[j] if k < seq]:
+                del self.pending[j][k]
         while True:
             for j in self.neighbours:  # buffered early arrivals first
                 if j not in arrived and seq in self.pending[j]:
@@ -120,6 +125,51 @@ class Gossip:
         acc.add(own, self_weight(self.row, self.me, arrived))
         return ExchangeResult(acc.result(), sorted(arrived), [j for j in self.neighbours if j not in arrived],
                               time.perf_counter() - t0, disagreement ** 0.5, arrived)
+
+    def _tell_position(self, j: int) -> None:
+        """A restarted neighbour needs to know where the network is, to pick up there."""
+        if self.position is not None:
+            self.tr.send(j, wire.encode(wire.Message(kind="hello", src=self.me, inc=self.inc,
+                                                     stats={"seq": float(self.position)})))
+
+    def catch_up(self, timeout_s: float) -> int | None:
+        """For a peer that restarted mid-run: the furthest exchange its neighbours are at (from their position
+        hellos or block headers), or None if none told within the timeout. Blocks are kept for that exchange."""
+        deadline = time.perf_counter() + timeout_s
+        best: int | None = None
+        while time.perf_counter() < deadline:
+            got = self.tr.recv(0.1 if best is not None else min(0.25, max(0.0, deadline - time.perf_counter())))
+            if got is None:
+                if best is not None:
+                    return best  # heard at least one neighbour and the line is quiet: go
+                continue
+            src, frames = got
+            try:
+                msg = wire.decode(frames, max_payload_bytes=self.max_payload_bytes)
+            except wire.WireError:
+                msg = None
+            if msg is None or msg.kind != "block" or src not in self.copies or msg.src != src:
+                self._handle(src, frames)  # counts the bad ones, notes hellos and byes
+                if msg is not None and msg.kind == "hello" and msg.src == src and src in self.copies:
+                    pos = msg.stats.get("seq")
+                    if pos is not None and pos == int(pos) and pos >= 0:
+                        best = max(best or 0, int(pos))
+                continue
+            mseq = self.schedule.seq(msg.round, msg.block, msg.step)
+            try:
+                if mseq is None:
+                    raise wire.WireError("position")
+                wire.check_names(msg, self.block_names[msg.block],
+                                 None if self.block_shapes is None else self.block_shapes[msg.block])
+            except wire.WireError as e:
+                self._drop(e.reason)
+                continue
+            self.peer_inc.setdefault(src, msg.inc)
+            self.pending[src][mseq] = msg  # taken by the exchange at mseq
+            while len(self.pending[src]) > self.window:
+                self.pending[src].pop(min(self.pending[src]))
+            best = max(best or 0, mseq)
+        return best
 
     def finish(self, timeout_s: float) -> None:
         """Say bye, then keep reading until every neighbour has said bye too (bounded): a slower neighbour may
@@ -154,6 +204,7 @@ class Gossip:
             self.send_full = True
             if arrived is not None:
                 arrived.pop(src, None)
+            self._tell_position(src)
         self.peer_inc[src] = msg.inc
         if msg.kind == "hello":  # a late start-up hello, or a restart (then the incarnation check above resyncs)
             self.gone.discard(src)

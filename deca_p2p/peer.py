@@ -22,13 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import torch
+from safetensors.torch import load_file
 
 from . import bootstrap, topology
-from .checkpoint import save_atomic
+from .checkpoint import latest, save_atomic
 from .config import TrainConfig
 from .data import evaluate
 from .gossip import Gossip
-from .metrics import MetricsLog, peer_dir
+from .metrics import METRICS_FILE, MetricsLog, peer_dir
 from .runtime import load_run_inputs, set_threads
 from .trainer import PeerTrainer
 from .transport import Transport
@@ -67,6 +69,11 @@ def _bytes(tr: Transport) -> tuple[int, int]:
     return (sum(c.sent_header + c.sent_payload for c in cs), sum(c.recv_header + c.recv_payload for c in cs))
 
 
+def _transport_security(args: PeerArgs, topo: topology.Topology) -> dict:
+    """Keyword arguments for Transport that turn on CURVE when --secure is set (see keys.py)."""
+    return {}
+
+
 def run_peer(args: PeerArgs, stop: threading.Event | None = None) -> None:
     cfg = args.cfg
     me = args.peer_id
@@ -74,71 +81,107 @@ def run_peer(args: PeerArgs, stop: threading.Event | None = None) -> None:
     if me not in topo.nodes:
         raise topology.TopologyError(f"peer id {me} is not in topology {topo.name} (nodes {topo.nodes[0]}..{topo.nodes[-1]})")
     endpoints = resolve_endpoints(args, topo)
-    nbrs = topo.neighbors(me)
+    security = _transport_security(args, topo)
     stop = stop or threading.Event()
     _install_stop_handlers(stop)
     if cfg.threads:
         set_threads(cfg.threads)
+    inputs = load_run_inputs(cfg, topo.nodes, model_path=args.model_path, data_path=args.data_path)
+    trainer = PeerTrainer(inputs.model, inputs.peer(me).batcher, cfg)
+    nbrs = topo.neighbors(me)
     transport = Transport(me, endpoints, nbrs, {j: topo.link(me, j) for j in nbrs},
-                          send_timeout_s=min(10.0, cfg.exchange_timeout_s), seed=cfg.seed)
+                          max_message_bytes=trainer.max_block_bytes() + (1 << 20),  # nothing bigger is legitimate
+                          send_timeout_s=min(10.0, cfg.exchange_timeout_s), seed=cfg.seed, **security)
     transport.start()
+    restarted = (peer_dir(args.run_dir, me) / METRICS_FILE).is_file()  # this peer ran here before: a rejoin
     log = MetricsLog(args.run_dir, me)
     try:
-        _train(args, topo, transport, log, stop)
+        _train(args, topo, inputs, trainer, transport, log, stop, restarted)
     finally:
         log.close()
         transport.flush(5.0)
         transport.close(send_bye=True)  # a repeat of gossip's bye is harmless; it matters when training failed
 
 
-def _train(args: PeerArgs, topo, transport: Transport, log: MetricsLog, stop: threading.Event) -> None:
+def _resume(trainer: PeerTrainer, ckpt_root: Path, log: MetricsLog) -> int:
+    """Load the latest checkpoint of this peer, if any: returns the activation to start from."""
+    ckpt = latest(ckpt_root)
+    if ckpt is None:
+        return 0
+    state = json.loads((ckpt / "deca_state.json").read_text())
+    weights = load_file(ckpt / "model.safetensors", device=str(next(trainer.model.parameters()).device))
+    missing, unexpected = trainer.model.load_state_dict(weights, strict=False)
+    trainer.batcher.load_state_dict({"generator": torch.tensor(state["batcher_generator"], dtype=torch.uint8)})
+    log.write("resume", checkpoint=str(ckpt), activation=state["activation"], round=state["round"],
+              missing=len(missing), unexpected=len(unexpected))
+    return state["activation"] + 1
+
+
+def _checkpoint(trainer: PeerTrainer, tokenizer, ckpt_root: Path, a: int, rnd: int, blk: int) -> None:
+    state = {"activation": a, "round": rnd, "block": blk,
+             "batcher_generator": trainer.batcher.state_dict()["generator"].tolist()}
+    save_atomic(trainer.model, tokenizer, ckpt_root, tag=f"a{a:05d}", extra_files={"deca_state.json": json.dumps(state)})
+
+
+def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transport, log: MetricsLog,
+           stop: threading.Event, restarted: bool) -> None:
     cfg, me = args.cfg, args.peer_id
-    inputs = load_run_inputs(cfg, topo.nodes, model_path=args.model_path, data_path=args.data_path)
-    setup = inputs.peer(me)
-    trainer = PeerTrainer(inputs.model, setup.batcher, cfg)
     sched = trainer.schedule
-    labels: dict[str, int] = {}
-    for e in setup.examples:
-        labels[e.label] = labels.get(e.label, 0) + 1
+    acts = sched.activations()
+    ckpt_root = peer_dir(args.run_dir, me) / "checkpoint"
+    first = _resume(trainer, ckpt_root, log) if cfg.resume else 0
     inc = time.time_ns() & 0x7FFFFFFF  # incarnation: changes whenever the process restarts
+    labels: dict[str, int] = {}
+    for k in inputs.shards[me]:
+        labels[inputs.train_examples[k].label] = labels.get(inputs.train_examples[k].label, 0) + 1
+    named = dict(trainer.model.named_parameters())
     log.write("start", pid=os.getpid(), inc=inc, endpoint=transport.endpoint, neighbours=topo.neighbors(me),
-              n_examples=len(setup.examples), labels=labels, n_blocks=len(trainer.blocks),
-              block_numel=[sum(dict(inputs.model.named_parameters())[n].numel() for n in b.param_names)
-                           for b in trainer.blocks])
-    if me == topo.nodes[0]:
+              n_examples=len(inputs.shards[me]), labels=labels, n_blocks=len(trainer.blocks),
+              block_numel=[sum(named[n].numel() for n in b.param_names) for b in trainer.blocks])
+    if me == topo.nodes[0] and first == 0:
         (Path(args.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        log.write("eval", round=-1, activation=-1, **evaluate(inputs.model, inputs.tokenizer, inputs.eval_examples))
+        log.write("eval", round=-1, activation=-1, **evaluate(trainer.model, inputs.tokenizer, inputs.eval_examples))
+    t_barrier = time.perf_counter()
     transport.barrier(inc, cfg.hello_timeout_s)
-    log.write("ready", wait_s=0.0)
-    named = dict(inputs.model.named_parameters())
+    log.write("ready", barrier_s=time.perf_counter() - t_barrier)
     gossip = Gossip(transport, me, topo, sched, [b.param_names for b in trainer.blocks],
                     block_shapes=[[tuple(named[n].shape) for n in b.param_names] for b in trainer.blocks],
                     codec=cfg.codec, inc=inc, timeout_s=cfg.exchange_timeout_s, stop=stop)
+    first_step = 0
+    if restarted and cfg.comm != "none":  # a rejoin: pick up where the network is, not where we stopped
+        resumed_at = first
+        where = sched.locate(gossip.catch_up(cfg.exchange_timeout_s) or 0)
+        if where is not None and where[0] >= first:
+            first, first_step = where[0], where[2] - (where[2] % cfg.gossip_every)
+        log.write("rejoin", activation=first, step=first_step, missed_activations=first - resumed_at)
     proc = psutil.Process()
     peak_rss = 0
-    ckpt_root = peer_dir(args.run_dir, me) / "checkpoint"
-    for a, (rnd, blk) in enumerate(sched.activations()):
+    for a in range(first, len(acts)):
+        rnd, blk = acts[a]
         trainer.activate(blk)
         gossip.begin_activation(rnd, blk)
-        for step in range(cfg.inner_steps):
+        for step in range(first_step if a == first else 0, cfg.inner_steps):
             stats = trainer.local_step()
-            if cfg.comm == "none":
-                mixed, extra = [t.clone() for t in trainer.block().values()], {}
+            if cfg.slowdown > 1:  # a straggler on purpose
+                time.sleep((cfg.slowdown - 1) * stats["compute_s"])
+            extra = {}
+            if cfg.comm == "none" or not sched.is_exchange(step):
+                mixed = [t.clone() for t in trainer.block().values()]
             else:
                 res = gossip.exchange(rnd, blk, step, trainer.block(), stats)
                 mixed = res.mixed
                 extra = {"wait_s": res.wait_s, "missing": res.missing, "disagreement": res.disagreement}
             stats.update(trainer.apply_mix(mixed))
             sent, recv = _bytes(transport)
-            log.write("step", round=rnd, block=blk, step=step, seq=sched.seq(rnd, blk, step), bytes_sent=sent,
-                      bytes_recv=recv, dropped=sum(gossip.dropped.values()), **stats, **extra)
+            log.write("step", round=rnd, block=blk, step=step, istep=sched.step_index(rnd, blk, step),
+                      seq=sched.seq(rnd, blk, step), bytes_sent=sent, bytes_recv=recv,
+                      dropped=sum(gossip.dropped.values()), **stats, **extra)
             if stop.is_set():
                 break
         peak_rss = max(peak_rss, proc.memory_info().rss)
         end_of_round = (a + 1) % sched.n_blocks == 0
-        if stop.is_set() or end_of_round:  # checkpoint first: a stopping peer has a grace period, not forever
-            save_atomic(trainer.model, inputs.tokenizer, ckpt_root, tag=f"a{a:05d}",
-                        extra_files={"deca_state.json": json.dumps({"activation": a, "round": rnd, "block": blk})})
+        if stop.is_set() or end_of_round or (a + 1) % cfg.checkpoint_every == 0:
+            _checkpoint(trainer, inputs.tokenizer, ckpt_root, a, rnd, blk)  # before eval: a stop has a grace period
         if stop.is_set():
             break
         if end_of_round or (cfg.eval_every and (a + 1) % cfg.eval_every == 0):

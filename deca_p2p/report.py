@@ -111,7 +111,7 @@ def make_plots(run_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         plotted = False
         for pid, recs in sorted(data.items()):
-            pts = [(r["seq"], r[key]) for r in recs if r.get("event") == "step" and r.get(key) is not None]
+            pts = [(r["istep"], r[key]) for r in recs if r.get("event") == "step" and r.get(key) is not None]
             if pts:
                 xs, ys = zip(*pts)
                 ys = [y / 1e6 for y in ys] if key == "bytes_sent" else ys
@@ -120,7 +120,7 @@ def make_plots(run_dir: str | Path) -> list[Path]:
         if not plotted:
             plt.close(fig)
             continue
-        ax.set_xlabel("exchange (inner step)")
+        ax.set_xlabel("inner step")
         ax.set_ylabel(label)
         if key == "disagreement":
             ax.set_yscale("log")

@@ -72,17 +72,19 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
         for i, t in trainers.items():
             t.activate(blk)
             copies[i].reset()
+        first = True  # the first exchange of an activation carries whole blocks
         for step in range(cfg.inner_steps):
             stats = {i: t.local_step() for i, t in trainers.items()}
             blocks = {i: t.block() for i, t in trainers.items()}
-            if cfg.comm == "none":
+            if cfg.comm == "none" or not schedule.is_exchange(step):
                 mixed = {i: [x.clone() for x in b.values()] for i, b in blocks.items()}
             else:
-                mixed = exchange_in_memory(topo, blocks, copies, cfg.codec, full=(step == 0))
+                mixed = exchange_in_memory(topo, blocks, copies, cfg.codec, full=first)
+                first = False
             for i, t in trainers.items():
                 stats[i].update(t.apply_mix(mixed[i]))
                 if i in logs:
-                    logs[i].write("step", round=rnd, block=blk, step=step,
+                    logs[i].write("step", round=rnd, block=blk, step=step, istep=schedule.step_index(rnd, blk, step),
                                   seq=schedule.seq(rnd, blk, step), **stats[i])
         if progress is not None:
             mean_loss = sum(s["loss"] for s in stats.values()) / len(stats)

@@ -25,27 +25,64 @@ from .optim import GossipOptimizer, make_optimizer
 
 @dataclass(frozen=True)
 class Schedule:
-    """The (round, block) activations of a run, and a running index over its exchanges."""
+    """The (round, block) activations of a run, and running indices over its inner steps and its exchanges.
+
+    With gossip_every = c a peer exchanges after every c-th inner step and always after the last step of an
+    activation (so a block leaves its activation mixed); the steps in between are local only.
+    """
 
     n_blocks: int
     rounds: int
     inner_steps: int
     order: str
     seed: int
+    gossip_every: int = 1
 
     def activations(self) -> list[tuple[int, int]]:
         return [(r, b) for r in range(self.rounds) for b in block_order(self.n_blocks, self.order, r, self.seed)]
 
-    def seq(self, round_idx: int, block: int, step: int) -> int | None:
-        """Position of exchange (round, block, step) in the run, or None if the run has no such exchange."""
+    def is_exchange(self, step: int) -> bool:
+        return (step + 1) % self.gossip_every == 0 or step == self.inner_steps - 1
+
+    @property
+    def exchanges_per_activation(self) -> int:
+        return sum(self.is_exchange(s) for s in range(self.inner_steps))
+
+    def _position(self, round_idx: int, block: int, step: int) -> int | None:
         if not (0 <= round_idx < self.rounds and 0 <= block < self.n_blocks and 0 <= step < self.inner_steps):
             return None
-        pos = block_order(self.n_blocks, self.order, round_idx, self.seed).index(block)
-        return (round_idx * self.n_blocks + pos) * self.inner_steps + step
+        return round_idx * self.n_blocks + block_order(self.n_blocks, self.order, round_idx, self.seed).index(block)
+
+    def step_index(self, round_idx: int, block: int, step: int) -> int | None:
+        """Position of inner step (round, block, step) in the run (the x axis of the plots)."""
+        pos = self._position(round_idx, block, step)
+        return None if pos is None else pos * self.inner_steps + step
+
+    def seq(self, round_idx: int, block: int, step: int) -> int | None:
+        """Running index of the exchange after (round, block, step), or None if there is no such exchange."""
+        pos = self._position(round_idx, block, step)
+        if pos is None or not self.is_exchange(step):
+            return None
+        return pos * self.exchanges_per_activation + sum(self.is_exchange(s) for s in range(step))
+
+    def activation_seq(self, round_idx: int, block: int) -> int | None:
+        """seq of the first exchange of activation (round, block)."""
+        pos = self._position(round_idx, block, 0)
+        return None if pos is None else pos * self.exchanges_per_activation
+
+    def locate(self, seq: int) -> tuple[int, int, int] | None:
+        """(activation index, round, step) of exchange `seq`: where a rejoining peer picks up."""
+        per = self.exchanges_per_activation
+        a, k = divmod(seq, per)
+        acts = self.activations()
+        if not 0 <= a < len(acts):
+            return None
+        steps = [s for s in range(self.inner_steps) if self.is_exchange(s)]
+        return a, acts[a][0], steps[k]
 
     @property
     def total_exchanges(self) -> int:
-        return self.rounds * self.n_blocks * self.inner_steps
+        return self.rounds * self.n_blocks * self.exchanges_per_activation
 
 
 def peer_seed(seed: int, peer_id: int) -> int:
@@ -60,7 +97,7 @@ def make_blocks(model: nn.Module, cfg: TrainConfig) -> list[Block]:
 
 
 def make_schedule(n_blocks: int, cfg: TrainConfig) -> Schedule:
-    return Schedule(n_blocks, cfg.rounds, cfg.inner_steps, cfg.block_order, cfg.seed)
+    return Schedule(n_blocks, cfg.rounds, cfg.inner_steps, cfg.block_order, cfg.seed, cfg.gossip_every)
 
 
 class PeerTrainer:
@@ -74,6 +111,11 @@ class PeerTrainer:
         self.opt: GossipOptimizer | None = None
         self.device = next(model.parameters()).device
         model.train()
+
+    def max_block_bytes(self) -> int:
+        """The largest block in float32: no legitimate message carries more payload."""
+        named = dict(self.model.named_parameters())
+        return 4 * max(sum(named[n].numel() for n in b.param_names) for b in self.blocks)
 
     def activate(self, block: int) -> None:
         if self.active is not None and self.active.block.index == block:

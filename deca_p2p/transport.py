@@ -173,6 +173,10 @@ def _zmq_reason(e: zmq.ZMQError) -> str:
     return msg[:1].lower() + msg[1:]
 
 
+MAX_QUEUED_DATA = 64           # messages waiting on one link, at most ...
+MAX_QUEUED_BYTES = 1 << 31     # ... and bytes (but always room for two)
+
+
 class _Item:
     __slots__ = ("frames", "header", "payload", "deliver_at", "timeout", "data", "hello_inc")
 
@@ -227,6 +231,8 @@ class _Link:
                 deliver += self.rng.uniform(-self.jitter, self.jitter)
             deliver = max(deliver, t_tx, self.last_deliver)
             self.last_deliver = deliver
+            if data:
+                self._bound_queue_locked()
             self.queue.append(_Item(frames, header, payload, deliver, timeout, data, hello_inc))
             self.outstanding += 1
             if hello_inc is not None:
@@ -300,6 +306,18 @@ class _Link:
                     return None
                 else:
                     self.cond.wait()
+
+    def _bound_queue_locked(self) -> None:
+        """Keep at most MAX_QUEUED_DATA messages waiting on a link: a dead or stalled neighbour must not make the
+        queue (block-sized messages) grow without bound. The oldest goes; the receiver repairs the gap (resync)."""
+        data_items = [it for it in self.queue if it.data]
+        queued = sum(it.header + it.payload for it in data_items)
+        while len(data_items) >= 2 and (len(data_items) >= MAX_QUEUED_DATA or queued >= MAX_QUEUED_BYTES):
+            oldest = data_items.pop(0)
+            queued -= oldest.header + oldest.payload
+            self.queue.remove(oldest)
+            self.outstanding -= 1
+            self.tr._count_failures(self.dst, 1)
 
     def _drop_all_locked(self) -> None:
         failures = sum(1 for it in self.queue if it.data)
