@@ -86,6 +86,11 @@ def _train_options(f):
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"])),
         click.option("--device", type=click.Choice(["cpu", "cuda", "auto"])),
         click.option("--threads", type=int, help="torch threads per peer (0: cores / local peers)."),
+        click.option("--gossip-every", type=int, help="Exchange after every c-th inner step (default 1)."),
+        click.option("--slowdown", type=float, help="Make this peer a straggler: each step takes FACTOR x longer."),
+        click.option("--secure", is_flag=True, default=None,
+                     help="ZeroMQ CURVE: encrypted links, only the bootstrap file's keys may connect (see `deca-peer keys`)."),
+        click.option("--keys-dir", help="Directory of the peers' secret keys for --secure (default keys)."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any other config key."),
     ]
     for opt in reversed(opts):
@@ -124,9 +129,10 @@ def _user_errors():
     """Exceptions that mean the user's input is wrong: one line, exit 2."""
     from deca_p2p.config import ConfigError
     from deca_p2p.data import DataError, ModelError
+    from deca_p2p.keys import KeysError
     from deca_p2p.topology import TopologyError
 
-    return (ConfigError, DataError, ModelError, TopologyError)
+    return (ConfigError, DataError, ModelError, TopologyError, KeysError)
 
 
 # --------------------------------------------------------------------------- simulate
@@ -200,6 +206,10 @@ def _passthrough(kw: dict) -> list[str]:
         flag = {"config_file": "--config", "model_path": "--model", "data_path": "--data",
                 "exchange_timeout_s": "--exchange-timeout", "hello_timeout_s": "--hello-timeout"}.get(
             key, "--" + key.replace("_", "-"))
+        if isinstance(value, bool):  # an is_flag option: a bare flag when on, nothing when off
+            if value:
+                out.append(flag)
+            continue
         out += [flag, str(value)]
     for item in kw.get("sets") or ():
         out += ["--set", item]
@@ -230,6 +240,17 @@ def cluster(topology_file, bootstrap_file, run_dir, no_live, **kw) -> None:
         ensure_default_model()  # build it once, not n times in parallel
     if kw.get("threads") is None:
         kw["threads"] = cfg.threads or default_threads(len(topo.nodes))
+    if cfg.secure:  # check every peer's keys here: one clear error instead of n failing processes
+        from deca_p2p.keys import KeysError, load_curve
+
+        if not bootstrap_file:
+            _fail("--secure needs --bootstrap FILE holding every peer's public_key "
+                  "(make it with `deca-peer keys --topology T --bootstrap FILE`)")
+        try:
+            for i in topo.nodes:
+                load_curve(cfg.keys_dir, bootstrap_file, i, topo.nodes)
+        except KeysError as e:
+            _fail(str(e))
     run = Path(run_dir) if run_dir else Path("runs") / f"{topo.name}-{_time.strftime('%Y%m%d-%H%M%S')}"
     extra = ["--bootstrap", bootstrap_file] if bootstrap_file else []
     code = run_cluster(topo, topology_file, run, extra + _passthrough(kw), live=not no_live)
@@ -248,6 +269,28 @@ def report(run_dir) -> None:
         _fail(f"run directory {run_dir} does not exist")
     if write_report(run_dir) is None:
         _fail(f"{run_dir} holds no peer metrics with an evaluation yet")
+
+
+@main.command("keys")
+@click.option("--topology", "topology_file", required=True, type=click.Path(dir_okay=False))
+@click.option("--bootstrap", "bootstrap_file", required=True, type=click.Path(dir_okay=False),
+              help="Bootstrap JSON to write the public keys into (created with default endpoints if absent).")
+@click.option("--keys-dir", default="keys", show_default=True, type=click.Path(file_okay=False),
+              help="Where the secret keys go (mode 0600; never commit them).")
+@click.option("--base-port", type=int, default=5550, show_default=True,
+              help="Port of peer 0 when the bootstrap file is created.")
+@click.option("--force", is_flag=True, help="Make new keypairs even where keys exist.")
+def keys_cmd(topology_file, bootstrap_file, keys_dir, base_port, force) -> None:
+    """Make a CURVE keypair per peer of TOPOLOGY for --secure; public keys go into the bootstrap file."""
+    from deca_p2p.keys import KeysError, make_keys, secret_key_path
+
+    topo = _load_topology(topology_file)
+    try:
+        publics = make_keys(topo.nodes, keys_dir, bootstrap_file, base_port=base_port, force=force)
+    except KeysError as e:
+        _fail(str(e))
+    click.echo(f"{len(publics)} public keys written to {bootstrap_file}; secret keys in {keys_dir}/ "
+               f"({secret_key_path(keys_dir, topo.nodes[0]).name}, ...); copy each host only the secret keys of its own peers")
 
 
 @main.command("bootstrap")

@@ -70,8 +70,19 @@ def _bytes(tr: Transport) -> tuple[int, int]:
 
 
 def _transport_security(args: PeerArgs, topo: topology.Topology) -> dict:
-    """Keyword arguments for Transport that turn on CURVE when --secure is set (see keys.py)."""
-    return {}
+    """Keyword arguments for Transport that turn on CURVE when --secure is set (see keys.py).
+
+    Secure mode needs the bootstrap file (every peer's public_key: the allow-list) and this peer's
+    secret key in cfg.keys_dir; any problem is a one-line keys.KeysError.
+    """
+    if not args.cfg.secure:
+        return {}
+    from .keys import KeysError, load_curve
+
+    if args.bootstrap_path is None:
+        raise KeysError("--secure needs --bootstrap FILE holding every peer's public_key "
+                        "(make it with `deca-peer keys --topology T --bootstrap FILE`)")
+    return {"curve": load_curve(args.cfg.keys_dir, args.bootstrap_path, args.peer_id, topo.nodes)}
 
 
 def run_peer(args: PeerArgs, stop: threading.Event | None = None) -> None:

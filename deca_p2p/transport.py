@@ -21,25 +21,44 @@ preserved (TCP does not reorder) and no message is delivered before it was trans
 Failures.  A send that cannot be handed to ZeroMQ within ``send_timeout_s`` (peer down:
 ``IMMEDIATE=1`` refuses to queue; or its high-water mark stays full) is dropped and counted in
 ``LinkCounters.send_failures``; nothing is raised into the caller and no thread dies.
+
+Security (``curve=CurveConfig(...)``, DESIGN.md §6).  The ROUTER is a CURVE server and every DEALER a
+CURVE client (its own keypair, the neighbour's public key as server key), so links are encrypted and
+authenticated.  A ZAP handler (``zmq.auth.thread.ThreadAuthenticator``, started before the ROUTER binds,
+stopped after it closes) accepts a client only if its public key is in ``CurveConfig.peer_keys`` (the
+bootstrap file's keys; never CURVE_ALLOW_ANY).  ZAP gives each accepted connection the User-Id = the
+client's z85 public key, and libzmq stamps it on every message from that connection: ``recv`` maps it
+back to the peer id owning the key and returns that as ``src``.  The routing id a sender chose is not
+authenticated and is ignored: a message whose routing id names another peer (``peer-1`` sent with peer
+2's key) is still returned as peer 2's (so gossip drops it as ``spoofed_src`` when its header claims 1)
+and counted in ``spoofed_routing_ids``; a message without a known User-Id (cannot happen while the ZAP
+handler runs) is returned with ``src=None`` and counted in ``unknown_msgs_recv``.  In secure mode a DEALER's
+routing id is ``peer-<id>/<16 random hex digits>`` (new for every socket), not ``peer-<id>``: with
+ROUTER_HANDOVER a connection that presents a routing id already in use takes it over and the older
+connection is cut (measured: the real peer's messages were silently lost for ~4 s, until the heartbeat
+timeout made it reconnect), so a guessable routing id would let any key holder cut another peer's link
+at will.  A secure Transport needs a zmq context of its own (there is one ZAP handler per context).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 import re
+import secrets
 import socket as _socket
 import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import zmq
 
-__all__ = ["TransportError", "LinkSpec", "LinkCounters", "Transport"]
+__all__ = ["TransportError", "LinkSpec", "LinkCounters", "CurveConfig", "Transport"]
 
 _ROUTING_ID_RE = re.compile(rb"peer-(0|[1-9][0-9]{0,9})")
 _TCP_RE = re.compile(r"tcp://(\[[^\]]*\]|[^:/\[\]]+):(\d+)")
@@ -76,6 +95,64 @@ class LinkCounters:
     msgs_sent: int = 0
     msgs_recv: int = 0
     send_failures: int = 0
+
+
+ZAP_DOMAIN = "deca-p2p"
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """CURVE keys of one peer: its own keypair and every allowed peer's public key (all z85, 40 bytes).
+
+    ``peer_keys`` ({peer id: public key}) is the allow-list and the key -> peer id map; it must hold this
+    peer's and every neighbour's key.  The secret key is left out of ``repr`` so it cannot reach a log.
+    """
+
+    public_key: bytes
+    secret_key: bytes = field(repr=False)
+    peer_keys: Mapping[int, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def z85key(k: Any, what: str) -> bytes:
+            if isinstance(k, str):
+                k = k.encode("ascii", "replace")
+            if not isinstance(k, bytes) or len(k) != 40:
+                raise TransportError(f"{what} is not a 40-character z85 CURVE key")
+            return k
+
+        object.__setattr__(self, "public_key", z85key(self.public_key, "public_key"))
+        object.__setattr__(self, "secret_key", z85key(self.secret_key, "secret_key"))
+        keys = {int(i): z85key(k, f"public key of peer {i}") for i, k in self.peer_keys.items()}
+        owners: dict[bytes, int] = {}
+        for i, k in sorted(keys.items()):
+            if k in owners:
+                raise TransportError(f"peers {owners[k]} and {i} have the same public key")
+            owners[k] = i
+        object.__setattr__(self, "peer_keys", keys)
+        try:
+            derived = zmq.curve_public(self.secret_key)
+        except (zmq.ZMQError, ValueError):
+            raise TransportError("secret_key is not a valid CURVE key") from None
+        if derived != self.public_key:
+            raise TransportError("secret_key does not belong to public_key")
+
+    def owner(self) -> dict[bytes, int]:
+        """{public key: peer id}."""
+        return {k: i for i, k in self.peer_keys.items()}
+
+
+class _AllowList:
+    """ZAP credentials provider: accept exactly the given public keys (z85 bytes)."""
+
+    def __init__(self, keys: Sequence[bytes]):
+        self.keys = frozenset(keys)
+        self.denied = 0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        ok = key in self.keys
+        if not ok:
+            self.denied += 1
+        return ok
 
 
 def _wire():
@@ -173,6 +250,7 @@ def _zmq_reason(e: zmq.ZMQError) -> str:
     return msg[:1].lower() + msg[1:]
 
 
+MAX_PENDING_DURING_BARRIER = 64  # messages kept for recv() while the hello barrier runs
 MAX_QUEUED_DATA = 64           # messages waiting on one link, at most ...
 MAX_QUEUED_BYTES = 1 << 31     # ... and bytes (but always room for two)
 
@@ -244,7 +322,8 @@ class _Link:
         tr = self.tr
         sock = tr.ctx.socket(zmq.DEALER)
         try:
-            sock.setsockopt(zmq.ROUTING_ID, f"peer-{tr.my_id}".encode())
+            rid = f"peer-{tr.my_id}" if tr.curve is None else f"peer-{tr.my_id}/{secrets.token_hex(8)}"
+            sock.setsockopt(zmq.ROUTING_ID, rid.encode())
             sock.setsockopt(zmq.SNDHWM, SNDHWM)
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.SNDTIMEO, max(0, int(tr.send_timeout_s * 1000)))
@@ -252,6 +331,10 @@ class _Link:
             sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
             tr._set_heartbeat(sock)
+            if tr.curve is not None:
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, tr.curve.public_key)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, tr.curve.secret_key)
+                sock.setsockopt(zmq.CURVE_SERVERKEY, tr.curve.peer_keys[self.dst])
             if self.endpoint.startswith("tcp://["):
                 sock.setsockopt(zmq.IPV6, 1)
             sock.connect(self.endpoint)
@@ -385,7 +468,7 @@ class Transport:
                  links: dict[int, LinkSpec] | None = None, *,
                  max_message_bytes: int = 1 << 31, send_timeout_s: float = 10.0,
                  linger_ms: int = 1000, heartbeat_s: float = 1.0,
-                 ctx: zmq.Context | None = None, seed: int = 0):
+                 ctx: zmq.Context | None = None, seed: int = 0, curve: CurveConfig | None = None):
         self.my_id = int(my_id)
         eps = {int(k): str(v) for k, v in endpoints.items()}
         if self.my_id not in eps:
@@ -403,6 +486,20 @@ class Transport:
         if send_timeout_s < 0 or linger_ms < 0 or max_message_bytes <= 0:
             raise TransportError("send_timeout_s, linger_ms must be >= 0 and max_message_bytes > 0")
         links = {int(k): v for k, v in (links or {}).items()}
+        if curve is not None:
+            if not isinstance(curve, CurveConfig):
+                raise TransportError("curve must be a CurveConfig")
+            if not zmq.has("curve"):
+                raise TransportError("this libzmq was built without CURVE support")
+            if curve.peer_keys.get(self.my_id) != curve.public_key:
+                raise TransportError(f"the allowed keys do not list this peer's ({self.my_id}) public key")
+            no_key = [n for n in nbrs if n not in curve.peer_keys]
+            if no_key:
+                raise TransportError(f"no public key for neighbour {no_key[0]}")
+        self.curve: CurveConfig | None = curve
+        self._key_owner: dict[bytes, int] = curve.owner() if curve is not None else {}
+        self._auth: Any = None          # the ZAP handler (zmq.auth.thread.ThreadAuthenticator) when secure
+        self._allow: _AllowList | None = None
         self.endpoints = eps
         self.endpoint = eps[self.my_id]
         self.neighbours: tuple[int, ...] = tuple(nbrs)
@@ -419,7 +516,8 @@ class Transport:
         }
         self._ctr_lock = threading.Lock()
         self._counters: dict[int, LinkCounters] = {n: LinkCounters() for n in nbrs}
-        self.unknown_msgs_recv = 0      # messages whose routing id is not "peer-<n>"
+        self.unknown_msgs_recv = 0      # messages whose routing id (secure: User-Id key) names no peer
+        self.spoofed_routing_ids = 0    # secure: messages whose routing id names another peer than their key
         self._router: zmq.Socket | None = None
         self.bound_endpoint: str | None = None
         self._pending: deque[tuple[int | None, list]] = deque()
@@ -445,6 +543,8 @@ class Transport:
             raise TransportError("transport already started")
         _wire()  # import now (it pulls in torch): close() and barrier() must not pay for it
         addr = _bind_address(self.endpoint)
+        if self.curve is not None:
+            self._start_auth()  # before the ROUTER binds: without a ZAP handler libzmq accepts any client key
         router = self.ctx.socket(zmq.ROUTER)
         try:
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -453,11 +553,16 @@ class Transport:
             router.setsockopt(zmq.RCVHWM, RCVHWM)
             router.setsockopt(zmq.LINGER, 0)
             self._set_heartbeat(router)
+            if self.curve is not None:
+                router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+                router.setsockopt(zmq.CURVE_SERVER, 1)
+                router.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret_key)
             if addr.startswith("tcp://["):
                 router.setsockopt(zmq.IPV6, 1)
             router.bind(addr)
         except zmq.ZMQError as e:
             router.close(linger=0)
+            self._stop_auth()
             raise TransportError(f"cannot bind {self.endpoint}: {_zmq_reason(e)}") from None
         self._router = router
         try:
@@ -477,6 +582,39 @@ class Transport:
         if errors:
             self.close(send_bye=False)
             raise TransportError(errors[0])
+
+    def _start_auth(self) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        assert self.curve is not None
+        auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("deca_p2p.transport.zap"))
+        try:
+            auth.start()
+        except zmq.ZMQError as e:
+            try:
+                auth.stop()
+            except Exception:
+                pass
+            if e.errno == zmq.EADDRINUSE:
+                raise TransportError("a secure Transport needs a zmq context of its own "
+                                     "(this one already has a ZAP handler)") from None
+            raise TransportError(f"cannot start the ZAP handler: {_zmq_reason(e)}") from None
+        self._allow = _AllowList(list(self.curve.peer_keys.values()))
+        auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self._allow)
+        self._auth = auth
+
+    def _stop_auth(self) -> None:
+        auth, self._auth = self._auth, None
+        if auth is not None:
+            try:
+                auth.stop()
+            except Exception:
+                pass
+
+    @property
+    def rejected_keys(self) -> int:
+        """Secure: CURVE handshakes the ZAP handler refused (client key not allowed)."""
+        return self._allow.denied if self._allow is not None else 0
 
     def close(self, send_bye: bool = True) -> None:
         """Send bye to neighbours (best effort), stop the link threads, close sockets (bounded)."""
@@ -505,6 +643,7 @@ class Transport:
             if self._router is not None:
                 self._router.close(linger=0)
                 self._router = None
+            self._stop_auth()
             if stuck:  # cannot happen unless zmq hangs; never block forever in term()
                 return
         if self._own_ctx:
@@ -592,8 +731,8 @@ class Transport:
             parts = router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
-        src = _parse_src(parts[0].bytes)
         frames = parts[1:]
+        src = _parse_src(parts[0].bytes) if self.curve is None else self._authenticated_src(parts)
         if src is None:
             with self._ctr_lock:
                 self.unknown_msgs_recv += 1
@@ -609,8 +748,27 @@ class Transport:
                 c.msgs_recv += 1
         return src, frames
 
+    def _authenticated_src(self, parts: list) -> int | None:
+        """Secure mode: the peer owning the CURVE key the message came with (ZAP's User-Id), or None."""
+        try:
+            user_id = parts[-1].get("User-Id")
+        except (zmq.ZMQError, AttributeError):
+            return None
+        if isinstance(user_id, str):
+            user_id = user_id.encode("ascii", "replace")
+        src = self._key_owner.get(user_id)
+        if src is not None:
+            claim = _parse_src(parts[0].bytes.split(b"/", 1)[0])
+            if claim is not None and claim != src:
+                with self._ctr_lock:
+                    self.spoofed_routing_ids += 1
+        return src
+
     def recv(self, timeout_s: float | None) -> tuple[int | None, list] | None:
         """Next message: ``(src, frames)`` (src None when the routing id is not ``peer-<n>``).
+
+        With CURVE on, ``src`` is the peer owning the key the message was authenticated with, whatever
+        its routing id says (see the module docstring).
 
         Frames are ``zmq.Frame`` objects received zero-copy (``frame.buffer`` is a memoryview).
         Returns None after ``timeout_s`` (None: wait forever) without a message.  A hello from a
@@ -639,6 +797,12 @@ class Transport:
             self._answered.add(key)
             self._hello()
             self._send_hello(src, timeout=self.send_timeout_s)
+
+    def _keep(self, r: tuple[int | None, list]) -> None:
+        """Hold a message that arrived during the barrier for recv(); a bounded number (the oldest go)."""
+        self._pending.append(r)
+        while len(self._pending) > MAX_PENDING_DURING_BARRIER:
+            self._pending.popleft()
 
     def barrier(self, inc: int, timeout_s: float) -> None:
         """Start-up hello barrier with every neighbour.
@@ -681,15 +845,17 @@ class Transport:
             if r is None:
                 continue
             src, frames = r
+            if src not in self._links:
+                continue  # not a neighbour: nothing to keep (and a flood of them must not fill memory)
             try:
                 msg = w.decode(frames)
             except w.WireError:
-                self._pending.append(r)
+                self._keep(r)  # the caller counts it as a bad message
                 continue
-            if src in self._links and msg.src == src:
+            if msg.src == src:
                 heard.add(src)
                 if msg.kind == "hello":
                     self._answer(src, msg.inc)
                     continue
             if msg.kind != "hello":
-                self._pending.append(r)
+                self._keep(r)
