@@ -27,5 +27,11 @@ cluster: install
 simulate: install
 	$(VENV)/bin/deca-peer simulate --topology $(TOPOLOGY)
 
+# Every benchmark, one after the other (they measure time: never run them side by side).
+# Each writes a table and a plot under benchmarks/results/ and prints its headline last.
+BENCHES := wire_throughput bandwidth_latency memory convergence scale
+bench: install
+	@for b in $(BENCHES); do echo "== $$b"; $(PY) benchmarks/$$b.py || exit 1; done
+
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -69,6 +69,7 @@ class Gossip:
         self._activation_start = 0
         self._unusable: set[int] = set()  # answered this exchange, but with a block we could not use
         self.position: int | None = None  # seq of the exchange in progress (or last done)
+        self._t_exchange = 0.0
 
     # ------------------------------------------------------------------ the exchange
     def begin_activation(self, round_idx: int, block: int) -> None:
@@ -82,10 +83,13 @@ class Gossip:
         seq = self.schedule.seq(round_idx, block, step)
         self.position = seq
         t0 = time.perf_counter()
+        self._t_exchange = time.time()
         full, self.send_full = self.send_full, False
         frames = self.own.encode_block(tensors, src=self.me, codec=self.codec, full=full, inc=self.inc,
                                        round=round_idx, block=block, step=step,
-                                       stats={k: float(v) for k, v in (stats or {}).items()})
+                                       stats={**{k: float(v) for k, v in (stats or {}).items()
+                                                 if isinstance(v, (int, float))},
+                                              "sent_at": time.time()})  # lets a receiver measure the link
         for j in self.neighbours:
             if j not in self.gone:
                 self.tr.send(j, frames)
@@ -197,6 +201,7 @@ class Gossip:
             return self._drop(e.reason)
         if msg.src != src:
             return self._drop("spoofed_src")
+        msg.received = (time.time(), sum(len(f) for f in frames))  # for link measurements
         if self.peer_inc.get(src, msg.inc) != msg.inc:  # the neighbour restarted: its old public copy is void
             self.copies[src].reset()
             self.last_seq[src] = None
@@ -250,6 +255,11 @@ class Gossip:
         self.last_seq[j] = mseq
         self.suspect.discard(j)
         if mseq == seq and arrived is not None:
-            arrived[j] = msg.stats
+            arrived[j] = dict(msg.stats)
+            if hasattr(msg, "received") and "sent_at" in msg.stats:
+                arrived[j]["one_way_s"] = msg.received[0] - msg.stats["sent_at"]
+                arrived[j]["nbytes"] = msg.received[1]
+                # > 0: read while this peer was waiting for it, so one_way_s is the link's, not our compute's
+                arrived[j]["read_after_s"] = msg.received[0] - self._t_exchange
         else:
             self.late += 1

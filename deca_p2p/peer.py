@@ -181,7 +181,9 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
             else:
                 res = gossip.exchange(rnd, blk, step, trainer.block(), stats)
                 mixed = res.mixed
-                extra = {"wait_s": res.wait_s, "missing": res.missing, "disagreement": res.disagreement}
+                extra = {"wait_s": res.wait_s, "missing": res.missing, "disagreement": res.disagreement,
+                         "links": {str(j): [st.get("nbytes"), st.get("one_way_s"), st.get("read_after_s")]
+                                   for j, st in res.neighbour_stats.items()}}
             stats.update(trainer.apply_mix(mixed))
             sent, recv = _bytes(transport)
             log.write("step", round=rnd, block=blk, step=step, istep=sched.step_index(rnd, blk, step),

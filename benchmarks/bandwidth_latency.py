@@ -1,0 +1,161 @@
+"""What training costs on slow, distant links: real peers on ring8 with emulated latency and bandwidth.
+
+    .venv/bin/python benchmarks/bandwidth_latency.py [--quick]
+
+For latency {0, 10, 50, 100} ms x bandwidth {100, 1000 Mbit/s, unlimited}, runs `deca-peer cluster` (8 real
+peer processes, embedded model, layer blocks only so every message has the same size S) and measures from
+the peers' JSONL metrics:
+  * achieved goodput per link: S / (one-way delay − L), over block messages read while the receiver was
+    waiting for them (a message that arrived while the receiver computed would count our compute time);
+  * inner-step wall time against compute + L + S/R;
+  * the share of time spent waiting on the network.
+Then gossip every c = 4 steps instead of every step under 100 ms latency: what it buys in wall time and costs in
+eval loss at the same number of inner steps. Writes benchmarks/results/bandwidth_latency.md and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO))
+from deca_p2p.metrics import read_metrics  # noqa: E402
+from deca_p2p.topology import generate  # noqa: E402
+
+
+def free_base_port(n: int) -> int:
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        try:
+            for k in range(n):
+                with socket.socket() as t:
+                    t.bind(("127.0.0.1", base + k))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free ports")
+
+
+def run(tmp: Path, name: str, latency: float, bw: float | None, steps: int, extra: list[str]) -> dict:
+    topo = generate("ring", 8, link={"latency_ms": latency, "bandwidth_mbps": bw})
+    tf = tmp / f"{name}.json"
+    tf.write_text(topo.to_json())
+    run_dir = tmp / name
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "deca_p2p.cli", "cluster", "--topology", str(tf), "--no-live",
+                        "--run-dir", str(run_dir), "--base-port", str(free_base_port(8)), "--threads", "1",
+                        "--rounds", "1", "--inner-steps", str(steps), "--set", "embeddings_block=false",
+                        "--set", "head_block=false", "--set", "train_per_task=300", "--set", "eval_per_task=10",
+                        *extra], cwd=REPO, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{name}: cluster failed:\n{p.stdout[-3000:]}")
+    data = read_metrics(run_dir)
+    goodput, sizes, step_wall, compute, waits, walls = [], [], [], [], 0.0, 0.0
+    for recs in data.values():
+        steps_ = [r for r in recs if r.get("event") == "step"]
+        for prev, r in zip(steps_, steps_[1:]):
+            if r["block"] == prev["block"]:  # within an activation: no eval or block switch in between
+                step_wall.append(r["time"] - prev["time"])
+        for r in steps_:
+            compute.append(r["compute_s"])
+            waits += r.get("wait_s") or 0.0
+            walls += r["compute_s"] + (r.get("wait_s") or 0.0)
+            for nbytes, one_way, read_after in (r.get("links") or {}).values():
+                if nbytes is None:
+                    continue
+                sizes.append(nbytes)
+                if read_after is not None and read_after > 0.005 and one_way - latency / 1e3 > 0:
+                    goodput.append(nbytes * 8 / (one_way - latency / 1e3) / 1e6)
+    finals = [r for recs in data.values() for r in recs if r.get("event") == "final"]
+    S = statistics.median(sizes)
+    c = statistics.median(compute)
+    expected = c + latency / 1e3 + (S * 8 / (bw * 1e6) if bw else 0.0)
+    return {"name": name, "latency": latency, "bw": bw, "S": S, "goodput": statistics.median(goodput) if goodput else None,
+            "n_goodput": len(goodput), "step_wall": statistics.median(step_wall), "compute": c, "expected": expected,
+            "wait_share": waits / walls, "eval_loss": statistics.mean(f["eval_loss"] for f in finals),
+            "wall": time.time() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    latencies = [0, 100] if args.quick else [0, 10, 50, 100]
+    bws = [100, None] if args.quick else [100, 1000, None]
+    steps = 4 if args.quick else 8
+    tmp = Path(tempfile.mkdtemp(prefix="bwlat-"))
+    rows = []
+    for lat in latencies:
+        for bw in bws:
+            r = run(tmp, f"L{lat}-B{bw}", lat, bw, steps, [])
+            rows.append(r)
+            print(f"L={lat} ms B={bw} Mbit/s: goodput {r['goodput']}, step {r['step_wall']:.3f} s "
+                  f"(expected {r['expected']:.3f}), waiting {100 * r['wait_share']:.0f}%", flush=True)
+    every = [run(tmp, f"every{c}", 100, 100, steps, ["--gossip-every", str(c)]) for c in (1, 4)]
+
+    lines = ["# Bandwidth under link latency: ring8, 8 real peer processes, emulated links", "",
+             f"Command: `.venv/bin/python benchmarks/bandwidth_latency.py{' --quick' if args.quick else ''}` "
+             f"(2 cores; embedded model, layer blocks only: one message = S bytes = one decoder layer in float32; "
+             f"1 round x 4 blocks x {steps} inner steps per configuration; 8 peers share the 2 cores, so compute "
+             "is ~4x a lone peer's).", "",
+             "| latency ms | bandwidth Mbit/s | S (MB) | goodput Mbit/s (median) | goodput / configured | messages | "
+             "step wall s | compute + L + S/R s | step / expected | waiting share |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    worst = None
+    for r in rows:
+        ratio = r["goodput"] / r["bw"] if (r["bw"] and r["goodput"]) else None
+        if ratio is not None:
+            worst = ratio if worst is None else min(worst, ratio)
+        lines.append(f"| {r['latency']} | {r['bw'] or 'unlimited'} | {r['S'] / 1e6:.3f} | "
+                     f"{r['goodput']:.0f} | {f'{ratio:.3f}' if ratio else '–'} | {r['n_goodput']} | "
+                     f"{r['step_wall']:.3f} | {r['expected']:.3f} | {r['step_wall'] / r['expected']:.2f} | "
+                     f"{100 * r['wait_share']:.0f}% |")
+    lines += ["", "Gossip every c inner steps under 100 ms latency, 100 Mbit/s (same inner steps):", "",
+              "| c | step wall s (median) | waiting share | final mean eval loss | run wall s |", "|---|---|---|---|---|"]
+    for c, r in zip((1, 4), every):
+        lines.append(f"| {c} | {r['step_wall']:.3f} | {100 * r['wait_share']:.0f}% | {r['eval_loss']:.4f} | {r['wall']:.0f} |")
+    lines += ["", f"Target: goodput >= 90% of configured wherever configured <= 1 Gbit/s. Worst ratio: {worst:.3f}."]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bandwidth_latency.md").write_text("\n".join(lines) + "\n")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for bw in bws:
+        sel = [r for r in rows if r["bw"] == bw]
+        axes[0].plot([r["latency"] for r in sel], [r["step_wall"] for r in sel], marker="o",
+                     label=f"{bw or 'unlimited'} Mbit/s measured")
+        axes[0].plot([r["latency"] for r in sel], [r["expected"] for r in sel], ls="--", lw=1,
+                     label=f"{bw or 'unlimited'}: compute + L + S/R")
+        if bw:
+            axes[1].plot([r["latency"] for r in sel], [r["goodput"] / bw for r in sel], marker="o", label=f"{bw} Mbit/s")
+    axes[0].set_xlabel("link latency (ms)")
+    axes[0].set_ylabel("inner-step wall time (s)")
+    axes[0].legend(fontsize=7)
+    axes[1].axhline(0.9, color="red", ls="--", lw=1, label="target 0.9")
+    axes[1].set_xlabel("link latency (ms)")
+    axes[1].set_ylabel("achieved / configured goodput")
+    axes[1].set_ylim(0, 1.1)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "bandwidth_latency.png", dpi=110)
+    print("\n".join(lines))
+    print(f"worst achieved/configured goodput (<= 1 Gbit/s links): {worst:.3f}; "
+          f"gossip every 4 vs 1 at 100 ms: {every[1]['step_wall'] / every[0]['step_wall']:.2f}x step time")
+
+
+if __name__ == "__main__":
+    main()
