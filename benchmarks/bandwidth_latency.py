@@ -65,6 +65,8 @@ def run(tmp: Path, name: str, latency: float, bw: float | None, steps: int, extr
     if p.returncode != 0:
         raise SystemExit(f"{name}: cluster failed:\n{p.stdout[-3000:]}")
     data = read_metrics(run_dir)
+    encode = {(pid, r["seq"]): r.get("encode_s") or 0.0 for pid, recs in data.items() for r in recs
+              if r.get("event") == "step" and r.get("seq") is not None}
     goodput, sizes, step_wall, compute, waits, walls = [], [], [], [], 0.0, 0.0
     for recs in data.values():
         steps_ = [r for r in recs if r.get("event") == "step"]
@@ -75,12 +77,14 @@ def run(tmp: Path, name: str, latency: float, bw: float | None, steps: int, extr
             compute.append(r["compute_s"])
             waits += r.get("wait_s") or 0.0
             walls += r["compute_s"] + (r.get("wait_s") or 0.0)
-            for nbytes, one_way, read_after in (r.get("links") or {}).values():
+            for src, (nbytes, one_way, read_after) in (r.get("links") or {}).items():
                 if nbytes is None:
                     continue
                 sizes.append(nbytes)
-                if read_after is not None and read_after > 0.005 and one_way - latency / 1e3 > 0:
-                    goodput.append(nbytes * 8 / (one_way - latency / 1e3) / 1e6)
+                # the sender stamps its message before encoding it: take its encode time off the delay
+                transfer = one_way - encode.get((int(src), r["seq"]), 0.0) - latency / 1e3
+                if read_after is not None and read_after > 0.005 and transfer > 0:
+                    goodput.append(nbytes * 8 / transfer / 1e6)
     finals = [r for recs in data.values() for r in recs if r.get("event") == "final"]
     S = statistics.median(sizes)
     c = statistics.median(compute)

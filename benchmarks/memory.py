@@ -34,8 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 MiB = 1 << 20
 
-FULL = dict(hidden=768, intermediate=2048, layers=8, heads=12, vocab=16000, seq=128, batch=4, inner_steps=2)
-QUICK = dict(hidden=256, intermediate=688, layers=4, heads=4, vocab=4000, seq=64, batch=2, inner_steps=1)
+# inner_steps: per DECA block; decentralized Adam gets inner_steps x (number of DECA blocks), the same count.
+# ring_dadam_steps: decentralized Adam's ring-peer run is cut to a full message plus two deltas (its memory is
+# steady from the second step on; the whole-model wire path costs ~15 s a step on this box).
+FULL = dict(hidden=768, intermediate=2048, layers=8, heads=12, vocab=8000, seq=64, batch=2, inner_steps=1,
+            ring_dadam_steps=3)
+QUICK = dict(hidden=256, intermediate=688, layers=4, heads=4, vocab=4000, seq=64, batch=2, inner_steps=1,
+             ring_dadam_steps=3)
 VARIANTS = [("deca", "self"), ("dadam", "self"), ("deca", "ring"), ("dadam", "ring")]
 ALGO_LABEL = {"deca": "DECA (1 layer / block)", "dadam": "decentralized Adam (whole model)"}
 MODE_LABEL = {"self": "self-mix", "ring": "ring peer (degree 2)"}
@@ -140,7 +145,8 @@ def child(a) -> None:
     sampler.mark()
 
     # the same number of inner steps for both: DECA visits every block, dadam's one block gets all of them
-    cfg = TrainConfig(algo=a.algo, rounds=1, inner_steps=p["inner_steps"] if a.algo == "deca" else p["total_steps"],
+    dadam_steps = p["ring_dadam_steps"] if a.mode == "ring" else p["total_steps"]
+    cfg = TrainConfig(algo=a.algo, rounds=1, inner_steps=p["inner_steps"] if a.algo == "deca" else dadam_steps,
                       lr=1e-4, batch_size=p["batch"], max_len=p["seq"], threads=p["threads"]).validate()
     trainer = PeerTrainer(model, SyntheticBatcher(p["vocab"], p["batch"], p["seq"]), cfg)
     named = dict(model.named_parameters())
@@ -309,7 +315,9 @@ def write_report(a, params, res, variants, wall) -> None:
     r0 = res[("deca", "self")]
     L = ["# Peak memory: one DECA peer vs one decentralized-Adam peer (CPU)", "",
          f"Command: `{cmd}`  ", f"Machine: {machine_facts()}  ",
-         f"Run: {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s wall; {params['threads']} torch thread(s) per variant.", "",
+         f"Run: {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s wall; {params['threads']} torch thread(s) per variant; "
+         f"1-min load average {os.getloadavg()[0]:.1f} at the end (other jobs share the machine: times are not "
+         "benchmarks here, memory is).", "",
          f"Model: LLaMA architecture from a config, random init, float32: hidden {params['hidden']}, intermediate "
          f"{params['intermediate']}, {params['layers']} layers, {params['heads']} heads, vocab {params['vocab']}, "
          f"untied head: **{r0['n_params'] / 1e6:.1f} M parameters** ({4 * r0['n_params'] / 1e9:.2f} GB). "
@@ -317,8 +325,10 @@ def write_report(a, params, res, variants, wall) -> None:
          f"Training: `PeerTrainer` + `TrainConfig(algo=...)`, lr 1e-4. DECA: the default partition (embeddings, one "
          f"block per decoder layer, head: {len(r0['blocks'])} blocks), 1 round x {params['inner_steps']} inner "
          f"steps per block; decentralized Adam (`algo=\"dadam\"`: one block of all parameters): "
-         f"{params['total_steps']} inner steps, the same count. Every step is followed by a mix through "
-         "`opt.mix()` (see the modes below). Each variant runs in a fresh subprocess.", "",
+         f"{params['total_steps']} inner steps, the same count (ring peer: {params['ring_dadam_steps']} steps, a full "
+         "message then deltas; its memory is the same at every step from the second on). Every step is followed by "
+         "a mix through `opt.mix()` (see the modes below). Each variant runs in a fresh subprocess" +
+         (" (the two side by side)." if a.quick else ", one after the other."), "",
          "- **self-mix**: `MixAccumulator` over the peer's own block with weight 1 (gossip with no neighbour present).",
          "- **ring peer (degree 2)**: as `gossip.Gossip.exchange` on a ring: own `wire.PublicCopy.encode_block` "
          "(raw codec; full, then deltas), two neighbours' public copies updated from `wire.decode` of those frames, "
@@ -378,11 +388,13 @@ def plot(res, variants, params) -> None:
     for algo, mode in variants:
         r = res[(algo, mode)]
         t0 = dict(r["events"]).get("model loaded", 0.0)
-        ts = [(t - t0, rss / MiB) for t, rss in r["timeline"] if t >= t0 - 1.0]
+        t1 = r["events"][-1][1]
+        span = max(t1 - t0, 1e-9)
+        ts = [((t - t0) / span, rss / MiB) for t, rss in r["timeline"] if t >= t0 - 0.05 * span]
         ax.plot([t for t, _ in ts], [x for _, x in ts], "-" if mode == "self" else "--", color=colors[algo],
-                label=f"{ALGO_LABEL[algo]}, {MODE_LABEL[mode]}")
+                label=f"{ALGO_LABEL[algo]}, {MODE_LABEL[mode]} ({r['steps']} steps, {span:.0f} s)")
     ax.axhline(res[variants[0]]["rss_model"] / MiB, color="gray", ls=":", label="model-only baseline")
-    ax.set_xlabel("seconds since the model was built")
+    ax.set_xlabel("fraction of the training phase (0 = model built, 1 = last step done)")
     ax.set_ylabel("RSS (MiB)")
     ax.set_title("RSS while training (10 ms samples)")
     ax.legend(fontsize=8)

@@ -70,6 +70,7 @@ class Gossip:
         self._unusable: set[int] = set()  # answered this exchange, but with a block we could not use
         self.position: int | None = None  # seq of the exchange in progress (or last done)
         self._t_exchange = 0.0
+        self.encode_s = 0.0
 
     # ------------------------------------------------------------------ the exchange
     def begin_activation(self, round_idx: int, block: int) -> None:
@@ -85,11 +86,13 @@ class Gossip:
         t0 = time.perf_counter()
         self._t_exchange = time.time()
         full, self.send_full = self.send_full, False
+        sent_at = time.time()
         frames = self.own.encode_block(tensors, src=self.me, codec=self.codec, full=full, inc=self.inc,
                                        round=round_idx, block=block, step=step,
                                        stats={**{k: float(v) for k, v in (stats or {}).items()
                                                  if isinstance(v, (int, float))},
-                                              "sent_at": time.time()})  # lets a receiver measure the link
+                                              "sent_at": sent_at})  # lets a receiver measure the link
+        self.encode_s = time.time() - sent_at  # the receivers' one-way delay includes this; the link does not
         for j in self.neighbours:
             if j not in self.gone:
                 self.tr.send(j, frames)
@@ -193,6 +196,7 @@ class Gossip:
         self.dropped[reason] += 1
 
     def _handle(self, src: int | None, frames: list, *, seq: int | None = None, arrived=None) -> None:
+        t_read = time.time()
         if src is None or src not in self.copies:
             return self._drop("unknown_sender")
         try:
@@ -201,7 +205,7 @@ class Gossip:
             return self._drop(e.reason)
         if msg.src != src:
             return self._drop("spoofed_src")
-        msg.received = (time.time(), sum(len(f) for f in frames))  # for link measurements
+        msg.received = (t_read, sum(len(f) for f in frames))  # for link measurements
         if self.peer_inc.get(src, msg.inc) != msg.inc:  # the neighbour restarted: its old public copy is void
             self.copies[src].reset()
             self.last_seq[src] = None

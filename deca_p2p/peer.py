@@ -182,6 +182,7 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
                 res = gossip.exchange(rnd, blk, step, trainer.block(), stats)
                 mixed = res.mixed
                 extra = {"wait_s": res.wait_s, "missing": res.missing, "disagreement": res.disagreement,
+                         "encode_s": gossip.encode_s,
                          "links": {str(j): [st.get("nbytes"), st.get("one_way_s"), st.get("read_after_s")]
                                    for j, st in res.neighbour_stats.items()}}
             stats.update(trainer.apply_mix(mixed))

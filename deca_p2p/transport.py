@@ -98,6 +98,8 @@ class LinkCounters:
 
 
 ZAP_DOMAIN = "deca-p2p"
+CURVE_SLOWEST_RATE = 20e6       # bytes/s: heartbeat timeouts allow a largest message moving this slowly under CURVE
+PLAIN_SLOWEST_RATE = 100e6      # bytes/s: the same allowance without CURVE
 
 
 @dataclass(frozen=True)
@@ -531,9 +533,15 @@ class Transport:
     def _set_heartbeat(self, sock: zmq.Socket) -> None:
         ivl = int(self.heartbeat_s * 1000)
         if ivl > 0:
+            # libzmq only counts whole messages as signs of life (and CURVE encrypts / decrypts a message in one
+            # piece): a big block in transit must not look like a dead peer. Measured: a 768 MB block never got
+            # through with a 3 s timeout on a busy 2-core machine, with or without CURVE.
+            rate = CURVE_SLOWEST_RATE if self.curve is not None else PLAIN_SLOWEST_RATE
+            timeout = 3 * ivl + int(1000 * self.max_message_bytes / rate)
+            timeout = min(timeout, 6_553_500)
             sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
-            sock.setsockopt(zmq.HEARTBEAT_TTL, min(3 * ivl, 6_553_500))
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, timeout)
 
     def start(self) -> None:
         """Bind the ROUTER and connect one DEALER per neighbour."""
