@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,23 +31,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
+from deca_p2p.bootstrap import free_base_port  # noqa: E402
 from deca_p2p.metrics import read_metrics  # noqa: E402
 from deca_p2p.topology import generate  # noqa: E402
-
-
-def free_base_port(n: int) -> int:
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        try:
-            for k in range(n):
-                with socket.socket() as t:
-                    t.bind(("127.0.0.1", base + k))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
 
 
 def run(tmp: Path, name: str, latency: float, bw: float | None, steps: int, extra: list[str]) -> dict:

@@ -12,7 +12,6 @@ import argparse
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,34 +25,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-
-
-def free_base_port(n: int) -> int:
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        try:
-            for k in range(n):
-                with socket.socket() as t:
-                    t.bind(("127.0.0.1", base + k))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
-
-
-def records(run_dir: Path, peer: int, event: str | None = None) -> list[dict]:
-    f = run_dir / f"peer-{peer}" / "metrics.jsonl"
-    out = []
-    for line in (f.read_text().splitlines() if f.is_file() else []):
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if event is None or r.get("event") == event:
-            out.append(r)
-    return out
+sys.path.insert(0, str(REPO))
+from deca_p2p.bootstrap import free_base_port  # noqa: E402
+from deca_p2p.metrics import records  # noqa: E402
 
 
 def main() -> None:

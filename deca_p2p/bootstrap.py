@@ -70,3 +70,28 @@ def make(ids: Sequence[int], hosts: Sequence[str], base_port: int) -> dict:
             raise BootstrapError(f"port {port} out of range: lower --base-port")
         peers[str(i)] = {"endpoint": f"tcp://{host}:{port}"}
     return {"peers": peers}
+
+
+def free_base_port(n: int, host: str = "127.0.0.1") -> int:
+    """A port p such that p .. p+n-1 are all free on `host` right now (for local networks in tests and benchmarks)."""
+    import socket
+
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            base = s.getsockname()[1]
+        if base + n >= 65535:
+            continue
+        socks = []
+        try:
+            for k in range(n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind((host, base + k))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError(f"no run of {n} free ports found on {host}")

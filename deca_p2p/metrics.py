@@ -62,3 +62,17 @@ def read_metrics(run_dir: str | Path) -> dict[int, list[dict]]:
                 continue
         out[pid] = recs
     return out
+
+
+def records(run_dir: str | Path, peer_id: int, event: str | None = None) -> list[dict]:
+    """One peer's records (of one event kind), read now; a torn last line is skipped."""
+    f = peer_dir(run_dir, peer_id) / METRICS_FILE
+    out = []
+    for line in (f.read_text().splitlines() if f.is_file() else []):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if event is None or r.get("event") == event:
+            out.append(r)
+    return out

@@ -1,10 +1,11 @@
 """Shared fixtures: a private model cache (the embedded default model is built once per session) and free ports."""
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+
+from deca_p2p.bootstrap import free_base_port  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,29 +20,6 @@ def deca_cache(tmp_path_factory):
 
     ensure_default_model()
     return cache
-
-
-def free_base_port(n: int) -> int:
-    """A port p such that p .. p+n-1 are all free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65535:
-            continue
-        socks = []
-        try:
-            for k in range(n):
-                t = socket.socket()
-                socks.append(t)
-                t.bind(("127.0.0.1", base + k))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no run of free ports found")
 
 
 def deca_peer_cmd(*args) -> list[str]:

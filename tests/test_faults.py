@@ -10,24 +10,10 @@ import pytest
 
 from conftest import REPO, deca_peer_cmd, free_base_port
 from deca_p2p.checkpoint import latest
+from deca_p2p.metrics import records
 
 FAST = ["--rounds", 2, "--inner-steps", 8, "--threads", 1, "--set", "train_per_task=100", "--set", "eval_per_task=3",
         "--exchange-timeout", 3, "--hello-timeout", 60]
-
-
-def _records(run_dir, peer, event=None):
-    f = run_dir / f"peer-{peer}" / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    out = []
-    for line in f.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if event is None or r.get("event") == event:
-            out.append(r)
-    return out
 
 
 def _start(i, topo, run_dir, base, *extra):
@@ -53,18 +39,18 @@ def test_kill_9_and_rejoin(deca_cache, tmp_path):
     assert all(p.returncode == 0 for p in procs.values()), {i: o[-1500:] for i, o in outs.items()}
     # the neighbours noticed, within the exchange timeout, and went on with renormalized weights
     for j in (0, 2):
-        gone = [r for r in _records(run_dir, j, "step") if 1 in (r.get("missing") or []) and r["time"] > killed_at]
+        gone = [r for r in records(run_dir, j, "step") if 1 in (r.get("missing") or []) and r["time"] > killed_at]
         assert gone, f"peer {j} never mixed without peer 1"
         assert gone[0]["time"] - killed_at < 3.0 + 5.0
-    resumed = _records(run_dir, 1, "resume")
-    rejoined = _records(run_dir, 1, "rejoin")
+    resumed = records(run_dir, 1, "resume")
+    rejoined = records(run_dir, 1, "rejoin")
     assert resumed and rejoined and rejoined[0]["activation"] >= resumed[0]["activation"] + 1
     # after the rejoin it exchanged with its neighbours again (full blocks first) and everyone finished
-    after = [r for r in _records(run_dir, 1, "step") if r["time"] > killed_at]
+    after = [r for r in records(run_dir, 1, "step") if r["time"] > killed_at]
     assert after and any(not r.get("missing") for r in after)
     for i in range(4):
-        assert _records(run_dir, i, "final")
-    incs = {r["inc"] for r in _records(run_dir, 1, "start")}
+        assert records(run_dir, i, "final")
+    incs = {r["inc"] for r in records(run_dir, 1, "start")}
     assert len(incs) == 2  # a new incarnation
 
 
@@ -75,7 +61,7 @@ def test_straggler_is_waited_for_then_left_out(deca_cache, tmp_path):
                        *extra.get(i, [])) for i in range(4)}
     outs = {i: p.communicate(timeout=240)[0] for i, p in procs.items()}
     assert all(p.returncode == 0 for p in procs.values()), {i: o[-1500:] for i, o in outs.items()}
-    steps = _records(run_dir, 1, "step")
+    steps = records(run_dir, 1, "step")
     left_out = [r for r in steps if 2 in (r.get("missing") or [])]
     waited = [r for r in steps if r.get("wait_s", 0) > 0.9]
     assert left_out, "the straggler was never left out"
