@@ -9,7 +9,6 @@ detection time last.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import signal
 import subprocess

@@ -390,11 +390,12 @@ def plot(res, variants, params) -> None:
         t0 = dict(r["events"]).get("model loaded", 0.0)
         t1 = r["events"][-1][1]
         span = max(t1 - t0, 1e-9)
-        ts = [((t - t0) / span, rss / MiB) for t, rss in r["timeline"] if t >= t0 - 0.05 * span]
+        t_imp = dict(r["events"]).get("imports", 0.0)  # from the end of the imports: model build, then training
+        ts = [((t - t0) / span, rss / MiB) for t, rss in r["timeline"] if t >= t_imp]
         ax.plot([t for t, _ in ts], [x for _, x in ts], "-" if mode == "self" else "--", color=colors[algo],
                 label=f"{ALGO_LABEL[algo]}, {MODE_LABEL[mode]} ({r['steps']} steps, {span:.0f} s)")
     ax.axhline(res[variants[0]]["rss_model"] / MiB, color="gray", ls=":", label="model-only baseline")
-    ax.set_xlabel("fraction of the training phase (0 = model built, 1 = last step done)")
+    ax.set_xlabel("fraction of the training phase (< 0: building the model; 0 = model built; 1 = last step done)")
     ax.set_ylabel("RSS (MiB)")
     ax.set_title("RSS while training (10 ms samples)")
     ax.legend(fontsize=8)
