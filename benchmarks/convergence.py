@@ -17,7 +17,7 @@ x degree per exchange; message headers, ~200 bytes, left out), and the true cons
 mean_i ||θ_i − θ̄|| after every exchange, measured on the peers' models in memory (a hook around
 `PeerTrainer.apply_mix` in this script; the library is unchanged and the maths untouched).
 
-    .venv/bin/python benchmarks/convergence.py [--quick] [--rounds 2] [--inner-steps 6] [--seeds 0,1,2]
+    .venv/bin/python benchmarks/convergence.py [--quick] [--rounds 2] [--inner-steps 5] [--seeds 0,1,2]
     .venv/bin/python benchmarks/convergence.py --sweep-dsgd      # the short DSGD learning-rate sweep
 
 Writes benchmarks/results/convergence.md and .png; prints "default discrepancy: X" last.
@@ -273,7 +273,7 @@ def main() -> None:
     a = ap.parse_args()
     t_start = time.perf_counter()
     rounds = a.rounds or (1 if a.quick else 2)
-    inner = a.inner_steps or (2 if a.quick else 6)
+    inner = a.inner_steps or (2 if a.quick else 5)
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else ([0] if a.quick else [0, 1, 2])
     train_per_task = 100 if a.quick else 2000
     eval_per_task = 2 if a.quick else 20

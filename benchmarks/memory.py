@@ -324,7 +324,7 @@ def write_report(a, params, res, variants, wall) -> None:
          f"Batch {params['batch']} x {params['seq']} tokens of synthetic data.", "",
          f"Training: `PeerTrainer` + `TrainConfig(algo=...)`, lr 1e-4. DECA: the default partition (embeddings, one "
          f"block per decoder layer, head: {len(r0['blocks'])} blocks), 1 round x {params['inner_steps']} inner "
-         f"steps per block; decentralized Adam (`algo=\"dadam\"`: one block of all parameters): "
+         f"step(s) per block; decentralized Adam (`algo=\"dadam\"`: one block of all parameters): "
          f"{params['total_steps']} inner steps, the same count (ring peer: {params['ring_dadam_steps']} steps, a full "
          "message then deltas; its memory is the same at every step from the second on). Every step is followed by "
          "a mix through `opt.mix()` (see the modes below). Each variant runs in a fresh subprocess" +

@@ -10,13 +10,18 @@ then wait), measured in the same run, each with its sender and receiver in separ
                             receiver's PublicCopy.apply;
 * ``raw pyzmq``             PUSH/PULL of the same bytes, send(buf, copy=False) / recv(copy=False);
 * ``memcpy``                np.copyto into a warm preallocated buffer (the physical limit), and into a
-                            freshly allocated torch buffer (what wire.decode does; page faults included).
+                            freshly allocated torch buffer (what wire.decode does; page faults included);
+* ``ours + A / A+B / A+B+C`` and ``peer exchange + A+B``: the same with proposed fixes monkeypatched into
+  deca_p2p.wire inside the benchmark's child processes only (the library is not changed): A = a fast exact
+  NaN/Inf check, B = zero-copy decode, C = the sender skips its own NaN/Inf scan (see _fast_all_finite,
+  _view_payload and the report's diagnosis section).
 
 Time of one message = sender's clock before encoding -> receiver's clock after decoding (CLOCK_MONOTONIC
 is shared by all processes); the receiver sends its timestamps back in a small ack before the next message.
 Goodput = block bytes / that time; the median over the repetitions (after one warm-up) is reported.
-The whole set runs with the default glibc malloc and again with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (and
-a third time adding torch's THP_MEM_ALLOC_ENABLE=1) in the child processes' environment.
+The whole set runs with the default glibc malloc and with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the child
+processes' environment, alternating twice (A B A B, samples pooled), then once more adding torch's
+THP_MEM_ALLOC_ENABLE=1. --quick: 1 and 4 MiB, 3 repetitions, one default and one hugetlb run.
 
     .venv/bin/python benchmarks/wire_throughput.py [--quick]
 
@@ -75,8 +80,12 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def reps_for(size_mib: int, reps: int) -> int:
-    return max(3, reps // 2) if size_mib >= 256 else reps
+SLOW = {"ours_encode", "ours_peer"}  # CPU-bound (~10x slower): half the repetitions, their spread is small
+
+
+def reps_for(size_mib: int, reps: int, method: str = "") -> int:
+    r = max(3, reps // 2) if size_mib >= 256 else reps
+    return max(2, r // 2) if method in SLOW else r
 
 
 # ----------------------------------------------------------------------------------------- children
@@ -177,7 +186,7 @@ def child_send(a) -> None:
             _patch(wire, method)
             pc = wire.PublicCopy()
             rows = []
-            for rep in range(1 + reps_for(size, a.reps)):  # rep 0: warm-up (and the full message of a delta chain)
+            for rep in range(1 + reps_for(size, a.reps, method)):  # rep 0: warm-up (and the full message of a delta chain)
                 if method in PEER:
                     data.add_(1e-3)  # θ½ moved since the last exchange (not timed; the last message was acked)
                 t0 = now()
@@ -254,7 +263,7 @@ def child_recv(a) -> None:
         for method in a.methods:
             _patch(wire, method)
             theirs = wire.PublicCopy()
-            for _ in range(1 + reps_for(size, a.reps)):
+            for _ in range(1 + reps_for(size, a.reps, method)):
                 if method == "raw":
                     frames = pull.recv_multipart(copy=False)
                     t_recv = now()
@@ -347,15 +356,25 @@ def main() -> None:
     sizes = [1, 4] if a.quick else [1, 4, 16, 64, 256]
     reps = a.reps or (3 if a.quick else 9)
     envs = ["default", "hugetlb"] if a.quick else list(ENVS)
-    results: dict[str, dict[str, dict[int, dict]]] = {}
-    for env_name in envs:
-        print(f"[{env_name}] sizes {sizes} MiB, methods {', '.join(METHODS)} ...", flush=True)
+    # default and hugetlb alternate twice (A B A B) so that slow phases of the shared machine hit both alike;
+    # the samples of an environment's runs are pooled before taking medians
+    schedule = envs if a.quick else ["default", "hugetlb", "default", "hugetlb", "hugetlb+torch_thp"]
+    pooled: dict[str, dict] = {}
+    for i, env_name in enumerate(schedule):
+        print(f"[{i + 1}/{len(schedule)} {env_name}] sizes {sizes} MiB, methods {', '.join(METHODS)} ...", flush=True)
         raw = measure_env(sizes, reps, ENVS[env_name])
+        acc = pooled.setdefault(env_name, {})
+        for key, per_size in raw.items():
+            for size, rows in per_size.items():
+                acc.setdefault(key, {}).setdefault(size, []).extend(rows)
+    runs = {e: schedule.count(e) for e in envs}
+    results: dict[str, dict[str, dict[int, dict]]] = {}
+    for env_name, raw in pooled.items():
         res = results[env_name] = {m: {s: summarize(raw[m][str(s)], s * MiB) for s in sizes} for m in METHODS}
         for kind in ("copy_warm", "copy_fresh"):
             res[kind] = {s: {"gbps": s * MiB / statistics.median(raw[kind][str(s)]) / 1e9} for s in sizes}
     wall = time.monotonic() - t_start
-    write_report(a, results, sizes, reps, envs, wall, (load_before, os.getloadavg()))
+    write_report(a, results, sizes, reps, envs, wall, (load_before, os.getloadavg()), runs)
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -389,7 +408,7 @@ def machine_facts() -> str:
             f"pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}")
 
 
-def write_report(a, results, sizes, reps, envs, wall, loads) -> None:
+def write_report(a, results, sizes, reps, envs, wall, loads, runs) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     cmd = ".venv/bin/python benchmarks/wire_throughput.py" + (" --quick" if a.quick else "") + \
         (f" --reps {a.reps}" if a.reps else "")
@@ -401,8 +420,11 @@ def write_report(a, results, sizes, reps, envs, wall, loads) -> None:
          "One float32 block (a single tensor) per message, one message in flight at a time (a gossip exchange "
          "sends, then waits); sender and receiver are separate processes with 1 torch thread each (as a peer on "
          "this box). Time = sender clock before encoding -> receiver clock after decoding; goodput = block bytes / "
-         f"time (sizes in MiB, rates in GB/s = 1e9 B/s); median of {reps} repetitions ({reps_for(256, reps)} at "
-         "256 MiB) after one warm-up. All methods are interleaved per size in the same pair of processes.", "",
+         f"time (sizes in MiB, rates in GB/s = 1e9 B/s); median of {reps} repetitions per run ({reps_for(256, reps)} "
+         f"at 256 MiB; half that for the two unfixed 'ours' methods, which are CPU-bound and ~10x slower) after one "
+         "warm-up. All methods are interleaved per size in the same pair of processes. Each environment runs in "
+         "its own pair; " + ", ".join(f"{e}: {n} run(s)" for e, n in runs.items()) +
+         (" (default and hugetlb alternate, A B A B, and their samples are pooled)." if max(runs.values()) > 1 else "."), "",
          "- **raw pyzmq**: PUSH/PULL, `send_multipart([hdr, buf], copy=False)` / `recv_multipart(copy=False)`, same bytes.",
          "- **ours (wire.encode)**: `wire.encode` of a raw full block -> `Transport.send` -> `Transport.recv` -> "
          "`wire.decode` (validation, one copy into a fresh tensor, NaN/Inf scan). This is the headline.",

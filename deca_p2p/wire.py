@@ -95,7 +95,6 @@ MAX_ELEMS = 2**48  # product of max(dim, 1): bounds shapes of empty tensors too
 MAX_STATS = 256
 MAX_STAT_KEY_LEN = 128
 MAX_INT = 2**63 - 1  # src/inc/round/block/step fit in int64
-_FINITE_CHUNK = 1 << 22  # elements per chunk when scanning for NaN/Inf (bounds temporary memory)
 
 KINDS = ("hello", "block", "bye", "resync")
 
@@ -183,17 +182,22 @@ class Message:
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """True when no element is NaN/Inf; scans in chunks so the temporary bool mask stays small."""
+    """True when no element is NaN/Inf.
+
+    Fast path: a finite float32/64 sum proves every element finite (any NaN or Inf makes the sum non-finite);
+    it runs at memory speed, where isfinite().all() measured 0.3-0.7 GB/s. When the sum is not finite (an overflow
+    of large finite values, or a real NaN/Inf) or for half types, one exact aminmax pass decides: NaN propagates
+    through min/max and an infinity shows up as one of them.
+    """
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return True
+    if t.is_complex():
+        return _all_finite(torch.view_as_real(t))
     flat = t.reshape(-1)
-    n = flat.numel()
-    if n <= _FINITE_CHUNK:
-        return bool(torch.isfinite(flat).all())
-    for i in range(0, n, _FINITE_CHUNK):
-        if not bool(torch.isfinite(flat[i : i + _FINITE_CHUNK]).all()):
-            return False
-    return True
+    if flat.dtype in (torch.float32, torch.float64) and bool(torch.isfinite(flat.sum())):
+        return True
+    lo, hi = torch.aminmax(flat)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _as_cpu_float(t: torch.Tensor) -> torch.Tensor:
