@@ -73,30 +73,16 @@ def _cert_text(public: bytes, secret: bytes | None) -> str:
     return text
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically with mode 0600 from the start (never world-readable, even briefly)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp creates it 0600
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _write_public(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str, mode: int) -> None:
+    """Write ``text`` to ``path`` atomically (temp file, fsync, rename). mkstemp creates the file 0600, so a secret
+    is never world-readable, even briefly; ``mode`` is applied before the rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -104,6 +90,14 @@ def _write_public(path: Path, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def _write_private(path: Path, text: str) -> None:
+    _write_atomic(path, text, 0o600)
+
+
+def _write_public(path: Path, text: str) -> None:
+    _write_atomic(path, text, 0o644)
 
 
 def _read_keypair(path: Path, peer_id: int) -> tuple[bytes, bytes]:
