@@ -15,7 +15,6 @@ eval loss at the same number of inner steps. Writes benchmarks/results/bandwidth
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess

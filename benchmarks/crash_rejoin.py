@@ -89,7 +89,7 @@ def main() -> None:
         "",
         "| t (s) | event |",
         "|---|---|",
-        f"| 0.0 | 8 peers started |",
+        "| 0.0 | 8 peers started |",
         f"| {killed - t0:.1f} | peer {v} killed with SIGKILL at round {last['round']}, block {last['block']}, "
         f"step {last['step']} (inner step {last['istep']}) |",
     ]

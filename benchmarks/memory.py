@@ -24,14 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+from common import RESULTS, machine_facts, spawn
+
 MiB = 1 << 20
 
 # inner_steps: per DECA block; decentralized Adam gets inner_steps x (number of DECA blocks), the same count.
@@ -203,10 +200,7 @@ def child(a) -> None:
 
 
 def start_variant(algo: str, mode: str, params: dict) -> subprocess.Popen:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, __file__, "--child", "--algo", algo, "--mode", mode, "--params", json.dumps(params)]
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    return spawn(__file__, ["--child", "--algo", algo, "--mode", mode, "--params", json.dumps(params)])
 
 
 def finish_variant(proc: subprocess.Popen, algo: str, mode: str) -> dict:
@@ -258,24 +252,6 @@ def main() -> None:
 # ----------------------------------------------------------------------------------------- report
 
 
-def machine_facts() -> str:
-    import psutil
-    import torch
-    import transformers
-
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU used; "
-            f"Linux {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}")
-
-
 def analytic(params: dict, r_deca: dict, r_dadam: dict) -> list[str]:
     P = r_deca["n_params"]
     b = max(n for _, n in r_deca["blocks"])
@@ -314,7 +290,7 @@ def write_report(a, params, res, variants, wall) -> None:
     mb = lambda x: x / MiB  # noqa: E731
     r0 = res[("deca", "self")]
     L = ["# Peak memory: one DECA peer vs one decentralized-Adam peer (CPU)", "",
-         f"Command: `{cmd}`  ", f"Machine: {machine_facts()}  ",
+         f"Command: `{cmd}`  ", f"Machine: {machine_facts()}; no GPU used  ",
          f"Run: {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s wall; {params['threads']} torch thread(s) per variant; "
          f"1-min load average {os.getloadavg()[0]:.1f} at the end (other jobs share the machine: times are not "
          "benchmarks here, memory is).", "",

@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +46,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import psutil  # noqa: E402
 
+from deca_p2p.bootstrap import free_base_port  # noqa: E402
 from deca_p2p.metrics import read_metrics  # noqa: E402
 from deca_p2p.topology import exponential, ring  # noqa: E402
 
@@ -57,26 +56,6 @@ GRAPHS = {"ring": ring, "exp": exponential}
 PEER_RSS_MB = 450  # measured: a peer with the embedded model is ~420 MB RSS (torch + transformers)
 MIN_AVAILABLE_MB = 1024
 CORES = os.cpu_count() or 1
-
-
-def free_base_port(n: int, tries: int = 200) -> int:
-    """A base port p with p .. p+n-1 all bindable on 127.0.0.1 right now."""
-    rng = random.Random()
-    for _ in range(tries):
-        base = rng.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for k in range(n):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", base + k))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports found")
 
 
 def tree_rss_mb(proc: psutil.Process) -> float:

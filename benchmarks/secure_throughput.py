@@ -24,7 +24,6 @@ import argparse
 import multiprocessing as mp
 import os
 import platform
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -36,21 +35,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
+from deca_p2p.bootstrap import free_ports  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ONE_WAY_BYTES = 128 << 20
 MAX_BURST = 32  # the transport keeps at most 64 messages queued per link (it drops the oldest beyond)
-
-
-def _free_ports(k: int) -> list[int]:
-    socks = []
-    for _ in range(k):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _await(tr, tag: bytes, timeout_s: float = 120.0):
@@ -127,7 +116,7 @@ class _Pair:
     def __init__(self, secure: bool):
         ctx = mp.get_context("spawn")
         keys = {i: zmq.curve_keypair() for i in range(2)} if secure else None
-        eps = {i: f"tcp://127.0.0.1:{p}" for i, p in enumerate(_free_ports(2))}
+        eps = {i: f"tcp://127.0.0.1:{p}" for i, p in enumerate(free_ports(2))}
         self.results = ctx.Queue()
         self.cmds = [ctx.Queue() for _ in range(2)]
         self.procs = [ctx.Process(target=_worker, args=(i, eps, keys, self.cmds[i], self.results), daemon=True)

@@ -3,25 +3,24 @@
 For float32 blocks of 1, 4, 16, 64 and 256 MiB, one message at a time (as in a gossip exchange: send,
 then wait), measured in the same run, each with its sender and receiver in separate OS processes:
 
-* ``ours (wire.encode)``    wire.encode of a raw full block -> Transport.send (peer A) -> Transport.recv
-                            (peer B) -> wire.decode;
+* ``ours``                  what a peer sends and receives for a block, as a full message: wire.encode of a
+                            raw block (no sender-side NaN/Inf scan, as gossip sends) -> Transport.send
+                            (peer A) -> Transport.recv (peer B) -> wire.decode (validation, zero-copy view,
+                            NaN/Inf scan). The headline;
+* ``ours + sender scan``    the same with wire.encode's default NaN/Inf check on the sender as well;
 * ``ours (peer exchange)``  what a peer does per inner step after the first: PublicCopy.encode_block of a
                             delta (raw codec) -> Transport -> Transport.recv -> wire.decode -> the
                             receiver's PublicCopy.apply;
 * ``raw pyzmq``             PUSH/PULL of the same bytes, send(buf, copy=False) / recv(copy=False);
 * ``memcpy``                np.copyto into a warm preallocated buffer (the physical limit), and into a
-                            freshly allocated torch buffer (what wire.decode does; page faults included);
-* ``ours + A / A+B / A+B+C`` and ``peer exchange + A+B``: the same with proposed fixes monkeypatched into
-  deca_p2p.wire inside the benchmark's child processes only (the library is not changed): A = a fast exact
-  NaN/Inf check, B = zero-copy decode, C = the sender skips its own NaN/Inf scan (see _fast_all_finite,
-  _view_payload and the report's diagnosis section).
+                            freshly allocated torch buffer (page faults included).
 
 Time of one message = sender's clock before encoding -> receiver's clock after decoding (CLOCK_MONOTONIC
 is shared by all processes); the receiver sends its timestamps back in a small ack before the next message.
 Goodput = block bytes / that time; the median over the repetitions (after one warm-up) is reported.
-The whole set runs with the default glibc malloc and with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the child
-processes' environment, alternating twice (A B A B, samples pooled), then once more adding torch's
-THP_MEM_ALLOC_ENABLE=1. --quick: 1 and 4 MiB, 3 repetitions, one default and one hugetlb run.
+The whole set runs with the default glibc malloc and with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (what the
+cluster launcher sets) in the child processes' environment, alternating twice (A B A B, samples pooled).
+--quick: 1 and 4 MiB, 3 repetitions, one default and one hugetlb run.
 
     .venv/bin/python benchmarks/wire_throughput.py [--quick]
 
@@ -32,60 +31,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+from common import RESULTS, machine_facts, spawn
+
+from deca_p2p.bootstrap import free_ports
+
 MiB = 1 << 20
 
-METHODS = ("raw", "ours_encode", "ours_peer", "fixA_encode", "fixAB_encode", "fixABC_encode", "fixAB_peer")
-FIXED = {"fixA_encode", "fixAB_encode", "fixABC_encode", "fixAB_peer"}  # proposed fast NaN/Inf check (fix A)
-ZERO_COPY = {"fixAB_encode", "fixABC_encode", "fixAB_peer"}            # proposed zero-copy decode (fix B)
-NO_SEND_CHECK = {"fixABC_encode"}                                       # sender skips its NaN/Inf scan (fix C)
-PEER = {"ours_peer", "fixAB_peer"}       # PublicCopy delta exchange instead of a raw full block
+METHODS = ("raw", "ours", "ours_checked", "ours_peer")
 LABELS = {
     "raw": "raw pyzmq",
-    "ours_encode": "ours (wire.encode)",
+    "ours": "ours",
+    "ours_checked": "ours + sender scan",
     "ours_peer": "ours (peer exchange)",
-    "fixA_encode": "ours + A",
-    "fixAB_encode": "ours + A+B",
-    "fixABC_encode": "ours + A+B+C",
-    "fixAB_peer": "peer exchange + A+B",
     "copy_warm": "memcpy, warm dst",
     "copy_fresh": "memcpy, fresh torch dst",
 }
 ENVS = {
     "default": {},
     "hugetlb": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
-    "hugetlb+torch_thp": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "THP_MEM_ALLOC_ENABLE": "1"},
 }
 RECV_IDLE_S = 60.0  # a receiver that hears nothing for this long gives up
 
 
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-SLOW = {"ours_encode", "ours_peer"}  # CPU-bound (~10x slower): half the repetitions, their spread is small
-
-
-def reps_for(size_mib: int, reps: int, method: str = "") -> int:
-    r = max(3, reps // 2) if size_mib >= 256 else reps
-    return max(2, r // 2) if method in SLOW else r
+def reps_for(size_mib: int, reps: int) -> int:
+    return max(3, reps // 2) if size_mib >= 256 else reps
 
 
 # ----------------------------------------------------------------------------------------- children
@@ -95,52 +67,12 @@ def reps_for(size_mib: int, reps: int, method: str = "") -> int:
 # an ack carrying its timestamps.
 
 
-def _fast_all_finite(t):
-    """Proposed replacement for wire._all_finite (fix A). torch.isfinite(t).all() runs at ~0.4 GB/s on one
-    CPU thread (torch 2.13). A sum is finite only if every element is (NaN and ±inf propagate), so a finite
-    float32/float64 sum (~15-20 GB/s) proves it; otherwise (a non-finite value, or an overflowing sum) decide
-    exactly with one aminmax pass (~8 GB/s; min/max propagate NaN and expose ±inf), which also serves the
-    half types, whose sums would overflow."""
-    import torch
-
-    if not t.is_floating_point() or t.numel() == 0:
-        return True
-    flat = t.reshape(-1)
-    if flat.dtype in (torch.float32, torch.float64) and bool(torch.isfinite(flat.sum())):
-        return True
-    lo, hi = torch.aminmax(flat)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
-
-
-def _view_payload(mv, spec):
-    """Proposed zero-copy decode: a tensor over the received zmq frame (kept alive by the tensor)."""
-    import torch
-
-    if not spec.nbytes:
-        return torch.empty(spec.shape, dtype=spec.dtype)
-    return torch.frombuffer(mv, dtype=torch.uint8).view(spec.dtype).reshape(spec.shape)
-
-
-def _patch(wire, method: str) -> None:
-    """Install (or remove) the proposed fixes in this process's wire module for one method."""
-    wire._all_finite = _fast_all_finite if method in FIXED else _ORIG["all_finite"]
-    wire._copy_payload = _view_payload if method in ZERO_COPY else _ORIG["copy_payload"]
-
-
-_ORIG: dict = {}
-
-
 def _child_setup():
-    import warnings
-
     import torch
 
     from deca_p2p import wire
 
     torch.set_num_threads(1)  # a peer gets cores / peers threads: 1 here (2 peers on 2 cores)
-    warnings.filterwarnings("ignore", message=".*not writable.*")
-    _ORIG.setdefault("all_finite", wire._all_finite)
-    _ORIG.setdefault("copy_payload", wire._copy_payload)
     return wire
 
 
@@ -183,20 +115,20 @@ def child_send(a) -> None:
         n = size * MiB // 4
         data = torch.rand(n, generator=torch.Generator().manual_seed(size))
         for method in a.methods:
-            _patch(wire, method)
             pc = wire.PublicCopy()
             rows = []
-            for rep in range(1 + reps_for(size, a.reps, method)):  # rep 0: warm-up (and the full message of a delta chain)
-                if method in PEER:
+            for rep in range(1 + reps_for(size, a.reps)):  # rep 0: warm-up (and the full message of a delta chain)
+                if method == "ours_peer":
                     data.add_(1e-3)  # θ½ moved since the last exchange (not timed; the last message was acked)
                 t0 = now()
                 if method == "raw":
                     frames = [b"hdr", memoryview(data.numpy()).cast("B")]
-                elif method in PEER:
-                    frames = pc.encode_block({"w": data}, src=0, codec="raw", full=rep == 0, step=rep)
+                elif method == "ours_peer":
+                    frames = pc.encode_block({"w": data}, src=0, codec="raw", full=rep == 0, step=rep,
+                                             check_finite=False)
                 else:
                     frames = wire.encode(wire.Message("block", src=0, step=rep, codec="raw", full=True,
-                                                      tensors={"w": data}), check_finite=method not in NO_SEND_CHECK)
+                                                      tensors={"w": data}), check_finite=method == "ours_checked")
                 t_enc = now()
                 if method == "raw":
                     push.send_multipart(frames, copy=False)
@@ -229,7 +161,7 @@ def child_send(a) -> None:
             np.copyto(dst, src)
             warm.append(now() - t0)
             t0 = now()
-            d = torch.empty(n, dtype=torch.float32)  # as wire.decode's _copy_payload
+            d = torch.empty(n, dtype=torch.float32)
             np.copyto(d.numpy(), src)
             fresh.append(now() - t0)
             del d
@@ -261,14 +193,12 @@ def child_recv(a) -> None:
     tr.barrier(0, 60.0)
     for size in a.sizes:
         for method in a.methods:
-            _patch(wire, method)
             theirs = wire.PublicCopy()
-            for _ in range(1 + reps_for(size, a.reps, method)):
+            for _ in range(1 + reps_for(size, a.reps)):
                 if method == "raw":
-                    frames = pull.recv_multipart(copy=False)
+                    pull.recv_multipart(copy=False)
                     t_recv = now()
                     push.send(json.dumps({"t_recv": t_recv, "t_dec": t_recv}).encode())
-                    frames = None
                     continue
                 while True:
                     got = tr.recv(RECV_IDLE_S)
@@ -278,7 +208,7 @@ def child_recv(a) -> None:
                     msg = wire.decode(got[1])
                     if msg.kind == "block":
                         break
-                if method in PEER:
+                if method == "ours_peer":
                     theirs.apply(msg.tensors, msg.full)
                 t_dec = now()
                 msg = got = None
@@ -294,14 +224,9 @@ def child_recv(a) -> None:
 
 
 def run_child(role: str, sizes, reps, ports, env_extra: dict):
-    env = dict(os.environ)
-    env.pop("GLIBC_TUNABLES", None)
-    env.pop("THP_MEM_ALLOC_ENABLE", None)
-    env.update(env_extra)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, __file__, "--child", role, "--reps", str(reps), "--methods", ",".join(METHODS),
-           "--sizes", ",".join(map(str, sizes)), "--ports", ",".join(map(str, ports))]
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    return spawn(__file__, ["--child", role, "--reps", str(reps), "--methods", ",".join(METHODS),
+                            "--sizes", ",".join(map(str, sizes)), "--ports", ",".join(map(str, ports))],
+                 env_extra, env_drop=("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE"))
 
 
 def measure_env(sizes, reps, env_extra: dict) -> dict:
@@ -358,7 +283,7 @@ def main() -> None:
     envs = ["default", "hugetlb"] if a.quick else list(ENVS)
     # default and hugetlb alternate twice (A B A B) so that slow phases of the shared machine hit both alike;
     # the samples of an environment's runs are pooled before taking medians
-    schedule = envs if a.quick else ["default", "hugetlb", "default", "hugetlb", "hugetlb+torch_thp"]
+    schedule = envs if a.quick else ["default", "hugetlb", "default", "hugetlb"]
     pooled: dict[str, dict] = {}
     for i, env_name in enumerate(schedule):
         print(f"[{i + 1}/{len(schedule)} {env_name}] sizes {sizes} MiB, methods {', '.join(METHODS)} ...", flush=True)
@@ -380,67 +305,33 @@ def main() -> None:
 # ----------------------------------------------------------------------------------------- report
 
 
-def machine_facts() -> str:
-    import numpy
-    import torch
-    import zmq
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
-    except OSError:
-        thp = "unknown"
-    try:
-        import psutil
-
-        mem = f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
-    except ImportError:
-        mem = "RAM unknown"
-    return (f"{os.cpu_count()} cores ({cpu}), {mem}, Linux {platform.release()}, glibc {platform.libc_ver()[1]}, "
-            f"THP `{thp}`; Python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}, "
-            f"pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}")
-
-
 def write_report(a, results, sizes, reps, envs, wall, loads, runs) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     cmd = ".venv/bin/python benchmarks/wire_throughput.py" + (" --quick" if a.quick else "") + \
         (f" --reps {a.reps}" if a.reps else "")
     L = ["# Block exchange goodput over loopback: our stack vs raw pyzmq vs memcpy", "",
          f"Command: `{cmd}`  ", f"Machine: {machine_facts()}  ",
-         f"Run: {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s wall. 1-min load average {loads[0][0]:.1f} before, "
-         f"{loads[1][0]:.1f} after: other jobs shared the {os.cpu_count()} cores, so single numbers are noisy (the "
-         "medians resist a few slow repetitions, not a uniformly loaded machine); the raw samples are at the end.", "",
+         f"Run: {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s wall; 1-min load average {loads[0][0]:.1f} before, "
+         f"{loads[1][0]:.1f} after (the two benchmark processes themselves load up to 2 cores); the raw samples "
+         "are at the end.", "",
          "One float32 block (a single tensor) per message, one message in flight at a time (a gossip exchange "
          "sends, then waits); sender and receiver are separate processes with 1 torch thread each (as a peer on "
          "this box). Time = sender clock before encoding -> receiver clock after decoding; goodput = block bytes / "
          f"time (sizes in MiB, rates in GB/s = 1e9 B/s); median of {reps} repetitions per run ({reps_for(256, reps)} "
-         f"at 256 MiB; half that for the two unfixed 'ours' methods, which are CPU-bound and ~10x slower) after one "
-         "warm-up. All methods are interleaved per size in the same pair of processes. Each environment runs in "
-         "its own pair; " + ", ".join(f"{e}: {n} run(s)" for e, n in runs.items()) +
-         (" (default and hugetlb alternate, A B A B, and their samples are pooled)." if max(runs.values()) > 1 else "."), "",
+         "at 256 MiB) after one warm-up. All methods are interleaved per size in the same pair of processes. Each "
+         "environment runs in its own pair; " + ", ".join(f"{e}: {n} run(s)" for e, n in runs.items()) +
+         (" (they alternate, A B A B, and their samples are pooled)." if max(runs.values()) > 1 else "."), "",
          "- **raw pyzmq**: PUSH/PULL, `send_multipart([hdr, buf], copy=False)` / `recv_multipart(copy=False)`, same bytes.",
-         "- **ours (wire.encode)**: `wire.encode` of a raw full block -> `Transport.send` -> `Transport.recv` -> "
-         "`wire.decode` (validation, one copy into a fresh tensor, NaN/Inf scan). This is the headline.",
+         "- **ours** (the headline): a full block as a peer sends it: `wire.encode(..., check_finite=False)` of a "
+         "raw block -> `Transport.send` -> `Transport.recv` -> `wire.decode` (header validation, a zero-copy "
+         "view of the frame, the NaN/Inf check). Peers skip the sender-side scan: every receiver validates, and "
+         "a peer's own divergence stops it at its loss (`TrainingDiverged`).",
+         "- **ours + sender scan**: the same with `wire.encode`'s default NaN/Inf check on the sender too.",
          "- **ours (peer exchange)**: one inner step after the first: `PublicCopy.encode_block` of a raw delta "
-         "(θ½ − θ̂, NaN/Inf scan, θ̂ += delta) -> Transport -> `wire.decode` -> the receiver's `PublicCopy.apply`.",
-         "- **fix A** (proposed; monkeypatched into `deca_p2p.wire` inside the benchmark processes only, the "
-         "library is unchanged): `_all_finite` = `isfinite(t.sum())` for float32/64 (a finite sum proves every "
-         "element finite), falling back to one exact `torch.aminmax` pass (NaN propagates through min/max, ±inf "
-         "shows) when the sum is not finite or for half types, instead of `torch.isfinite(t).all()`.",
-         "- **fix B** (proposed, monkeypatched likewise): `wire.decode` returns tensors viewing the received zmq "
-         "frames (`torch.frombuffer(frame.buffer)`, which keeps the frame alive) instead of copying each payload "
-         "into a fresh tensor; `PublicCopy.apply` copies/adds anyway, so nothing downstream stores the view.",
-         "- **fix C** (proposed): the sender skips its own NaN/Inf scan (`wire.encode(..., check_finite=False)`); "
-         "receivers still validate everything. Shown for the raw full block only.",
+         "(θ½ − θ̂ into a fresh tensor, θ̂ += delta) -> Transport -> `wire.decode` -> the receiver's "
+         "`PublicCopy.apply` (θ̂ += delta).",
          "- **memcpy**: `np.copyto` into a warm preallocated buffer (the physical limit) / into a fresh "
-         "`torch.empty` buffer (exactly the copy `wire.decode` makes, page faults included).", ""]
+         "`torch.empty` buffer (page faults included).", ""]
     for env in envs:
         res = results[env]
         desc = ", ".join(f"`{k}={v}`" for k, v in ENVS[env].items()) or "glibc malloc defaults"
@@ -452,8 +343,7 @@ def write_report(a, results, sizes, reps, envs, wall, loads, runs) -> None:
             cells = [f"{r:.2f}"]
             for m in METHODS[1:]:
                 x = res[m][s]["gbps"]
-                ratio = f"{x / r:.2f}x"
-                cells.append(f"{x:.2f} (**{ratio}**)" if m == "ours_encode" else f"{x:.2f} ({ratio})")
+                cells.append(f"{x:.2f} (**{x / r:.2f}x**)" if m == "ours" else f"{x:.2f} ({x / r:.2f}x)")
             L.append(f"| {s} | " + " | ".join(cells) +
                      f" | {res['copy_warm'][s]['gbps']:.2f} | {res['copy_fresh'][s]['gbps']:.2f} |")
         L += ["", "Where the time goes (median ms per message; encode = before `send()`; wire = `send()` + the "
@@ -467,18 +357,17 @@ def write_report(a, results, sizes, reps, envs, wall, loads, runs) -> None:
                          f"{x['decode_ms']:.1f} |")
         L.append("")
     L += diagnosis(results, sizes, envs)
-    if "hugetlb" in envs:
-        shown = ("raw", "ours_encode", "ours_peer", "fixAB_encode")
+    if "hugetlb" in envs and "default" in envs:
         L += ["## Does `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` help?", "",
-              "| block MiB | " + " | ".join(f"{LABELS[m]}: default -> hugetlb GB/s" for m in shown) + " |",
-              "|---:" + "|---" * len(shown) + "|"]
+              "| block MiB | " + " | ".join(f"{LABELS[m]}: default -> hugetlb GB/s" for m in METHODS) + " |",
+              "|---:" + "|---" * len(METHODS) + "|"]
         for s in sizes:
             cells = []
-            for m in shown:
+            for m in METHODS:
                 d, h = results["default"][m][s]["gbps"], results["hugetlb"][m][s]["gbps"]
                 cells.append(f"{d:.2f} -> {h:.2f} (x{h / d:.2f})")
             L.append(f"| {s} | " + " | ".join(cells) + " |")
-        L += ["", verdict(results, sizes, envs), ""]
+        L += ["", verdict(results, sizes), ""]
     L += ["## Raw samples (GB/s per repetition)", ""]
     for env in envs:
         for m in METHODS:
@@ -494,32 +383,21 @@ def write_report(a, results, sizes, reps, envs, wall, loads, runs) -> None:
 def diagnosis(results, sizes, envs) -> list[str]:
     env = "hugetlb" if "hugetlb" in envs else envs[0]
     r = results[env]
-    big, small = sizes[-1], sizes[0]
-    o, a, ab, abc, raw = (r[m][big] for m in ("ours_encode", "fixA_encode", "fixAB_encode", "fixABC_encode", "raw"))
-    so, sabc, sraw = r["ours_encode"][small], r["fixABC_encode"][small], r["raw"][small]
-    return [
-        "## Diagnosis: where our stack loses to raw pyzmq", "",
-        f"In the `{env}` environment at {big} MiB, one message costs ours {o['total_ms']:.1f} ms against raw pyzmq's "
-        f"{raw['total_ms']:.1f} ms:", "",
-        f"1. **The NaN/Inf scans, `wire._all_finite` = `torch.isfinite(t).all()`** (~0.3-0.7 GB/s on one torch "
-        f"thread in torch 2.13, measured), run once by the sender in `encode` and once by the receiver in `decode`: "
-        f"encode takes {o['encode_ms']:.1f} ms, of which the scan is all but {abc['encode_ms']:.1f} ms (encode "
-        f"without it); with fix A the scan costs {a['encode_ms']:.1f} ms. Replacing both scans (fix A) saves "
-        f"{100 * (o['encode_ms'] - a['encode_ms'] + o['decode_ms'] - a['decode_ms']) / o['total_ms']:.1f}% of our time.",
-        f"2. **`wire.decode`'s copy into a fresh tensor**: decode with fix A still takes {a['decode_ms']:.1f} ms, "
-        f"{ab['decode_ms']:.1f} ms with zero-copy decode (fix B); fresh buffers of >= 32 MiB come straight from "
-        "mmap (glibc's dynamic threshold stops at 32 MiB), so every decode page-faults its destination in "
-        "(compare the memcpy warm / fresh columns).",
-        f"3. **Not the transport**: the wire leg (`Transport.send` -> sender thread -> zmq -> `Transport.recv`) "
-        f"took {o['wire_ms']:.1f} ms vs raw pyzmq's {raw['wire_ms']:.1f} ms; its sender thread and DEALER/ROUTER "
-        f"cost at most a fixed fraction of a millisecond per message ({small} MiB: {sabc['wire_ms']:.1f} vs "
-        f"{sraw['wire_ms']:.1f} ms).",
-        f"4. What is left with A+B+C is the receiver's one validation scan ({abc['decode_ms']:.1f} ms at {big} MiB, "
-        f"which no untrusted-input design can drop) and, for small blocks, ~{sabc['total_ms'] - sraw['total_ms']:.1f} "
-        f"ms of fixed per-message cost (header build/validation, the sender-thread hand-off): at {small} MiB ours "
-        f"+ A+B+C takes {sabc['total_ms']:.1f} ms vs {sraw['total_ms']:.1f} ms (as is: {so['total_ms']:.1f} ms).",
-        "", "The peer exchange (delta) path pays the scans too, plus `PublicCopy`'s own passes: `torch.sub` into "
-        "a fresh delta and θ̂ += delta on the sender, θ̂ += delta on every receiver.", ""]
+    L = ["## Where our stack loses to raw pyzmq", "",
+         f"In the `{env}` environment (what `deca-peer cluster` sets), per message, ours minus raw pyzmq:", "",
+         "| block MiB | extra ms | of which encode | wire | decode (validation + NaN/Inf check) | "
+         "sender scan would add ms |", "|---:|---:|---:|---:|---:|---:|"]
+    for s in sizes:
+        o, raw, chk = r["ours"][s], r["raw"][s], r["ours_checked"][s]
+        L.append(f"| {s} | {o['total_ms'] - raw['total_ms']:.2f} | {o['encode_ms'] - raw['encode_ms']:.2f} | "
+                 f"{o['wire_ms'] - raw['wire_ms']:.2f} | {o['decode_ms'] - raw['decode_ms']:.2f} | "
+                 f"{chk['encode_ms'] - o['encode_ms']:.2f} |")
+    L += ["", "Raw pyzmq never reads the bytes it receives; a peer must, once, to reject NaN/Inf from an untrusted "
+          "neighbour (a float32 sum at memory speed, with an exact aminmax pass only when the sum is not finite). "
+          "That read is the decode column for large blocks; for small blocks the gap is a fixed per-message cost "
+          "(msgpack header build and validation, the hand-off to the link's sender thread, the ROUTER's extra "
+          "routing-id frame).", ""]
+    return L
 
 
 def _geo(xs) -> float:
@@ -527,41 +405,29 @@ def _geo(xs) -> float:
     return statistics.geometric_mean(xs) if xs else float("nan")
 
 
-def verdict(results, sizes, envs) -> str:
+def verdict(results, sizes) -> str:
     big = [s for s in sizes if s >= 64] or sizes  # real blocks: a 7-8B model's decoder layer is ~0.8 GB in fp32
     parts = []
-    for m in ("raw", "ours_encode", "ours_peer", "fixAB_encode"):
+    for m in ("raw", "ours", "ours_peer"):
         g = _geo(results["hugetlb"][m][s]["gbps"] / results["default"][m][s]["gbps"] for s in big)
         gall = _geo(results["hugetlb"][m][s]["gbps"] / results["default"][m][s]["gbps"] for s in sizes)
         parts.append(f"{LABELS[m]} x{g:.2f} on blocks >= {big[0]} MiB (x{gall:.2f} over all sizes)")
-    g_ref = _geo(results["hugetlb"][m][s]["gbps"] / results["default"][m][s]["gbps"]
-                 for m in ("raw", "fixAB_encode") for s in big)
+    g_ref = _geo(results["hugetlb"][m][s]["gbps"] / results["default"][m][s]["gbps"] for m in ("raw", "ours") for s in big)
     word = "**Yes, it helps**" if g_ref > 1.1 else ("**No clear effect**" if g_ref > 0.95 else "**No, it hurts**")
-    text = (f"{word} for large blocks: geometric-mean goodput speed-up with the tunable: " + "; ".join(parts) +
-            f". (Verdict from raw pyzmq and the fixed stack on blocks >= {big[0]} MiB: x{g_ref:.2f}. Below that, "
-            "glibc serves the buffers from its heap rather than fresh mmaps and the effect is within this box's "
-            "run-to-run noise of about ±15%; the unfixed stack is CPU-bound in its NaN/Inf scans, so the allocator "
-            "barely shows there.)")
-    if "hugetlb+torch_thp" in envs:
-        g_thp = _geo(results["hugetlb+torch_thp"][m][s]["gbps"] / results["hugetlb"][m][s]["gbps"]
-                     for m in ("ours_encode", "ours_peer") for s in big)
-        text += (f" Adding `THP_MEM_ALLOC_ENABLE=1` (torch's CPU allocator then madvises huge pages for the "
-                 f"tensors `wire.decode`/`PublicCopy` allocate): x{g_thp:.2f} for the unfixed stack on blocks >= "
-                 f"{big[0]} MiB relative to hugetlb alone.")
-    return text
+    return (f"{word}: geometric-mean goodput speed-up with the tunable: " + "; ".join(parts) +
+            f" (verdict from raw pyzmq and ours on blocks >= {big[0]} MiB: x{g_ref:.2f}). Buffers of >= 32 MiB come "
+            "straight from mmap (glibc's dynamic threshold stops there), so every large message page-faults a "
+            "fresh buffer in; with the tunable those are 2 MiB pages (compare the memcpy fresh column).")
 
 
 def headline(results, sizes, envs) -> str:
     parts = []
     for env in envs:
-        rs = [results[env]["ours_encode"][s]["gbps"] / results[env]["raw"][s]["gbps"] for s in sizes]
-        fab = [results[env]["fixAB_encode"][s]["gbps"] / results[env]["raw"][s]["gbps"] for s in sizes]
-        fabc = [results[env]["fixABC_encode"][s]["gbps"] / results[env]["raw"][s]["gbps"] for s in sizes]
-        parts.append(f"{env}: as is median {statistics.median(rs):.2f}x (min {min(rs):.2f}x); with fixes A+B "
-                     f"{statistics.median(fab):.2f}x (min {min(fab):.2f}x); A+B+C {statistics.median(fabc):.2f}x "
-                     f"(min {min(fabc):.2f}x)")
-    return ("HEADLINE ours (wire.encode + Transport + wire.decode) / raw pyzmq goodput over "
-            f"{sizes[0]}-{sizes[-1]} MiB blocks [target >= 0.9]: " + "; ".join(parts))
+        rs = [results[env]["ours"][s]["gbps"] / results[env]["raw"][s]["gbps"] for s in sizes]
+        parts.append(f"{env}: " + ", ".join(f"{s} MiB {x:.2f}x" for s, x in zip(sizes, rs)) +
+                     f" (median {statistics.median(rs):.2f}x)")
+    return ("HEADLINE ours (wire.encode + Transport + wire.decode) / raw pyzmq goodput [target >= 0.9]: " +
+            "; ".join(parts))
 
 
 def plot(results, sizes, envs) -> None:
@@ -570,10 +436,9 @@ def plot(results, sizes, envs) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(envs), figsize=(5.4 * len(envs), 5.2), sharey=True, squeeze=False)
-    styles = {"raw": ("tab:blue", "o-"), "ours_encode": ("tab:red", "s-"), "ours_peer": ("tab:orange", "^-"),
-              "fixA_encode": ("tab:purple", "s--"), "fixAB_encode": ("tab:brown", "s--"),
-              "fixABC_encode": ("tab:pink", "s:"), "fixAB_peer": ("tab:olive", "^:"), "copy_warm": ("black", "x-"), "copy_fresh": ("tab:green", "d-")}
+    fig, axes = plt.subplots(1, len(envs), figsize=(5.4 * len(envs), 5.0), sharey=True, squeeze=False)
+    styles = {"raw": ("tab:blue", "o-"), "ours": ("tab:red", "s-"), "ours_checked": ("tab:purple", "s--"),
+              "ours_peer": ("tab:orange", "^-"), "copy_warm": ("black", "x-"), "copy_fresh": ("tab:green", "d-")}
     for ax, env in zip(axes[0], envs):
         for m, (color, fmt) in styles.items():
             ax.plot(sizes, [results[env][m][s]["gbps"] for s in sizes], fmt, color=color, label=LABELS[m])
@@ -585,9 +450,9 @@ def plot(results, sizes, envs) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("goodput (GB/s, median)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     fig.suptitle("Block exchange between two processes over tcp://127.0.0.1")
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(RESULTS / "wire_throughput.png", dpi=120)
     plt.close(fig)
 

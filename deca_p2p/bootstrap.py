@@ -95,3 +95,19 @@ def free_base_port(n: int, host: str = "127.0.0.1") -> int:
             for t in socks:
                 t.close()
     raise RuntimeError(f"no run of {n} free ports found on {host}")
+
+
+def free_ports(k: int, host: str = "127.0.0.1") -> list[int]:
+    """k distinct ports free on `host` right now, each chosen by the OS (any ports, unlike free_base_port)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(k):
+            s = socket.socket()
+            socks.append(s)
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

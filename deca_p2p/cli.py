@@ -14,10 +14,10 @@ def main() -> None:
 
 # --------------------------------------------------------------------------- topology
 
-def _fail(msg: str) -> NoReturn:
-    """One-line error on stderr and exit 2: the contract for bad user input."""
+def _fail(msg: str, code: int = 2) -> NoReturn:
+    """One-line error on stderr and exit 2 (bad user input; 3: the training diverged)."""
     click.echo(f"error: {msg}", err=True)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 @main.group()
@@ -145,6 +145,7 @@ def simulate(topology_file: str, run_dir: str | None, **kw) -> None:
     """Run the whole network in this one process (the reference the real peers must match)."""
     from deca_p2p.report import print_eval_table
     from deca_p2p.simulate import simulate as run_simulation
+    from deca_p2p.trainer import TrainingDiverged
 
     topo = _load_topology(topology_file)
     cfg = _make_config(kw)
@@ -153,6 +154,8 @@ def simulate(topology_file: str, run_dir: str | None, **kw) -> None:
                              run_dir=run_dir, progress=lambda s: click.echo(s, err=True))
     except _user_errors() as e:
         _fail(str(e))
+    except TrainingDiverged as e:
+        _fail(str(e), code=3)
     print_eval_table(res.per_peer, initial=res.initial, average_model=res.average_model,
                      title=f"simulate {topo.name}: {cfg.algo}/{cfg.discrepancy}, comm={cfg.comm}, {res.wall_s:.0f} s")
 
@@ -183,6 +186,7 @@ def start(peer_id, topology_file, bootstrap_file, run_dir, **kw) -> None:
     """Run one peer."""
     from deca_p2p.bootstrap import BootstrapError
     from deca_p2p.peer import PeerArgs, run_peer
+    from deca_p2p.trainer import TrainingDiverged
     from deca_p2p.transport import TransportError
 
     if peer_id is None:
@@ -195,6 +199,8 @@ def start(peer_id, topology_file, bootstrap_file, run_dir, **kw) -> None:
         run_peer(args)
     except (*_user_errors(), BootstrapError, TransportError) as e:
         _fail(f"peer {peer_id}: {e}")
+    except TrainingDiverged as e:
+        _fail(f"peer {peer_id}: {e}", code=3)
 
 
 def _passthrough(kw: dict) -> list[str]:

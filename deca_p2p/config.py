@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+MAX_LR = 1e3  # far above any useful rate; larger ones overflow float32 in the Adam step
+
 
 class ConfigError(ValueError):
     """A bad config file or value; the message is one line naming the cause."""
@@ -80,8 +82,10 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be a finite number {'>= 0' if key == 'lr' else '> 0'}, got {v}")
         for key in ("alphas", "betas"):
             v = getattr(self, key)
-            if len(v) != 2 or not all(0.0 <= x <= 1.0 for x in v):
-                raise ConfigError(f"{key} must be two numbers in [0, 1], got {list(v)}")
+            if len(v) != 2 or not all(0.0 <= x <= 1.0 for x in v) or (key == "betas" and max(v) >= 1.0):
+                raise ConfigError(f"{key} must be two numbers in [0, 1{')' if key == 'betas' else ']'}, got {list(v)}")
+        if self.lr > MAX_LR:  # Adam's lr / (1 - beta1^t) must stay a float32
+            raise ConfigError(f"lr must be at most {MAX_LR:g}, got {self.lr}")
         if self.discrepancy == "qg" and self.lr == 0:
             raise ConfigError("discrepancy 'qg' divides by the learning rate, which is 0")
         if not math.isfinite(self.slowdown) or self.slowdown < 1:

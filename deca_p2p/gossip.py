@@ -91,7 +91,8 @@ class Gossip:
                                        round=round_idx, block=block, step=step,
                                        stats={**{k: float(v) for k, v in (stats or {}).items()
                                                  if isinstance(v, (int, float))},
-                                              "sent_at": sent_at})  # lets a receiver measure the link
+                                              "sent_at": sent_at},  # lets a receiver measure the link
+                                       check_finite=False)  # receivers scan it; our own divergence shows in the loss
         self.encode_s = time.time() - sent_at  # the receivers' one-way delay includes this; the link does not
         for j in self.neighbours:
             if j not in self.gone:

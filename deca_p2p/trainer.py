@@ -11,6 +11,7 @@ The training loop of a peer, top to bottom (DESIGN §2):
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -100,6 +101,10 @@ def make_schedule(n_blocks: int, cfg: TrainConfig) -> Schedule:
     return Schedule(n_blocks, cfg.rounds, cfg.inner_steps, cfg.block_order, cfg.seed, cfg.gossip_every)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf: the run stops before that step changes anything (checkpoints stay good)."""
+
+
 class PeerTrainer:
     def __init__(self, model: nn.Module, batcher: Batcher, cfg: TrainConfig):
         self.model = model
@@ -131,10 +136,14 @@ class PeerTrainer:
         t0 = time.perf_counter()
         batch = {k: v.to(self.device) for k, v in self.batcher.next_batch().items()}
         loss = self.model(**batch).loss
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):  # stop before a NaN reaches the moments, a checkpoint or the wire
+            raise TrainingDiverged(f"training diverged: the loss is {loss_value}; lower --lr and restart "
+                                   "(the last checkpoint is kept)")
         loss.backward()
         self.active.grads_to_master()
         self.opt.local_step()
-        stats = {"loss": float(loss.detach())}
+        stats = {"loss": loss_value}
         stats.update(self.opt.last_stats)
         stats["compute_s"] = time.perf_counter() - t0
         return stats

@@ -38,9 +38,12 @@ Zero-copy: ``encode`` returns payload frames as memoryviews over the (contiguous
 For ``raw`` float32 that is the message tensor itself, so the caller must not modify a tensor
 handed to ``encode`` until zmq is done with it (MessageTracker). ``PublicCopy.outgoing`` always
 returns freshly allocated tensors, so nothing it returns is ever mutated later by this module.
-``decode`` makes exactly one copy of each payload into a fresh, writable, aligned tensor (no
-read-only-buffer warnings; the result never aliases the received frames) and then applies the
-codec's decode (a no-op for float32 wire data).
+``decode`` is zero-copy too: a payload in a writable frame whose address suits its dtype (every zmq
+frame of a large message) comes back as a tensor viewing that frame, which the tensor keeps alive; other
+payloads (bytes, a small misaligned frame) are copied once. The codec's decode is a no-op for float32 wire
+data, so raw float32 tensors returned by ``decode`` may alias the received frames: treat them as read-only
+(``PublicCopy.apply`` copies or adds them, never keeps them). Measured: the copy cost as much as the
+transfer for 64-256 MiB blocks (benchmarks/results/wire_throughput.md).
 """
 
 from __future__ import annotations
@@ -589,8 +592,14 @@ def _frame_view(f: Any) -> memoryview:
     return mv
 
 
-def _copy_payload(mv: memoryview, spec: _Spec) -> torch.Tensor:
-    """One copy of the frame into a fresh writable tensor (never aliases the frame, no warnings)."""
+def _payload_tensor(mv: memoryview, spec: _Spec) -> torch.Tensor:
+    """The payload as a tensor of the spec's dtype and shape: a view of the frame when it is writable and
+    aligned for the dtype (no copy; the tensor keeps the frame alive), else one copy into a fresh tensor
+    (read-only buffers such as bytes, which torch.frombuffer would only warn about, or misaligned ones)."""
+    if spec.nbytes and not mv.readonly:
+        view = torch.frombuffer(mv, dtype=torch.uint8)
+        if view.data_ptr() % spec.dtype.itemsize == 0:
+            return view.view(spec.dtype).reshape(spec.shape)
     raw = torch.empty(spec.nbytes, dtype=torch.uint8)
     if spec.nbytes:
         np.copyto(raw.numpy(), np.frombuffer(mv, dtype=np.uint8))
@@ -643,7 +652,7 @@ def _decode(frames: Any, max_payload_bytes: int | None) -> Message:
         if mv.nbytes != spec.nbytes:
             raise WireError("nbytes", f"tensor {spec.name!r}: frame is {mv.nbytes} bytes, header says {spec.nbytes}")
     for spec, mv in zip(specs, views[1:]):
-        x = codec.decode(_copy_payload(mv, spec), spec.meta)
+        x = codec.decode(_payload_tensor(mv, spec), spec.meta)
         if x.dtype != torch.float32 or tuple(x.shape) != spec.shape:
             raise WireError("internal", f"codec {codec.name!r} decoded {spec.name!r} to {x.dtype} {tuple(x.shape)}")
         if not _all_finite(x):
@@ -655,7 +664,8 @@ def _decode(frames: Any, max_payload_bytes: int | None) -> Message:
 def decode(frames: Sequence, *, max_payload_bytes: int | None = None) -> Message:
     """Validate and decode an untrusted frame list (bytes / bytearray / memoryview / zmq.Frame).
 
-    Returns a Message whose tensors are fresh float32 tensors (codec-decoded), in header order.
+    Returns a Message whose tensors are float32 (codec-decoded), in header order; raw float32 ones may view
+    the frames (zero-copy), so do not write into them.
     Raises only WireError, whatever the input (a bug surfacing here has reason "internal").
     """
     try:
@@ -771,16 +781,18 @@ class PublicCopy:
         block: int = 0,
         step: int = 0,
         stats: Mapping[str, float] | None = None,
+        check_finite: bool = True,
     ) -> list:
         """Build, encode and account one block message: returns its frames (send them zero-copy).
 
-        θ̂ advances by exactly what receivers will decode; on any error θ̂ is unchanged.
+        θ̂ advances by exactly what receivers will decode; on any error θ̂ is unchanged. ``check_finite``:
+        see ``encode`` (a peer passes False: receivers validate anyway, and it watches its loss itself).
         """
         msg = Message(
             kind="block", src=src, inc=inc, round=round, block=block, step=step, codec=codec, full=full,
             tensors=self.outgoing(current, codec, full), stats=dict(stats or {}),
         )
-        frames, decoded = encode_with_roundtrip(msg)
+        frames, decoded = encode_with_roundtrip(msg, check_finite=check_finite)
         self.apply(decoded, full)
         return frames
 

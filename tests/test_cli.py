@@ -3,7 +3,6 @@ import json
 import socket
 import subprocess
 
-import pytest
 
 from conftest import REPO, deca_peer_cmd, free_base_port
 
@@ -85,3 +84,20 @@ def test_bootstrap_command_writes_a_loadable_file(tmp_path):
 
 def test_report_on_missing_dir(tmp_path):
     _assert_user_error(_run("report", tmp_path / "nothing"), "does not exist")
+
+
+def test_divergence_stops_with_one_line(deca_cache, tmp_path):
+    # a checkpoint holding an infinite weight makes the first loss NaN: exit 3, one line, no traceback
+    from safetensors.torch import load_file, save_file
+
+    from deca_p2p.data import build_default_model
+
+    model = build_default_model(tmp_path / "model")
+    weights = load_file(model / "model.safetensors")
+    name = next(k for k in weights if "layers.0." in k and k.endswith("q_proj.weight"))
+    weights[name][0, 0] = float("inf")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    p = _run("simulate", "--topology", RING4, "--model", model, "--rounds", "1", "--inner-steps", "2")
+    assert p.returncode == 3, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr
+    assert "training diverged" in p.stderr.strip().splitlines()[-1]

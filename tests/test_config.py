@@ -24,6 +24,8 @@ def test_yaml_and_string_overrides(tmp_path):
     ({"lr": "fast"}, "lr: cannot read"),
     ({"nonsense": 1}, "unknown config key"),
     ({"head_block": "maybe"}, "head_block: cannot read"),
+    ({"lr": 1e38}, "lr must be at most"),
+    ({"betas": [0.9, 1.0]}, r"betas must be two numbers in \[0, 1\)"),
 ])
 def test_bad_values(overrides, needle):
     with pytest.raises(ConfigError, match=needle):

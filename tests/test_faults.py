@@ -1,12 +1,10 @@
 """Faults with real processes: kill -9 and rejoin, stragglers, and kills during a checkpoint save."""
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
-import pytest
 
 from conftest import REPO, deca_peer_cmd, free_base_port
 from deca_p2p.checkpoint import latest

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -10,21 +9,10 @@ import numpy as np
 import pytest
 import zmq
 
+from deca_p2p.bootstrap import free_ports
 from deca_p2p.transport import LinkCounters, LinkSpec, Transport, TransportError
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def free_ports(k: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(k):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def endpoints(n: int) -> dict[int, str]:

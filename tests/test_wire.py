@@ -21,7 +21,6 @@ from deca_p2p.wire import (
     DTYPES,
     MAX_HEADER_BYTES,
     REASONS,
-    VERSION,
     Codec,
     Message,
     PublicCopy,
@@ -145,7 +144,7 @@ def test_header_only_roundtrip(kind, src, inc, step, codec, full, stats):
                           stats={k: float(v) for k, v in stats.items()})
 
 
-def test_raw_float32_is_zero_copy_and_decode_copies_once():
+def test_raw_float32_is_zero_copy_both_ways():
     t = torch.randn(64, 32)
     frames = encode(Message("block", src=1, tensors={"w": t}))
     payload = np.frombuffer(frames[1], dtype=np.uint8)
@@ -153,12 +152,20 @@ def test_raw_float32_is_zero_copy_and_decode_copies_once():
     # the payload keeps the tensor alive after every other reference is gone
     del t, payload
     gc.collect()
+    ref = decode(as_bytes(frames)).tensors["w"].clone()
+    # a writable, aligned frame (what zmq hands over) is viewed, not copied
     ba = bytearray(frames[0]), bytearray(frames[1])
-    out = decode(list(ba))
-    ref = out.tensors["w"].clone()
-    ba[1][:] = b"\x00" * len(ba[1])  # the decoded tensor does not alias the received frame
-    assert torch.equal(out.tensors["w"], ref)
-    out.tensors["w"].add_(1)  # and it is writable
+    out = decode(list(ba)).tensors["w"]
+    assert out.data_ptr() == np.frombuffer(ba[1], dtype=np.uint8).ctypes.data and torch.equal(out, ref)
+    ba[1][:4] = b"\x00" * 4
+    assert out.reshape(-1)[0].item() == 0.0
+    # read-only (bytes) and misaligned frames are copied once, into a writable tensor
+    ro = decode(as_bytes(frames)).tensors["w"]
+    ro.add_(0)
+    shifted = bytearray(len(frames[1]) + 1)
+    shifted[1:] = bytes(frames[1])
+    mis = decode([bytes(frames[0]), memoryview(shifted)[1:]]).tensors["w"]
+    assert torch.equal(mis, ref) and mis.data_ptr() % 4 == 0
 
 
 def test_transposed_tensor_sent_in_logical_order():
