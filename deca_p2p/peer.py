@@ -203,5 +203,8 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     final = evaluate(trainer.model, inputs.tokenizer, inputs.eval_examples)
     gossip.finish(cfg.exchange_timeout_s)  # slower neighbours may still need our last block
     sent, recv = _bytes(transport)
+    cs = [c for c in transport.counters().values() if c.data_sent]
     log.write("final", stopped=stop.is_set(), bytes_sent=sent, bytes_recv=recv, peak_rss_mb=peak_rss / 2**20,
+              handoff_late_ms=1e3 * sum(c.handoff_late_s for c in cs) / max(1, sum(c.data_sent for c in cs)),
+              handoff_late_max_ms=1e3 * max((c.handoff_late_max_s for c in cs), default=0.0),
               dropped=dict(gossip.dropped), late=gossip.late, **final)

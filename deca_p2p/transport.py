@@ -95,6 +95,9 @@ class LinkCounters:
     msgs_sent: int = 0
     msgs_recv: int = 0
     send_failures: int = 0
+    data_sent: int = 0              # caller's messages handed to ZeroMQ ...
+    handoff_late_s: float = 0.0     # ... and how long after their emulated due time, summed (emulator accuracy)
+    handoff_late_max_s: float = 0.0
 
 
 ZAP_DOMAIN = "deca-p2p"
@@ -432,7 +435,8 @@ class _Link:
 
     def _done(self, item: _Item, ok: bool) -> None:
         if ok:
-            self.tr._count_sent(self.dst, item.header, item.payload)
+            self.tr._count_sent(self.dst, item.header, item.payload,
+                                time.monotonic() - item.deliver_at if item.data else None)
         elif item.data:
             self.tr._count_failures(self.dst, 1)
         with self.cond:
@@ -712,12 +716,16 @@ class Transport:
         return self._hello_frames
 
     # -- counters --------------------------------------------------------------------------
-    def _count_sent(self, dst: int, header: int, payload: int) -> None:
+    def _count_sent(self, dst: int, header: int, payload: int, late_s: float | None = None) -> None:
         with self._ctr_lock:
             c = self._counters[dst]
             c.sent_header += header
             c.sent_payload += payload
             c.msgs_sent += 1
+            if late_s is not None:
+                c.data_sent += 1
+                c.handoff_late_s += late_s
+                c.handoff_late_max_s = max(c.handoff_late_max_s, late_s)
 
     def _count_failures(self, dst: int, k: int) -> None:
         with self._ctr_lock:

@@ -185,6 +185,8 @@ def test_emulated_latency_only(make):
     a = make(0, eps, [1], {1: LinkSpec(latency_ms=80.0)})
     b = make(1, eps, [0])
     wait_connected(a, 1, b)
+    a.flush(2.0)
+    before = a.counters()[1]
     times = []
     for i in range(3):
         t0 = time.monotonic()
@@ -195,6 +197,11 @@ def test_emulated_latency_only(make):
     print(f"latency only: expected 80.0 ms, measured {[round(x * 1e3, 1) for x in times]} ms")
     for el in times:
         assert abs(el - 0.080) <= 0.15 * 0.080
+    # the sender counts its data messages and how late it handed them to ZeroMQ against their due time
+    a.flush(2.0)
+    c = a.counters()[1]
+    late = c.handoff_late_s - before.handoff_late_s
+    assert c.data_sent == before.data_sent + 3 and 0.0 <= late < 3 * 0.010
 
 
 def test_jitter_keeps_order_and_bounds(make):
