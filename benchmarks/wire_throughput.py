@@ -279,7 +279,7 @@ def main() -> None:
     t_start = time.monotonic()
     load_before = os.getloadavg()
     sizes = [1, 4] if a.quick else [1, 4, 16, 64, 256]
-    reps = a.reps or (3 if a.quick else 9)
+    reps = a.reps or (3 if a.quick else 7)
     envs = ["default", "hugetlb"] if a.quick else list(ENVS)
     # default and hugetlb alternate twice (A B A B) so that slow phases of the shared machine hit both alike;
     # the samples of an environment's runs are pooled before taking medians
