@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,11 +44,15 @@ def run(tmp: Path, name: str, latency: float, bw: float | None, steps: int, extr
     tf.write_text(topo.to_json())
     run_dir = tmp / name
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "deca_p2p.cli", "cluster", "--topology", str(tf), "--no-live",
-                        "--run-dir", str(run_dir), "--base-port", str(free_base_port(8)), "--threads", "1",
-                        "--rounds", "1", "--inner-steps", str(steps), "--set", "embeddings_block=false",
-                        "--set", "head_block=false", "--set", "train_per_task=300", "--set", "eval_per_task=10",
-                        *extra], cwd=REPO, capture_output=True, text=True)
+    for attempt in range(2):  # a port taken between choosing and binding it: once more on fresh ports
+        shutil.rmtree(run_dir, ignore_errors=True)
+        p = subprocess.run([sys.executable, "-m", "deca_p2p.cli", "cluster", "--topology", str(tf), "--no-live",
+                            "--run-dir", str(run_dir), "--base-port", str(free_base_port(n)), "--threads", "1",
+                            "--rounds", "1", "--inner-steps", str(steps), "--set", "embeddings_block=false",
+                            "--set", "head_block=false", "--set", "train_per_task=300", "--set", "eval_per_task=10",
+                            *extra], cwd=REPO, capture_output=True, text=True)
+        if p.returncode == 0 or "address already in use" not in p.stdout + p.stderr:
+            break
     if p.returncode != 0:
         raise SystemExit(f"{name}: cluster failed:\n{p.stdout[-3000:]}")
     data = read_metrics(run_dir)
