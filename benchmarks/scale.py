@@ -259,7 +259,7 @@ def main() -> None:
     wall = time.perf_counter() - t_start
 
     cmd = ".venv/bin/python benchmarks/scale.py" + (" --quick" if a.quick else "") + \
-        (f" --sizes {a.sizes}" if a.sizes else "")
+        (f" --sizes {a.sizes}" if a.sizes else "") + (f" --budget-s {a.budget_s:g}" if a.budget_s != 600.0 else "")
     lines = ["# Scaling with the number of peers: ring vs exponential graph (real peer processes)", "",
              f"Command: `{cmd}` ({wall:.0f} s wall, {CORES} cores, "
              f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM)", "",
