@@ -44,7 +44,7 @@ def run(tmp: Path, name: str, latency: float, bw: float | None, steps: int, extr
     tf.write_text(topo.to_json())
     run_dir = tmp / name
     t0 = time.time()
-    for attempt in range(2):  # a port taken between choosing and binding it: once more on fresh ports
+    for _ in range(2):  # a port taken between choosing and binding it: once more on fresh ports
         shutil.rmtree(run_dir, ignore_errors=True)
         p = subprocess.run([sys.executable, "-m", "deca_p2p.cli", "cluster", "--topology", str(tf), "--no-live",
                             "--run-dir", str(run_dir), "--base-port", str(free_base_port(n)), "--threads", "1",
@@ -87,6 +87,16 @@ def run(tmp: Path, name: str, latency: float, bw: float | None, steps: int, extr
             "late_ms": statistics.mean(late) if late else None, "n": n, "wall": time.time() - t0}
 
 
+TABLE_HEAD = ["| latency ms | bandwidth Mbit/s | S (MB) | goodput Mbit/s (median) | goodput / configured | messages | "
+              "hand-off late ms (mean) | step wall s | compute + L + S/R s | step / expected | waiting share |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def worst_ratio(runs: list[dict]) -> float:
+    """The lowest achieved / configured goodput over the runs with a configured bandwidth."""
+    return min((r["goodput"] / r["bw"] for r in runs if r["bw"] and r["goodput"]), default=float("nan"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -113,10 +123,7 @@ def main() -> None:
              f"Command: `.venv/bin/python benchmarks/bandwidth_latency.py{' --quick' if args.quick else ''}` "
              f"(2 cores; embedded model, layer blocks only: one message = S bytes = one decoder layer in float32; "
              f"1 round x 4 blocks x {steps} inner steps per configuration; 8 peers share the 2 cores, so compute "
-             "is ~4x a lone peer's).", "",
-             "| latency ms | bandwidth Mbit/s | S (MB) | goodput Mbit/s (median) | goodput / configured | messages | "
-             "hand-off late ms (mean) | step wall s | compute + L + S/R s | step / expected | waiting share |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "is ~4x a lone peer's).", "", *TABLE_HEAD]
 
     def row(r) -> str:
         ratio = r["goodput"] / r["bw"] if (r["bw"] and r["goodput"]) else None
@@ -126,19 +133,15 @@ def main() -> None:
                 f"{r['step_wall']:.3f} | {r['expected']:.3f} | {r['step_wall'] / r['expected']:.2f} | "
                 f"{100 * r['wait_share']:.0f}% |")
 
-    worst = None
-    for r in rows:
-        if r["bw"] and r["goodput"]:
-            worst = min(worst or 9.9, r["goodput"] / r["bw"])
-        lines.append(row(r))
+    lines += [row(r) for r in rows]
     lines += ["", "Control: the same links between 2 peers (ring of 2, one peer per core, "
-              f"{2 * steps} inner steps per block), so that no peer waits for a CPU:", "", *lines[4:6]]
+              f"{2 * steps} inner steps per block), so that no peer waits for a CPU:", "", *TABLE_HEAD]
     lines += [row(r) for r in control]
+    worst, pair_worst = worst_ratio(rows), worst_ratio(control)
     lines += ["", "Gossip every c inner steps under 100 ms latency, 100 Mbit/s (same inner steps):", "",
               "| c | step wall s (median) | waiting share | final mean eval loss | run wall s |", "|---|---|---|---|---|"]
     for c, r in zip((1, 4), every):
         lines.append(f"| {c} | {r['step_wall']:.3f} | {100 * r['wait_share']:.0f}% | {r['eval_loss']:.4f} | {r['wall']:.0f} |")
-    pair_worst = min((r["goodput"] / r["bw"] for r in control if r["bw"] and r["goodput"]), default=float("nan"))
     lines += ["", f"Target: goodput >= 90% of configured wherever configured <= 1 Gbit/s. Worst ratio on ring8: "
               f"{worst:.3f}; with one peer per core (control): {pair_worst:.3f}.", "",
               "How to read it. Goodput = S / (one-way delay − encode time − L), over the block messages a receiver "

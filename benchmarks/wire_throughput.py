@@ -280,10 +280,10 @@ def main() -> None:
     load_before = os.getloadavg()
     sizes = [1, 4] if a.quick else [1, 4, 16, 64, 256]
     reps = a.reps or (3 if a.quick else 7)
-    envs = ["default", "hugetlb"] if a.quick else list(ENVS)
+    envs = list(ENVS)
     # default and hugetlb alternate twice (A B A B) so that slow phases of the shared machine hit both alike;
     # the samples of an environment's runs are pooled before taking medians
-    schedule = envs if a.quick else ["default", "hugetlb", "default", "hugetlb"]
+    schedule = envs if a.quick else envs * 2
     pooled: dict[str, dict] = {}
     for i, env_name in enumerate(schedule):
         print(f"[{i + 1}/{len(schedule)} {env_name}] sizes {sizes} MiB, methods {', '.join(METHODS)} ...", flush=True)

@@ -136,11 +136,11 @@ class PeerTrainer:
         t0 = time.perf_counter()
         batch = {k: v.to(self.device) for k, v in self.batcher.next_batch().items()}
         loss = self.model(**batch).loss
-        loss_value = float(loss.detach())
+        loss.backward()
+        loss_value = float(loss.detach())  # read once backward is queued, so a GPU does not stall before backward
         if not math.isfinite(loss_value):  # stop before a NaN reaches the moments, a checkpoint or the wire
             raise TrainingDiverged(f"training diverged: the loss is {loss_value}; lower --lr and restart "
                                    "(the last checkpoint is kept)")
-        loss.backward()
         self.active.grads_to_master()
         self.opt.local_step()
         stats = {"loss": loss_value}
