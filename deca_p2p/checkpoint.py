@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .data import QuietProgress
+from .models import QuietProgress
 
 LATEST = "latest"
 

@@ -128,7 +128,8 @@ def _load_topology(path: str):
 def _user_errors():
     """Exceptions that mean the user's input is wrong: one line, exit 2."""
     from deca_p2p.config import ConfigError
-    from deca_p2p.data import DataError, ModelError
+    from deca_p2p.data import DataError
+    from deca_p2p.models import ModelError
     from deca_p2p.keys import KeysError
     from deca_p2p.topology import TopologyError
 
@@ -237,7 +238,7 @@ def cluster(topology_file, bootstrap_file, run_dir, no_live, **kw) -> None:
     from pathlib import Path
 
     from deca_p2p.cluster import run_cluster
-    from deca_p2p.data import ensure_default_model
+    from deca_p2p.models import ensure_default_model
     from deca_p2p.runtime import default_threads
 
     topo = _load_topology(topology_file)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,6 @@ import torch
 
 __all__ = [
     "DataError",
-    "ModelError",
     "Example",
     "TASKS",
     "make_task_examples",
@@ -40,12 +37,6 @@ __all__ = [
     "load_jsonl",
     "dirichlet_split",
     "label_skew",
-    "DEFAULT_MODEL_CONFIG",
-    "DEFAULT_MODEL_NAME",
-    "build_default_model",
-    "default_model_path",
-    "ensure_default_model",
-    "load_model",
     "Batcher",
     "completion_loss",
     "greedy_complete",
@@ -58,9 +49,6 @@ IGNORE_INDEX = -100
 class DataError(ValueError):
     """Bad training/evaluation data; the message is one line naming the file and line."""
 
-
-class ModelError(ValueError):
-    """A model path that cannot be used as a causal LM (missing, no config.json, wrong kind)."""
 
 
 @dataclass(frozen=True)
@@ -278,182 +266,6 @@ def label_skew(labels: Sequence[str], parts: Sequence[Sequence[int]]) -> float:
         m = len(part)
         dists.append(0.5 * sum(abs(c.get(k, 0) / m - q) for k, q in glob.items()))
     return float(np.mean(dists)) if dists else 0.0
-
-
-# --------------------------------------------------------------------------------------------------
-# The embedded default model
-# --------------------------------------------------------------------------------------------------
-
-DEFAULT_MODEL_NAME = "default-model-v1"  # bump when the vocabulary, config or init changes
-
-_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
-# Every printable ASCII character plus newline and tab: covers the tasks and most user JSONL.
-_CHARS = tuple(chr(c) for c in range(32, 127)) + ("\n", "\t")
-_VOCAB: dict[str, int] = {t: i for i, t in enumerate(_SPECIAL_TOKENS + _CHARS)}
-
-DEFAULT_MODEL_CONFIG: dict = dict(
-    vocab_size=len(_VOCAB),
-    hidden_size=128,
-    intermediate_size=384,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=128,
-    tie_word_embeddings=False,
-    attention_dropout=0.0,
-    pad_token_id=_VOCAB["<pad>"],
-    bos_token_id=_VOCAB["<s>"],
-    eos_token_id=_VOCAB["</s>"],
-)
-
-
-def _build_tokenizer():
-    """The character-level tokenizer of the default model, as a ``PreTrainedTokenizerFast``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(vocab=dict(_VOCAB), unk_token="<unk>"))
-    # One pre-token per character (``[\s\S]``: unlike ``.``, it also matches newlines); spaces are kept.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        clean_up_tokenization_spaces=False,
-        model_max_length=DEFAULT_MODEL_CONFIG["max_position_embeddings"],
-    )
-
-
-def build_default_model(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the default model (random init from ``seed``) and its tokenizer to ``path`` in HF format.
-
-    The directory is built next to ``path`` and renamed into place, so readers never see a partial
-    model. If ``path`` already holds a model (e.g. another process won the race), it is kept as is.
-    The same seed gives bit-identical weights.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = Path(path)
-    if (path / "config.json").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        _build_tokenizer().save_pretrained(tmp)
-        config = LlamaConfig(**DEFAULT_MODEL_CONFIG)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = LlamaForCausalLM(config)
-        model.to(torch.float32)
-        with QuietProgress():
-            model.save_pretrained(tmp, safe_serialization=True)
-        try:
-            os.rename(tmp, path)
-        except OSError as e:
-            if not (path / "config.json").exists():
-                raise ModelError(
-                    f"model path {path} exists but is not a model directory ({e.strerror}); remove it"
-                ) from None
-            # another process renamed its build into place first: keep theirs
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def default_model_path() -> Path:
-    """``$DECA_CACHE/default-model-v1`` if ``DECA_CACHE`` is set, else ``~/.cache/deca-p2p/default-model-v1``."""
-    base = os.environ.get("DECA_CACHE")
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "deca-p2p"
-    return root / DEFAULT_MODEL_NAME
-
-
-def ensure_default_model() -> Path:
-    """Build the default model at :func:`default_model_path` if it is not there; return the path."""
-    path = default_model_path()
-    if not (path / "config.json").exists():
-        build_default_model(path, seed=0)
-    if not (path / "config.json").exists():
-        raise ModelError(f"model path {path} exists but is not a model directory; remove it")
-    return path
-
-
-class QuietProgress:
-    """Temporarily turn off transformers' progress bars (restored on exit)."""
-
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self._was = hf_logging.is_progress_bar_enabled()
-        if self._was:
-            hf_logging.disable_progress_bar()
-        return self
-
-    def __exit__(self, *exc):
-        from transformers.utils import logging as hf_logging
-
-        if self._was:
-            hf_logging.enable_progress_bar()
-        return False
-
-
-def _zero_dropout_config(config) -> None:
-    for key, val in list(vars(config).items()):
-        if isinstance(val, float) and ("dropout" in key or "pdrop" in key):
-            setattr(config, key, 0.0)
-
-
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
-    """Load ``(model, tokenizer)`` from a local Hugging Face directory (never from the hub).
-
-    The model is returned in train mode with every dropout probability set to 0. The tokenizer has
-    an EOS token and a pad token (the EOS token when the tokenizer defines none). Raises
-    :class:`ModelError` for a missing path, a directory without ``config.json``, or a model that is
-    not a causal LM.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"model path {path} does not exist")
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise ModelError(f"model path {path} is not a Hugging Face causal LM directory (no config.json)")
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure here means "not a usable model dir"
-        raise ModelError(f"model path {path}: cannot read config.json ({_one_line(e)})") from None
-    _zero_dropout_config(config)
-    try:
-        with QuietProgress():
-            model = AutoModelForCausalLM.from_pretrained(
-                path, config=config, dtype=dtype, local_files_only=True
-            )
-    except ValueError as e:
-        raise ModelError(f"model path {path} is not a causal LM ({_one_line(e)})") from None
-    except OSError as e:
-        raise ModelError(f"model path {path}: cannot load weights ({_one_line(e)})") from None
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Dropout):
-            mod.p = 0.0
-    model.to(device)
-    model.train()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ModelError(f"model path {path}: cannot load tokenizer ({_one_line(e)})") from None
-    if tokenizer.eos_token_id is None:
-        raise ModelError(f"model path {path}: tokenizer has no EOS token")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def _one_line(e: BaseException) -> str:
-    s = " ".join(str(e).split())
-    return s[:300] + ("..." if len(s) > 300 else "")
 
 
 # --------------------------------------------------------------------------------------------------

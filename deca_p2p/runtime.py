@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .config import ConfigError, TrainConfig
-from .data import Batcher, DataError, Example, default_dataset, dirichlet_split, ensure_default_model, load_jsonl, load_model
+from .data import Batcher, DataError, Example, default_dataset, dirichlet_split, load_jsonl
+from .models import ensure_default_model, load_model
 from .trainer import peer_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

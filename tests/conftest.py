@@ -16,7 +16,7 @@ def deca_cache(tmp_path_factory):
     """DECA_CACHE for this test session, with the default model already built."""
     cache = tmp_path_factory.mktemp("deca-cache")
     os.environ["DECA_CACHE"] = str(cache)
-    from deca_p2p.data import ensure_default_model
+    from deca_p2p.models import ensure_default_model
 
     ensure_default_model()
     return cache

@@ -90,7 +90,7 @@ def test_divergence_stops_with_one_line(deca_cache, tmp_path):
     # a checkpoint holding an infinite weight makes the first loss NaN: exit 3, one line, no traceback
     from safetensors.torch import load_file, save_file
 
-    from deca_p2p.data import build_default_model
+    from deca_p2p.models import build_default_model
 
     model = build_default_model(tmp_path / "model")
     weights = load_file(model / "model.safetensors")

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from deca_p2p import data as D
-from deca_p2p.data import DataError, Example, ModelError
+from deca_p2p import models as M
+from deca_p2p.data import DataError, Example
+from deca_p2p.models import ModelError
 
 
 # --------------------------------------------------------------------------------------------------
@@ -49,7 +51,7 @@ def solve(prompt: str) -> str:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return D.build_default_model(tmp_path_factory.mktemp("models") / "default", seed=0)
+    return M.build_default_model(tmp_path_factory.mktemp("models") / "default", seed=0)
 
 
 @pytest.fixture(autouse=True)
@@ -252,8 +254,8 @@ def test_dirichlet_split_small_and_invalid():
 
 
 def test_build_is_deterministic(tmp_path, model_dir):
-    a = D.build_default_model(tmp_path / "a", seed=0)
-    b = D.build_default_model(tmp_path / "b", seed=7)
+    a = M.build_default_model(tmp_path / "a", seed=0)
+    b = M.build_default_model(tmp_path / "b", seed=7)
     sa, sb, s0 = _state(a), _state(b), _state(model_dir)
     assert sa.keys() == s0.keys()
     assert all(torch.equal(sa[k], s0[k]) for k in sa)
@@ -263,7 +265,7 @@ def test_build_is_deterministic(tmp_path, model_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     # building onto an existing model keeps it
     before = (b / "model.safetensors").read_bytes()
-    assert D.build_default_model(b, seed=0) == b
+    assert M.build_default_model(b, seed=0) == b
     assert (b / "model.safetensors").read_bytes() == before
     # small on disk
     assert sum(f.stat().st_size for f in a.iterdir()) < 8 * 2**20
@@ -276,12 +278,12 @@ def test_build_race_keeps_the_winner(tmp_path, monkeypatch):
     def racing_rename(src, dst):
         # another process finishes first
         monkeypatch.setattr(D.os, "rename", real_rename)
-        D.build_default_model(dst, seed=5)
+        M.build_default_model(dst, seed=5)
         real_rename(src, dst)  # raises: dst is a non-empty directory
 
     monkeypatch.setattr(D.os, "rename", racing_rename)
-    assert D.build_default_model(target, seed=0) == target
-    ref = D.build_default_model(tmp_path / "ref5", seed=5)
+    assert M.build_default_model(target, seed=0) == target
+    ref = M.build_default_model(tmp_path / "ref5", seed=5)
     st, sr = _state(target), _state(ref)
     assert all(torch.equal(st[k], sr[k]) for k in st)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "ref5"]
@@ -292,21 +294,21 @@ def test_build_onto_a_foreign_directory(tmp_path):
     junk.mkdir()
     (junk / "notes.txt").write_text("not a model")
     with pytest.raises(ModelError, match="not a model directory"):
-        D.build_default_model(junk)
+        M.build_default_model(junk)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk"]
     assert sorted(p.name for p in junk.iterdir()) == ["notes.txt"]
 
 
 def test_default_model_path_and_ensure(tmp_path, monkeypatch):
     monkeypatch.setenv("DECA_CACHE", str(tmp_path / "cache"))
-    assert D.default_model_path() == tmp_path / "cache" / "default-model-v1"
-    p = D.ensure_default_model()
-    assert p == D.default_model_path() and (p / "config.json").is_file()
+    assert M.default_model_path() == tmp_path / "cache" / "default-model-v1"
+    p = M.ensure_default_model()
+    assert p == M.default_model_path() and (p / "config.json").is_file()
     mtime = (p / "model.safetensors").stat().st_mtime_ns
-    assert D.ensure_default_model() == p
+    assert M.ensure_default_model() == p
     assert (p / "model.safetensors").stat().st_mtime_ns == mtime
     monkeypatch.delenv("DECA_CACHE")
-    assert D.default_model_path() == Path.home() / ".cache" / "deca-p2p" / "default-model-v1"
+    assert M.default_model_path() == Path.home() / ".cache" / "deca-p2p" / "default-model-v1"
 
 
 def test_hf_auto_classes_load_it(model_dir):
@@ -320,7 +322,7 @@ def test_hf_auto_classes_load_it(model_dir):
     assert not model.config.tie_word_embeddings
     n_params = sum(p.numel() for p in model.parameters())
     assert 500_000 < n_params < 2_000_000
-    _, tok2 = D.load_model(model_dir)
+    _, tok2 = M.load_model(model_dir)
     for text in ["rev:abcd=", "a b  c, d+e:=\n\tZ~", "  lead and trail  ", "add:99+1="]:
         ids = tok.encode(text, add_special_tokens=False)
         assert len(ids) == len(text), "one token per character"
@@ -336,27 +338,27 @@ def test_hf_auto_classes_load_it(model_dir):
 
 
 def test_load_model(model_dir, tmp_path):
-    model, tok = D.load_model(model_dir)
+    model, tok = M.load_model(model_dir)
     assert model.training
     assert next(model.parameters()).dtype == torch.float32
     assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert model.config.attention_dropout == 0.0
     assert tok.pad_token_id is not None and tok.eos_token_id is not None
-    m16, _ = D.load_model(model_dir, dtype=torch.bfloat16)
+    m16, _ = M.load_model(model_dir, dtype=torch.bfloat16)
     assert next(m16.parameters()).dtype == torch.bfloat16
 
     with pytest.raises(ModelError, match="does not exist"):
-        D.load_model(tmp_path / "missing")
+        M.load_model(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no config.json"):
-        D.load_model(tmp_path / "empty")
+        M.load_model(tmp_path / "empty")
     from transformers import ViTConfig
 
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
         tmp_path / "vit"
     )
     with pytest.raises(ModelError, match="not a causal LM"):
-        D.load_model(tmp_path / "vit")
+        M.load_model(tmp_path / "vit")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,7 +367,7 @@ def test_load_model(model_dir, tmp_path):
 
 
 def test_batcher_labels_and_padding(model_dir):
-    _, tok = D.load_model(model_dir)
+    _, tok = M.load_model(model_dir)
     train, _ = D.default_dataset(n_train_per_task=50, n_eval_per_task=1, seed=0)
     by_prompt = {e.prompt: e.completion for e in train}
     b = D.Batcher(train, tok, batch_size=32, seed=1)
@@ -394,7 +396,7 @@ def test_batcher_labels_and_padding(model_dir):
 
 
 def test_batcher_reproducible(model_dir):
-    _, tok = D.load_model(model_dir)
+    _, tok = M.load_model(model_dir)
     train, _ = D.default_dataset(n_train_per_task=50, n_eval_per_task=1, seed=0)
     a, b, c = (D.Batcher(train, tok, 8, seed=s) for s in (3, 3, 4))
     for _ in range(4):
@@ -408,7 +410,7 @@ def test_batcher_reproducible(model_dir):
 
 
 def test_batcher_truncates_long_examples(model_dir):
-    _, tok = D.load_model(model_dir)
+    _, tok = M.load_model(model_dir)
     b = D.Batcher([Example("p" * 100, "abc")], tok, 2, 0, max_len=16)
     batch = b.next_batch()
     assert batch["input_ids"].shape == (2, 16)
@@ -417,7 +419,7 @@ def test_batcher_truncates_long_examples(model_dir):
 
 
 def test_completion_loss_ignores_prompt_and_padding(model_dir):
-    model, tok = D.load_model(model_dir)
+    model, tok = M.load_model(model_dir)
     train, _ = D.default_dataset(n_train_per_task=20, n_eval_per_task=1, seed=0)
     batch = D.Batcher(train, tok, 16, seed=0).next_batch()
     loss = D.completion_loss(model, batch)
@@ -440,7 +442,7 @@ def test_completion_loss_ignores_prompt_and_padding(model_dir):
 
 
 def test_evaluate_untrained_keys_and_mode(model_dir):
-    model, tok = D.load_model(model_dir)
+    model, tok = M.load_model(model_dir)
     _, ev = D.default_dataset(n_train_per_task=1, n_eval_per_task=5, seed=0)
     m = D.evaluate(model, tok, ev, batch_size=7)
     assert set(m) == {"eval_loss", "acc"} | {f"acc/{t}" for t in D.TASKS}
@@ -455,7 +457,7 @@ def test_evaluate_untrained_keys_and_mode(model_dir):
 
 
 def test_greedy_matches_generate(model_dir):
-    model, tok = D.load_model(model_dir)
+    model, tok = M.load_model(model_dir)
     _, ev = D.default_dataset(n_train_per_task=1, n_eval_per_task=2, seed=0)
     prompts = [e.prompt for e in ev]
     ours = D.greedy_complete(model, tok, prompts, max_new_tokens=6, batch_size=3)
@@ -472,7 +474,7 @@ def test_greedy_matches_generate(model_dir):
 
 
 def test_short_training_lowers_loss_and_learns_copy(model_dir):
-    model, tok = D.load_model(model_dir)
+    model, tok = M.load_model(model_dir)
     train = D.make_task_examples("copy", 1000, random.Random(1))
     ev = D.make_task_examples("copy", 40, random.Random(2))
     before = D.evaluate(model, tok, ev)

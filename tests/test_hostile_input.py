@@ -90,7 +90,7 @@ def _wait(cond, what: str, procs, timeout: float):
 def _block_layout():
     """(names, shapes) of every block of the embedded model, as the peers partition it."""
     from deca_p2p.config import make_config
-    from deca_p2p.data import ensure_default_model, load_model
+    from deca_p2p.models import ensure_default_model, load_model
     from deca_p2p.trainer import make_blocks
 
     model, _ = load_model(ensure_default_model())
