@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TOPOLOGY ?= topologies/ring8.json
 CLUSTER_ARGS ?=
 
-.PHONY: install test cluster simulate bench clean
+.PHONY: install test test-integration cluster simulate bench clean
 
 install: $(STAMP)
 
@@ -19,7 +19,11 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m 'not integration' tests
+
+# Slower real-process tests (architecture matrix, own-data peers): run by .ci/run after `make test`.
+test-integration: install
+	$(PY) -m pytest -q -m integration tests
 
 cluster: install
 	$(VENV)/bin/deca-peer cluster --topology $(TOPOLOGY) $(CLUSTER_ARGS)
