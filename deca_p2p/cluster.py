@@ -94,8 +94,9 @@ def stop_all(procs: dict[int, subprocess.Popen], grace_s: float = 30.0) -> None:
 
 
 def run_cluster(topo: Topology, topology_path: str, run_dir: Path, peer_args: Sequence[str], *,
-                live: bool = True, console: Console | None = None) -> int:
-    """Start every peer, show them until all exit, print the final table; returns 0 when all peers succeeded."""
+                live: bool = True, console: Console | None = None, per_peer_args: dict[int, list[str]] | None = None) -> int:
+    """Start every peer, show them until all exit, print the final table; returns 0 when all peers succeeded.
+    `per_peer_args` are each peer's own options (its --data and --eval-data)."""
     console = console or Console()
     run_dir.mkdir(parents=True, exist_ok=True)
     procs: dict[int, subprocess.Popen] = {}
@@ -113,7 +114,7 @@ def run_cluster(topo: Topology, topology_path: str, run_dir: Path, peer_args: Se
             peer_dir(run_dir, i).mkdir(parents=True, exist_ok=True)
             out = open(peer_dir(run_dir, i) / "peer.log", "w")
             cmd = [sys.executable, "-m", "deca_p2p.cli", "start", "--id", str(i), "--neighbors", topology_path,
-                   "--run-dir", str(run_dir), *peer_args]
+                   "--run-dir", str(run_dir), *peer_args, *(per_peer_args or {}).get(i, [])]
             # own session: the terminal's Ctrl-C reaches only us, and we stop the peers in order
             procs[i] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True, env=peer_env())

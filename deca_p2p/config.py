@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 
 MAX_LR = 1e3  # far above any useful rate; larger ones overflow float32 in the Adam step
+LR_SCHEDULES = ("constant", "linear", "cosine")
+CPU_MAX_LEN, GPU_MAX_LEN = 1024, 4096  # default sequence caps: a 1024-token step is seconds on a CPU
 
 
 class ConfigError(ValueError):
@@ -37,11 +39,22 @@ class TrainConfig:
     head_block: bool = True           # train final norm + LM head as an extra block
     # data
     batch_size: int = 16
-    alpha: float = 0.25               # Dirichlet concentration of the non-IID split
+    grad_accum: int = 1               # micro-batches of batch_size per local step (their gradients averaged)
+    alpha: float = 0.25               # Dirichlet concentration of the non-IID split (embedded data, `split`)
     train_per_task: int = 2000
     eval_per_task: int = 40
-    max_len: int = 64
+    max_len: int = 0                  # tokens per sequence; 0: the model's position limit, capped at 1024 on CPU, 4096 on GPU
+    eval_fraction: float = 0.1        # without --eval-data, this share of a peer's own file is held out for its evaluation
+    eval_batch_size: int = 0          # sequences per evaluation batch; 0: batch_size (keeps evaluation within a step's memory)
+    eval_max_new_tokens: int = 64     # exact match is scored on answers of at most this many tokens
     seed: int = 0
+    # fine-tuning controls (HF Trainer's names); the defaults keep the benchmarked behaviour of the embedded model
+    lr_schedule: str = "constant"     # constant | linear | cosine (transformers.get_scheduler, over the whole run)
+    warmup_steps: int = 0             # linear warm-up over the first N local steps of the run ...
+    warmup_ratio: float = 0.0         # ... or over this share of them (warmup_steps wins when both are set)
+    weight_decay: float = 0.0         # decoupled (AdamW), on matrices only: biases and norms are not decayed
+    max_grad_norm: float = 0.0        # clip the active block's gradient norm; 0: no clipping
+    gradient_checkpointing: bool = False  # recompute activations in backward (the model's gradient_checkpointing_enable)
     # communication
     comm: str = "gossip"              # gossip | none (local-only baseline)
     codec: str = "raw"                # raw | bf16 | fp16 | int8
@@ -68,12 +81,12 @@ class TrainConfig:
         choices = {"algo": ("deca", "dadam", "dsgd"), "discrepancy": ("paper", "qg", "none"),
                    "block_order": ("ascending", "descending", "random"), "comm": ("gossip", "none"),
                    "codec": ("raw", "bf16", "fp16", "int8"), "dtype": ("float32", "bfloat16", "float16"),
-                   "device": ("cpu", "cuda", "auto")}
+                   "device": ("cpu", "cuda", "auto"), "lr_schedule": LR_SCHEDULES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        for key in ("rounds", "inner_steps", "batch_size", "train_per_task", "eval_per_task", "max_len", "gossip_every",
-                    "checkpoint_every"):
+        for key in ("rounds", "inner_steps", "batch_size", "train_per_task", "eval_per_task", "gossip_every",
+                    "checkpoint_every", "grad_accum", "eval_max_new_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         for key in ("lr", "alpha", "eps", "exchange_timeout_s", "hello_timeout_s"):
@@ -90,8 +103,19 @@ class TrainConfig:
             raise ConfigError("discrepancy 'qg' divides by the learning rate, which is 0")
         if not math.isfinite(self.slowdown) or self.slowdown < 1:
             raise ConfigError(f"slowdown must be a factor >= 1, got {self.slowdown}")
-        if self.max_len < 2:
-            raise ConfigError(f"max_len must be at least 2, got {self.max_len}")
+        if self.max_len < 0 or self.max_len == 1:
+            raise ConfigError(f"max_len must be at least 2 (or 0: from the model), got {self.max_len}")
+        for key in ("eval_batch_size", "warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("eval_fraction", "warmup_ratio"):
+            v = getattr(self, key)
+            if not (math.isfinite(v) and 0 <= v < 1):
+                raise ConfigError(f"{key} must be in [0, 1), got {v}")
+        for key in ("weight_decay", "max_grad_norm"):
+            v = getattr(self, key)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{key} must be a finite number >= 0, got {v}")
         if not 0 < self.base_port < 65536:
             raise ConfigError(f"base_port must be a TCP port, got {self.base_port}")
         return self

@@ -22,13 +22,14 @@ DISCREPANCIES = ("paper", "qg", "none")
 class GossipOptimizer:
     """Common state: the parameter list and the last step's statistics."""
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float):
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, weight_decay: float = 0.0):
         self.params = list(params)
         if not self.params:
             raise ValueError("optimizer got an empty parameter list")
         if lr < 0:
             raise ValueError(f"learning rate must be >= 0, got {lr}")
-        self.lr = float(lr)
+        self.lr = float(lr)  # the caller may change it between steps (a learning-rate schedule)
+        self.weight_decay = float(weight_decay)
         self.last_stats: dict[str, float] = {}
         self.reset()
 
@@ -48,6 +49,14 @@ class GossipOptimizer:
         for p, new in zip(self.params, mixed):
             p.copy_(new)
 
+    @torch.no_grad()
+    def _decay(self) -> None:
+        """Decoupled weight decay (AdamW), before the step; matrices only, as HF's Trainer (no biases, no norms)."""
+        if self.weight_decay and self.lr:
+            for p in self.params:
+                if p.grad is not None and p.ndim >= 2:
+                    p.mul_(1.0 - self.lr * self.weight_decay)
+
     def _grad_norm(self) -> float:
         sq = sum(float(p.grad.double().pow(2).sum()) for p in self.params if p.grad is not None)
         return math.sqrt(sq)
@@ -59,6 +68,7 @@ class DSGD(GossipOptimizer):
     @torch.no_grad()
     def local_step(self) -> None:
         self.last_stats = {"grad_norm": self._grad_norm()}
+        self._decay()
         for p in self.params:
             if p.grad is not None:
                 p.add_(p.grad, alpha=-self.lr)
@@ -75,7 +85,7 @@ class DECA(GossipOptimizer):
     """
 
     def __init__(self, params, lr: float, alphas=(0.9, 0.999), betas=(0.9, 0.999), eps: float = 1e-8,
-                 discrepancy: str = "paper"):
+                 discrepancy: str = "paper", weight_decay: float = 0.0):
         if discrepancy not in DISCREPANCIES:
             raise ValueError(f"discrepancy must be one of {', '.join(DISCREPANCIES)}, got {discrepancy!r}")
         if discrepancy == "qg" and lr == 0:
@@ -87,7 +97,7 @@ class DECA(GossipOptimizer):
         self.betas = (1.0, 1.0) if discrepancy == "none" else tuple(float(b) for b in betas)
         self.eps = float(eps)
         self.discrepancy = discrepancy
-        super().__init__(params, lr)
+        super().__init__(params, lr, weight_decay)
 
     def reset(self) -> None:
         """Fresh moments: called when the block is (re)activated, as BAdam does."""
@@ -103,6 +113,7 @@ class DECA(GossipOptimizer):
         bc1, bc2 = 1.0 - a1 ** t, 1.0 - a2 ** t
         self.last_stats = {"grad_norm": self._grad_norm()}
         self._before = [p.detach().clone() for p in self.params]
+        self._decay()
         for p, m, v in zip(self.params, self.m, self.v):
             if p.grad is None:
                 continue
@@ -123,7 +134,8 @@ class DECA(GossipOptimizer):
         h_sq = 0.0
         for p, before, m, v in zip(self.params, self._before, self.m, self.v):
             if self.discrepancy == "qg":
-                h = (before - p).div_(self.lr)
+                # a schedule may give lr = 0 (the first warm-up step): no step was taken, so no discrepancy to scale
+                h = (before - p).div_(self.lr) if self.lr else torch.zeros_like(p)
             else:
                 h = p - before
             h_sq += float(h.double().pow(2).sum())
@@ -140,14 +152,14 @@ class DECA(GossipOptimizer):
 
 
 def make_optimizer(algo: str, params, lr: float, *, alphas=(0.9, 0.999), betas=(0.9, 0.999), eps: float = 1e-8,
-                   discrepancy: str = "paper") -> GossipOptimizer:
+                   discrepancy: str = "paper", weight_decay: float = 0.0) -> GossipOptimizer:
     """deca: DECA on the active block; dadam: Adam + gossip on all parameters (no BMA); dsgd: SGD + gossip."""
     if algo == "deca":
-        return DECA(params, lr, alphas, betas, eps, discrepancy)
+        return DECA(params, lr, alphas, betas, eps, discrepancy, weight_decay)
     if algo == "dadam":
-        return DECA(params, lr, alphas, betas, eps, "none")
+        return DECA(params, lr, alphas, betas, eps, "none", weight_decay)
     if algo == "dsgd":
-        return DSGD(params, lr)
+        return DSGD(params, lr, weight_decay)
     raise ValueError(f"unknown algorithm {algo!r} (choose deca, dadam or dsgd)")
 
 

@@ -1,10 +1,14 @@
-"""What every peer loads before training, shared by the real peer and the in-process simulation:
-the model, the tokenizer, the global eval set and this peer's non-IID shard."""
+"""What a peer loads before training, shared by the real peer and the in-process simulation: the model, its
+tokenizer, the sequence length, and this peer's own training and evaluation records.
+
+A peer reads only its own files (DESIGN §8). Splitting one file over many peers (Dirichlet over `label`) is a
+simulation convenience: `deca-peer split` and `cluster` write per-peer files first, which peers then read as
+their own; `simulate` does the same split in memory.
+"""
 from __future__ import annotations
 
 import copy
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -12,12 +16,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .config import ConfigError, TrainConfig
-from .data import Batcher, DataError, Example, default_dataset, dirichlet_split, load_jsonl
+from .config import CPU_MAX_LEN, GPU_MAX_LEN, ConfigError, TrainConfig
+from .data import DataError, Example, dirichlet_split, hold_out, load_jsonl
+from .encoding import Batcher
 from .models import ensure_default_model, load_model
+from .tasks import default_dataset
 from .trainer import peer_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHARD_FILE, EVAL_FILE = "peer-{}.jsonl", "eval.jsonl"
 
 
 def set_threads(n: int) -> None:
@@ -36,57 +43,132 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def split_user_data(examples: list[Example], per_label: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out up to `per_label` examples of each label (at most a tenth of it) as the global eval set."""
-    by_label: dict[str, list[int]] = {}
-    for i, e in enumerate(examples):
-        by_label.setdefault(e.label, []).append(i)
-    held: set[int] = set()
-    rng = random.Random(f"deca-p2p/eval/{seed}")
-    for label in sorted(by_label):
-        idx = by_label[label]
-        held.update(rng.sample(idx, min(per_label, len(idx) // 10)))
-    train = [e for i, e in enumerate(examples) if i not in held]
-    evals = [e for i, e in enumerate(examples) if i in held] or train[: min(len(train), per_label)]
-    return train, evals
+# --------------------------------------------------------------------------------------------------
+# Data: whose records are where
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class PeerSetup:
-    examples: list[Example]
-    batcher: Batcher
+class PeerData:
+    train: list[Example]
+    evals: list[Example]
+    source: str          # where the training records came from (the log says it)
+    eval_source: str     # and the evaluation records
 
 
-@dataclass
-class RunInputs:
-    cfg: TrainConfig
-    nodes: list[int]
-    model: nn.Module
-    tokenizer: object
-    train_examples: list[Example]
-    eval_examples: list[Example]
-    shards: dict[int, list[int]]
-
-    def peer(self, peer_id: int) -> PeerSetup:
-        ex = [self.train_examples[k] for k in self.shards[peer_id]]
-        return PeerSetup(ex, Batcher(ex, self.tokenizer, self.cfg.batch_size, peer_seed(self.cfg.seed, peer_id),
-                                     self.cfg.max_len))
-
-
-def load_run_inputs(cfg: TrainConfig, nodes: Sequence[int], *, model_path=None, data_path=None) -> RunInputs:
-    """Deterministic for the config: every peer process computes the same split and keeps its own shard."""
-    path = Path(model_path) if model_path else ensure_default_model()
-    model, tokenizer = load_model(path, dtype=DTYPES[cfg.dtype], device=resolve_device(cfg.device))
-    if data_path:
-        train, evals = split_user_data(load_jsonl(data_path), cfg.eval_per_task, cfg.seed)
-    else:
-        train, evals = default_dataset(cfg.train_per_task, cfg.eval_per_task, cfg.seed)
-    nodes = sorted(nodes)
+def split_examples(examples: Sequence[Example], ids: Sequence[int], alpha: float, seed: int,
+                   eval_fraction: float) -> tuple[dict[int, list[Example]], list[Example]]:
+    """Hold out a stratified `eval_fraction` as a common eval set, then split the rest over `ids` with
+    Dirichlet(alpha) label skew. What `deca-peer split` writes and `simulate --data FILE` uses."""
+    train, evals = hold_out(examples, eval_fraction, seed)
     try:
-        parts = dirichlet_split([e.label for e in train], len(nodes), cfg.alpha, cfg.seed)
+        parts = dirichlet_split([e.label for e in train], len(ids), alpha, seed)
     except ValueError as e:  # too little data for this many peers
         raise DataError(str(e)) from None
-    return RunInputs(cfg, nodes, model, tokenizer, train, evals, dict(zip(nodes, parts)))
+    return {i: [train[k] for k in part] for i, part in zip(sorted(ids), parts)}, evals
+
+
+def embedded_data(cfg: TrainConfig, ids: Sequence[int]) -> tuple[dict[int, list[Example]], list[Example]]:
+    """The generated default tasks split over the peers (deterministic for the config), and the common eval set."""
+    train, evals = default_dataset(cfg.train_per_task, cfg.eval_per_task, cfg.seed)
+    parts = dirichlet_split([e.label for e in train], len(ids), cfg.alpha, cfg.seed)
+    return {i: [train[k] for k in part] for i, part in zip(sorted(ids), parts)}, evals
+
+
+def own_data(cfg: TrainConfig, peer_id: int, data_path: str, eval_path: str | None = None) -> PeerData:
+    """A peer's own file: all of it trains, unless there is no eval file, then a seeded share is held out."""
+    records = load_jsonl(data_path)
+    if eval_path:
+        return PeerData(records, load_jsonl(eval_path), f"{data_path} (all {len(records)} records)", eval_path)
+    train, evals = hold_out(records, cfg.eval_fraction, peer_seed(cfg.seed, peer_id))
+    if not evals:
+        raise DataError(f"{data_path}: no --eval-data and nothing to hold out for evaluation "
+                        f"({len(records)} records, eval_fraction {cfg.eval_fraction}); give --eval-data FILE")
+    return PeerData(train, evals, f"{data_path} ({len(train)} of {len(records)} records)",
+                    f"{len(evals)} records held out of {data_path} (no --eval-data)")
+
+
+def write_shards(out_dir: str | Path, shards: dict[int, list[Example]], evals: list[Example]) -> Path:
+    from .data import write_jsonl
+
+    out = Path(out_dir)
+    for i, ex in shards.items():
+        write_jsonl(out / SHARD_FILE.format(i), ex)
+    write_jsonl(out / EVAL_FILE, evals)
+    return out
+
+
+def shard_paths(data_dir: str | Path, peer_id: int) -> tuple[Path, Path | None]:
+    """A data directory's files for one peer: its shard, and its eval file (own `peer-<id>.eval.jsonl`, else the
+    common `eval.jsonl`, else none: then a share of its shard is held out)."""
+    d = Path(data_dir)
+    train = d / SHARD_FILE.format(peer_id)
+    if not train.is_file():
+        raise DataError(f"data directory {d} has no {train.name} for peer {peer_id}")
+    for name in (f"peer-{peer_id}.eval.jsonl", EVAL_FILE):
+        if (d / name).is_file():
+            return train, d / name
+    return train, None
+
+
+def network_data(cfg: TrainConfig, ids: Sequence[int], *, data_path=None, data_dir=None) -> dict[int, PeerData]:
+    """Every peer's data, for the in-process simulation."""
+    if data_dir:
+        return {i: own_data(cfg, i, *(str(p) if p else None for p in shard_paths(data_dir, i))) for i in ids}
+    if data_path:
+        shards, evals = split_examples(load_jsonl(data_path), ids, cfg.alpha, cfg.seed, cfg.eval_fraction)
+        src = f"shard of {data_path}"
+    else:
+        shards, evals = embedded_data(cfg, ids)
+        src = "shard of the embedded tasks"
+    return {i: PeerData(shards[i], evals, f"{src} ({len(shards[i])} records)", "common eval set") for i in ids}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and sequence length
+# --------------------------------------------------------------------------------------------------
+
+
+def position_limit(model, tokenizer) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(model.config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    v = getattr(tokenizer, "model_max_length", None)
+    return v if isinstance(v, int) and 0 < v < 1_000_000 else None
+
+
+def resolve_max_len(cfg: TrainConfig, model, tokenizer, device: str) -> int:
+    """--max-len, or the model's position limit capped for the device; never beyond the position table."""
+    limit = position_limit(model, tokenizer)
+    cap = GPU_MAX_LEN if device.startswith("cuda") else CPU_MAX_LEN
+    if cfg.max_len:
+        if limit is not None and cfg.max_len > limit:
+            raise ConfigError(f"max_len {cfg.max_len} exceeds the model's {limit} positions")
+        return cfg.max_len
+    return min(limit or cap, cap)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    max_len: int
+
+
+def load(cfg: TrainConfig, model_path=None) -> LoadedModel:
+    path = Path(model_path) if model_path else ensure_default_model()
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model(path, dtype=DTYPES[cfg.dtype], device=device)
+    return LoadedModel(model, tokenizer, resolve_max_len(cfg, model, tokenizer, device))
+
+
+def make_batcher(cfg: TrainConfig, lm: LoadedModel, peer_id: int, data: PeerData) -> Batcher:
+    if len(data.train) < cfg.batch_size:
+        raise DataError(f"peer {peer_id}: {len(data.train)} training examples in {data.source}, fewer than one "
+                        f"batch (--batch-size {cfg.batch_size})")
+    return Batcher(data.train, lm.tokenizer, cfg.batch_size, peer_seed(cfg.seed, peer_id), lm.max_len,
+                   where=data.source.split(" (")[0])
 
 
 @torch.no_grad()

@@ -19,8 +19,9 @@ from . import wire
 from .config import TrainConfig
 from .metrics import MetricsLog
 from .optim import MixAccumulator, self_weight
-from .data import evaluate
-from .runtime import PeerSetup, average_models, load_run_inputs, set_threads
+from .evaluation import evaluate
+from .checkpoint import save_atomic
+from .runtime import average_models, load, make_batcher, network_data, set_threads
 from .topology import Topology
 from .trainer import PeerTrainer
 
@@ -50,19 +51,30 @@ class SimResult:
     models: dict[int, torch.nn.Module] = field(repr=False, default_factory=dict)
 
 
-def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=None, run_dir=None,
-             progress: Callable[[str], None] | None = None) -> SimResult:
+def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=None, data_dir=None, run_dir=None,
+             save: bool = False, progress: Callable[[str], None] | None = None) -> SimResult:
+    """Run the network in this process. `save` writes each peer's final checkpoint under run_dir, like `cluster`."""
     set_threads(cfg.threads or 1)
-    inputs = load_run_inputs(cfg, topo.nodes, model_path=model_path, data_path=data_path)
+    data = network_data(cfg, topo.nodes, data_path=data_path, data_dir=data_dir)
+    lm = load(cfg, model_path)
     t0 = time.perf_counter()
     trainers: dict[int, PeerTrainer] = {}
     logs: dict[int, MetricsLog] = {}
     for i in topo.nodes:
-        setup: PeerSetup = inputs.peer(i)
-        trainers[i] = PeerTrainer(copy.deepcopy(inputs.model), setup.batcher, cfg)
+        trainers[i] = PeerTrainer(copy.deepcopy(lm.model), make_batcher(cfg, lm, i, data[i]), cfg)
         if run_dir is not None:
             logs[i] = MetricsLog(run_dir, i)
-    initial = evaluate(inputs.model, inputs.tokenizer, inputs.eval_examples)
+            logs[i].write("start", train_examples=len(data[i].train), eval_examples=len(data[i].evals),
+                          train_source=data[i].source, eval_source=data[i].eval_source, max_len=lm.max_len,
+                          truncated=trainers[i].batcher.truncation.as_dict())
+
+    def ev(model, i):
+        return evaluate(model, lm.tokenizer, data[i].evals, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                        max_len=lm.max_len, max_new_tokens=cfg.eval_max_new_tokens)
+
+    common_eval = all(d.evals is data[topo.nodes[0]].evals for d in data.values())
+    first = topo.nodes[0]
+    initial = ev(lm.model, first) if common_eval else None
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -74,7 +86,7 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
             copies[i].reset()
         first = True  # the first exchange of an activation carries whole blocks
         for step in range(cfg.inner_steps):
-            stats = {i: t.local_step() for i, t in trainers.items()}
+            stats = {i: t.local_step(schedule.step_index(rnd, blk, step)) for i, t in trainers.items()}
             blocks = {i: t.block() for i, t in trainers.items()}
             if cfg.comm == "none" or not schedule.is_exchange(step):
                 mixed = {i: [x.clone() for x in b.values()] for i, b in blocks.items()}
@@ -92,12 +104,17 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
         last_of_round = (a + 1) % schedule.n_blocks == 0
         if logs and (last_of_round or (cfg.eval_every and (a + 1) % cfg.eval_every == 0)):
             for i, t in trainers.items():
-                logs[i].write("eval", round=rnd, activation=a,
-                              **evaluate(t.model, inputs.tokenizer, inputs.eval_examples))
-    per_peer = {i: evaluate(t.model, inputs.tokenizer, inputs.eval_examples) for i, t in trainers.items()}
+                logs[i].write("eval", round=rnd, activation=a, **ev(t.model, i))
+    per_peer = {i: ev(t.model, i) for i, t in trainers.items()}
     avg = average_models([t.model for t in trainers.values()])
-    result = SimResult(per_peer, evaluate(avg, inputs.tokenizer, inputs.eval_examples), initial,
-                       time.perf_counter() - t0, {i: t.model for i, t in trainers.items()})
+    # the averaged model is scored on the common eval set, or on the union of the peers' own ones
+    avg_eval = ev(avg, first) if common_eval else evaluate(
+        avg, lm.tokenizer, [e for d in data.values() for e in d.evals], batch_size=cfg.eval_batch_size or cfg.batch_size,
+        max_len=lm.max_len, max_new_tokens=cfg.eval_max_new_tokens)
+    result = SimResult(per_peer, avg_eval, initial, time.perf_counter() - t0, {i: t.model for i, t in trainers.items()})
+    if save:
+        for i, t in trainers.items():
+            save_atomic(t.model, lm.tokenizer, Path(run_dir) / f"peer-{i}" / "checkpoint", tag="final")
     for i, log in logs.items():
         log.write("final", **per_peer[i])
         log.close()

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .blocks import ActiveBlock, Block, block_order, partition, whole_model_block
-from .config import TrainConfig
-from .data import Batcher
+from .config import ConfigError, TrainConfig
+from .encoding import Batcher
 from .optim import GossipOptimizer, make_optimizer
 
 
@@ -105,6 +105,23 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/Inf: the run stops before that step changes anything (checkpoints stay good)."""
 
 
+def lr_factors(cfg: TrainConfig, total_steps: int):
+    """step -> learning-rate multiplier of the run's schedule, from ``transformers.get_scheduler``.
+
+    The schedule spans the whole run (every local step of every activation), whatever block is active; the
+    optimizer of each activation is fresh, so the factor is read from the scheduler's own lambda by step.
+    """
+    if cfg.lr_schedule == "constant" and not (cfg.warmup_steps or cfg.warmup_ratio):
+        return lambda step: 1.0
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = get_scheduler(name, dummy, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return sched.lr_lambdas[0]
+
+
 class PeerTrainer:
     def __init__(self, model: nn.Module, batcher: Batcher, cfg: TrainConfig):
         self.model = model
@@ -112,9 +129,16 @@ class PeerTrainer:
         self.cfg = cfg
         self.blocks = make_blocks(model, cfg)
         self.schedule = make_schedule(len(self.blocks), cfg)
+        self.lr_factor = lr_factors(cfg, self.schedule.rounds * self.schedule.n_blocks * self.schedule.inner_steps)
         self.active: ActiveBlock | None = None
         self.opt: GossipOptimizer | None = None
         self.device = next(model.parameters()).device
+        if cfg.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing")
+            # non-reentrant: gradients reach the active block even when the embeddings before it are frozen
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
         model.train()
 
     def max_block_bytes(self) -> int:
@@ -130,20 +154,30 @@ class PeerTrainer:
         self.active = ActiveBlock(self.model, self.blocks[block])
         c = self.cfg
         self.opt = make_optimizer(c.algo, self.active.params, c.lr, alphas=c.alphas, betas=c.betas, eps=c.eps,
-                                  discrepancy=c.discrepancy)
+                                  discrepancy=c.discrepancy, weight_decay=c.weight_decay)
 
-    def local_step(self) -> dict[str, float]:
+    def local_step(self, istep: int = 0) -> dict[str, float]:
+        """One local step at position `istep` of the run (what the learning-rate schedule reads)."""
         t0 = time.perf_counter()
-        batch = {k: v.to(self.device) for k, v in self.batcher.next_batch().items()}
-        loss = self.model(**batch).loss
-        loss.backward()
-        loss_value = float(loss.detach())  # read once backward is queued, so a GPU does not stall before backward
+        c = self.cfg
+        losses = []
+        for _ in range(c.grad_accum):  # gradients of the micro-batches add up; each loss is scaled to their mean
+            batch = {k: v.to(self.device) for k, v in self.batcher.next_batch().items()}
+            loss = self.model(**batch).loss
+            (loss / c.grad_accum if c.grad_accum > 1 else loss).backward()
+            losses.append(loss.detach())  # read after backward is queued, so a GPU does not stall before it
+        loss_value = float(sum(losses)) / len(losses)
         if not math.isfinite(loss_value):  # stop before a NaN reaches the moments, a checkpoint or the wire
             raise TrainingDiverged(f"training diverged: the loss is {loss_value}; lower --lr and restart "
                                    "(the last checkpoint is kept)")
         self.active.grads_to_master()
-        self.opt.local_step()
         stats = {"loss": loss_value}
+        if c.max_grad_norm > 0:
+            stats["grad_norm_unclipped"] = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in self.active.params if p.grad is not None], c.max_grad_norm))
+        self.opt.lr = c.lr * self.lr_factor(istep)
+        self.opt.local_step()
+        stats["lr"] = self.opt.lr
         stats.update(self.opt.last_stats)
         stats["compute_s"] = time.perf_counter() - t0
         return stats

@@ -18,6 +18,9 @@ import torch
 
 from deca_p2p import data as D
 from deca_p2p import models as M
+from deca_p2p import tasks as T
+from deca_p2p import encoding as E
+from deca_p2p import evaluation as V
 from deca_p2p.data import DataError, Example
 from deca_p2p.models import ModelError
 
@@ -76,38 +79,38 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_tasks_and_answers():
-    assert len(D.TASKS) >= 5
-    assert len(set(D.TASKS)) == len(D.TASKS)
+    assert len(T.TASKS) >= 5
+    assert len(set(T.TASKS)) == len(T.TASKS)
     rng = random.Random(0)
-    for task in D.TASKS:
-        exs = D.make_task_examples(task, 200, rng)
+    for task in T.TASKS:
+        exs = T.make_task_examples(task, 200, rng)
         assert len(exs) == 200
         for ex in exs:
             assert ex.label == task
             assert ex.completion == solve(ex.prompt), ex
             assert 0 < len(ex.completion) <= 7
     with pytest.raises(ValueError):
-        D.make_task_examples("nope", 1, rng)
+        T.make_task_examples("nope", 1, rng)
 
 
 def test_default_dataset_deterministic_disjoint_correct():
-    train, ev = D.default_dataset(n_train_per_task=300, n_eval_per_task=40, seed=3)
-    train2, ev2 = D.default_dataset(n_train_per_task=300, n_eval_per_task=40, seed=3)
+    train, ev = T.default_dataset(n_train_per_task=300, n_eval_per_task=40, seed=3)
+    train2, ev2 = T.default_dataset(n_train_per_task=300, n_eval_per_task=40, seed=3)
     assert train == train2 and ev == ev2
-    other_train, other_ev = D.default_dataset(n_train_per_task=300, n_eval_per_task=40, seed=4)
+    other_train, other_ev = T.default_dataset(n_train_per_task=300, n_eval_per_task=40, seed=4)
     assert other_train != train and other_ev != ev
 
-    assert len(train) == 300 * len(D.TASKS)
-    assert len(ev) == 40 * len(D.TASKS)
-    assert Counter(e.label for e in ev) == {t: 40 for t in D.TASKS}
-    assert Counter(e.label for e in train) == {t: 300 for t in D.TASKS}
+    assert len(train) == 300 * len(T.TASKS)
+    assert len(ev) == 40 * len(T.TASKS)
+    assert Counter(e.label for e in ev) == {t: 40 for t in T.TASKS}
+    assert Counter(e.label for e in train) == {t: 300 for t in T.TASKS}
     assert len({e.prompt for e in ev}) == len(ev), "eval prompts are unique"
     assert not ({e.prompt for e in ev} & {e.prompt for e in train}), "eval disjoint from train"
     for ex in train + ev:
         assert ex.completion == solve(ex.prompt), ex
     # the default-size dataset is also disjoint
-    train, ev = D.default_dataset()
-    assert len(train) == 2000 * len(D.TASKS) and len(ev) == 40 * len(D.TASKS)
+    train, ev = T.default_dataset()
+    assert len(train) == 2000 * len(T.TASKS) and len(ev) == 40 * len(T.TASKS)
     assert not ({e.prompt for e in ev} & {e.prompt for e in train})
 
 
@@ -170,7 +173,7 @@ def test_load_jsonl_empty_and_missing(tmp_path):
 
 
 def _labels(n_per_task=400):
-    labels = [t for t in D.TASKS for _ in range(n_per_task)]
+    labels = [t for t in T.TASKS for _ in range(n_per_task)]
     random.Random(0).shuffle(labels)
     return labels
 
@@ -277,11 +280,11 @@ def test_build_race_keeps_the_winner(tmp_path, monkeypatch):
 
     def racing_rename(src, dst):
         # another process finishes first
-        monkeypatch.setattr(D.os, "rename", real_rename)
+        monkeypatch.setattr(M.os, "rename", real_rename)
         M.build_default_model(dst, seed=5)
         real_rename(src, dst)  # raises: dst is a non-empty directory
 
-    monkeypatch.setattr(D.os, "rename", racing_rename)
+    monkeypatch.setattr(M.os, "rename", racing_rename)
     assert M.build_default_model(target, seed=0) == target
     ref = M.build_default_model(tmp_path / "ref5", seed=5)
     st, sr = _state(target), _state(ref)
@@ -368,9 +371,9 @@ def test_load_model(model_dir, tmp_path):
 
 def test_batcher_labels_and_padding(model_dir):
     _, tok = M.load_model(model_dir)
-    train, _ = D.default_dataset(n_train_per_task=50, n_eval_per_task=1, seed=0)
+    train, _ = T.default_dataset(n_train_per_task=50, n_eval_per_task=1, seed=0)
     by_prompt = {e.prompt: e.completion for e in train}
-    b = D.Batcher(train, tok, batch_size=32, seed=1)
+    b = E.Batcher(train, tok, batch_size=32, seed=1)
     assert len(b) == len(train)
     saw_padding = False
     for _ in range(5):
@@ -397,8 +400,8 @@ def test_batcher_labels_and_padding(model_dir):
 
 def test_batcher_reproducible(model_dir):
     _, tok = M.load_model(model_dir)
-    train, _ = D.default_dataset(n_train_per_task=50, n_eval_per_task=1, seed=0)
-    a, b, c = (D.Batcher(train, tok, 8, seed=s) for s in (3, 3, 4))
+    train, _ = T.default_dataset(n_train_per_task=50, n_eval_per_task=1, seed=0)
+    a, b, c = (E.Batcher(train, tok, 8, seed=s) for s in (3, 3, 4))
     for _ in range(4):
         ba, bb, bc = a.next_batch(), b.next_batch(), c.next_batch()
         assert all(torch.equal(ba[k], bb[k]) for k in ba)
@@ -411,7 +414,7 @@ def test_batcher_reproducible(model_dir):
 
 def test_batcher_truncates_long_examples(model_dir):
     _, tok = M.load_model(model_dir)
-    b = D.Batcher([Example("p" * 100, "abc")], tok, 2, 0, max_len=16)
+    b = E.Batcher([Example("p" * 100, "abc")], tok, 2, 0, max_len=16)
     batch = b.next_batch()
     assert batch["input_ids"].shape == (2, 16)
     assert batch["input_ids"][0, -1] == tok.eos_token_id
@@ -420,9 +423,9 @@ def test_batcher_truncates_long_examples(model_dir):
 
 def test_completion_loss_ignores_prompt_and_padding(model_dir):
     model, tok = M.load_model(model_dir)
-    train, _ = D.default_dataset(n_train_per_task=20, n_eval_per_task=1, seed=0)
-    batch = D.Batcher(train, tok, 16, seed=0).next_batch()
-    loss = D.completion_loss(model, batch)
+    train, _ = T.default_dataset(n_train_per_task=20, n_eval_per_task=1, seed=0)
+    batch = E.Batcher(train, tok, 16, seed=0).next_batch()
+    loss = V.completion_loss(model, batch)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     lg = logits[:, :-1].reshape(-1, logits.shape[-1])
@@ -443,14 +446,14 @@ def test_completion_loss_ignores_prompt_and_padding(model_dir):
 
 def test_evaluate_untrained_keys_and_mode(model_dir):
     model, tok = M.load_model(model_dir)
-    _, ev = D.default_dataset(n_train_per_task=1, n_eval_per_task=5, seed=0)
-    m = D.evaluate(model, tok, ev, batch_size=7)
-    assert set(m) == {"eval_loss", "acc"} | {f"acc/{t}" for t in D.TASKS}
-    assert all(isinstance(v, float) for v in m.values())
+    _, ev = T.default_dataset(n_train_per_task=1, n_eval_per_task=5, seed=0)
+    m = V.evaluate(model, tok, ev, batch_size=7)
+    assert set(m) == {"eval_loss", "eval_tokens", "eval_truncated", "acc", "acc_n"} | {f"acc/{t}" for t in T.TASKS}
+    assert all(isinstance(v, float) for k, v in m.items() if k not in ("eval_tokens", "eval_truncated", "acc_n"))
     assert 0 <= m["acc"] <= 1 and m["eval_loss"] > 3
     assert model.training, "train mode restored"
     model.eval()
-    m2 = D.evaluate(model, tok, ev, batch_size=256)
+    m2 = V.evaluate(model, tok, ev, batch_size=256)
     assert not model.training, "eval mode restored"
     assert m2["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-5)
     assert m2["acc"] == m["acc"]
@@ -458,9 +461,9 @@ def test_evaluate_untrained_keys_and_mode(model_dir):
 
 def test_greedy_matches_generate(model_dir):
     model, tok = M.load_model(model_dir)
-    _, ev = D.default_dataset(n_train_per_task=1, n_eval_per_task=2, seed=0)
+    _, ev = T.default_dataset(n_train_per_task=1, n_eval_per_task=2, seed=0)
     prompts = [e.prompt for e in ev]
-    ours = D.greedy_complete(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    ours = V.greedy_complete(model, tok, prompts, max_new_tokens=6, batch_size=3)
     model.eval()
     for prompt, got in zip(prompts, ours):
         ids = torch.tensor([[tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)])
@@ -475,21 +478,21 @@ def test_greedy_matches_generate(model_dir):
 
 def test_short_training_lowers_loss_and_learns_copy(model_dir):
     model, tok = M.load_model(model_dir)
-    train = D.make_task_examples("copy", 1000, random.Random(1))
-    ev = D.make_task_examples("copy", 40, random.Random(2))
-    before = D.evaluate(model, tok, ev)
+    train = T.make_task_examples("copy", 1000, random.Random(1))
+    ev = T.make_task_examples("copy", 40, random.Random(2))
+    before = V.evaluate(model, tok, ev)
     torch.manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batcher = D.Batcher(train, tok, batch_size=16, seed=0)
+    batcher = E.Batcher(train, tok, batch_size=16, seed=0)
     # Measured (1 thread): eval_loss 4.56 -> 0.85 and copy exact match 0 -> 0.375 after 200 steps
     # (5 s per 100 steps); lr 3e-3 plateaus at ~2.5 for the first few hundred steps.
     for _ in range(200):
-        loss = D.completion_loss(model, batcher.next_batch())
+        loss = V.completion_loss(model, batcher.next_batch())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = D.evaluate(model, tok, ev)
+    after = V.evaluate(model, tok, ev)
     assert model.training
     assert after["eval_loss"] < before["eval_loss"] - 2.0, (before, after)
     assert after["acc"] >= 0.1 and after["acc/copy"] == after["acc"], after
-    assert D.greedy_complete(model, tok, [e.prompt for e in ev], 9).count("") < len(ev)
+    assert V.greedy_complete(model, tok, [e.prompt for e in ev], 9).count("") < len(ev)
