@@ -2,11 +2,17 @@
 
 Format (DESIGN §4): {"peers": {"<id>": {"endpoint": "tcp://host:port", "public_key": "<z85>"?}}}.
 Without a file, peer i listens on tcp://127.0.0.1:(base_port + i).
+
+``make`` builds a file for a topology (``deca-peer bootstrap --topology T --hosts ...``); ``update`` edits one in
+place (``deca-peer bootstrap --file F --set-key I=KEY --endpoint I=tcp://host:port``), atomically.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -30,6 +36,20 @@ def load(path: str | Path) -> dict[int, dict]:
         data = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BootstrapError(f"{p}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise BootstrapError(f"cannot read bootstrap file {p}: {e.strerror}") from None
+    return _validate(data, p)
+
+
+def check_endpoint(endpoint: object, where: str) -> str:
+    """``endpoint`` if it is ``tcp://host:port`` with a valid port, else BootstrapError naming ``where``."""
+    m = _ENDPOINT.match(endpoint) if isinstance(endpoint, str) else None
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise BootstrapError(f"{where}: endpoint {endpoint!r} is not tcp://host:port")
+    return endpoint
+
+
+def _validate(data: object, p: Path) -> dict[int, dict]:
     if not isinstance(data, dict) or not isinstance(data.get("peers"), dict) or not data["peers"]:
         raise BootstrapError(f'{p}: expected {{"peers": {{"<id>": {{"endpoint": "tcp://host:port"}}}}}}')
     out: dict[int, dict] = {}
@@ -38,9 +58,9 @@ def load(path: str | Path) -> dict[int, dict]:
             raise BootstrapError(f"{p}: peer id {key!r} is not a non-negative integer")
         if not isinstance(entry, dict) or not isinstance(entry.get("endpoint"), str):
             raise BootstrapError(f"{p}: peer {key}: missing string 'endpoint'")
-        m = _ENDPOINT.match(entry["endpoint"])
-        if not m or not 0 < int(m.group(2)) < 65536:
-            raise BootstrapError(f"{p}: peer {key}: endpoint {entry['endpoint']!r} is not tcp://host:port")
+        check_endpoint(entry["endpoint"], f"{p}: peer {key}")
+        if int(key) in out:
+            raise BootstrapError(f"{p}: peer {int(key)} is given more than once")
         unknown = set(entry) - {"endpoint", "public_key"}
         if unknown:
             raise BootstrapError(f"{p}: peer {key}: unknown key(s) {', '.join(sorted(unknown))}")
@@ -50,6 +70,81 @@ def load(path: str | Path) -> dict[int, dict]:
     if dup:
         raise BootstrapError(f"{p}: endpoint {sorted(dup)[0]} is given to more than one peer")
     return out
+
+
+def update(path: str | Path, public_keys: dict[int, str] | None = None,
+           endpoints: dict[int, str] | None = None) -> dict[int, dict]:
+    """Set peers' ``public_key`` and/or ``endpoint`` in the existing bootstrap file ``path``, in place.
+
+    Other peers, other fields and other top-level keys are kept.  A peer without an entry gets one only if
+    ``endpoints`` names it (a key alone does not say where the peer listens).  ``public_keys`` must already be
+    checked (``keys.check_public_key``); two peers may not end up with the same key.  The new file is validated
+    as ``load`` would, then written through a temp file and renamed over the old one (same permissions), so
+    readers see the old file or the new one, never a torn one.  Returns the new entries.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise BootstrapError(f"bootstrap file {p} does not exist "
+                             "(make it with `deca-peer bootstrap --topology T --hosts H > FILE`)")
+    load(p)  # the file as it is must be valid: never rewrite (and lose) something we cannot read
+    doc = json.loads(p.read_text())
+    peers: dict = doc["peers"]
+    by_id = {int(k): k for k in peers}
+    for i, ep in sorted((endpoints or {}).items()):
+        if i < 0:
+            raise BootstrapError(f"peer id {i} is negative")
+        check_endpoint(ep, f"peer {i}")
+        if i in by_id:
+            peers[by_id[i]]["endpoint"] = ep
+        else:
+            peers[str(i)] = {"endpoint": ep}
+            by_id[i] = str(i)
+    for i, key in sorted((public_keys or {}).items()):
+        if i not in by_id:
+            raise BootstrapError(f"bootstrap file {p} has no peer {i}: give its endpoint too to add it "
+                                 f"(--endpoint {i}=tcp://host:port)")
+        peers[by_id[i]]["public_key"] = key
+    owner: dict[str, int] = {}
+    for i, k in sorted(by_id.items()):
+        key = peers[k].get("public_key")
+        if key is None:
+            continue
+        if key in owner:
+            raise BootstrapError(f"peers {owner[key]} and {i} would have the same public_key "
+                                 "(each peer needs its own keypair: `deca-peer keys --id I` on its machine)")
+        owner[key] = i
+    doc["peers"] = {k: peers[k] for _, k in sorted(by_id.items())}
+    entries = _validate(doc, p)
+    _replace_text(p, json.dumps(doc, indent=2) + "\n")
+    return entries
+
+
+def _replace_text(p: Path, text: str) -> None:
+    """Write ``text`` over ``p`` atomically (temp file in the same directory, fsync, rename), keeping p's mode."""
+    try:
+        mode = stat.S_IMODE(p.stat().st_mode)
+    except OSError:
+        mode = 0o644
+    p = p.resolve()  # a symlinked bootstrap file stays a symlink: its target is what gets replaced
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    except OSError as e:
+        raise BootstrapError(f"cannot write bootstrap file {p}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, p)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise BootstrapError(f"cannot write bootstrap file {p}: {e.strerror}") from None
+        raise
 
 
 def endpoints(entries: dict[int, dict]) -> dict[int, str]:

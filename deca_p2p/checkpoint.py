@@ -2,19 +2,28 @@
 
 Each save goes to a fresh versioned directory (`<root>/ckpt-<tag>`), written through a temp dir, fsynced and
 renamed; then the `<root>/latest` symlink is swapped to it with an atomic rename. A crash (even kill -9) at
-any point leaves `latest` pointing at a whole, loadable checkpoint.
+any point leaves `latest` pointing at a whole, loadable checkpoint. `restore_weights` reads one back into a live
+model strictly: every parameter and persistent buffer, bit for bit, or a `CheckpointError`.
 """
 from __future__ import annotations
 
+import copy
+import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from .models import QuietProgress
 
 LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model it is restored into (missing, extra or reshaped keys)."""
 
 
 def _fsync_path(p: Path) -> None:
@@ -59,3 +68,129 @@ def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[
 def latest(root: str | Path) -> Path | None:
     p = Path(root) / LATEST
     return p.resolve() if p.exists() else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Strict restore
+# --------------------------------------------------------------------------------------------------
+
+def _weight_files(ckpt: Path) -> list[Path]:
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {ckpt}: unreadable {index.name} ({e})") from None
+        return [ckpt / s for s in shards]
+    single = ckpt / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"checkpoint {ckpt} has no model.safetensors")
+
+
+def _file_entries(ckpt: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """key -> (shape, safetensors dtype) of every tensor in the checkpoint, from the headers only."""
+    from safetensors import safe_open
+
+    entries: dict[str, tuple[tuple[int, ...], str]] = {}
+    for f in _weight_files(ckpt):
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} is missing its weight file {f.name}")
+        try:
+            with safe_open(f, framework="pt") as st:
+                for k in st.keys():
+                    sl = st.get_slice(k)
+                    entries[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file
+            raise CheckpointError(f"checkpoint {ckpt}: cannot read {f.name} ({' '.join(str(e).split())})") from None
+    return entries
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def _expected_entries(model) -> dict[str, tuple[tuple[int, ...], str | None]] | None:
+    """key -> (shape, dtype) that `model.save_pretrained` writes for this model now (tied weights once, MoE
+    experts split back to per-expert keys), computed on meta tensors; None when this transformers version has no
+    such internals (the load report of `from_pretrained` is then the only key check)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:
+        return None
+    sd = model.state_dict()
+    for k in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        sd.pop(k, None)
+    sd = remove_tied_weights_from_state_dict(sd, model)
+    sd = revert_weight_conversion(model, {k: v.to("meta") for k, v in sd.items()})
+    return {k: (tuple(v.shape), _ST_DTYPES.get(v.dtype)) for k, v in sd.items()}
+
+
+def restore_weights(model, ckpt_dir: str | Path) -> None:
+    """Restore every parameter and persistent buffer of `model` from a checkpoint written by :func:`save_atomic`.
+
+    Strict: the checkpoint's keys must be exactly the keys `model.save_pretrained` would write for this model
+    (same shapes and dtypes); loading goes through ``from_pretrained`` of the model's own class (which converts
+    keys, e.g. per-expert MoE tensors to the fused in-memory ones, and `embed_out` to `lm_head` on GPT-NeoX) and
+    must report no missing, unexpected or mismatched key; every tensor is then copied by name into `model` and
+    checked equal. Tied weights are not "missing". Raises a one-line :class:`CheckpointError` naming the first
+    offending key; `model` may be partly overwritten when the error comes from the final copy.
+    """
+    ckpt = Path(ckpt_dir)
+    if not (ckpt / "config.json").is_file():
+        raise CheckpointError(f"checkpoint {ckpt} has no config.json")
+    found = _file_entries(ckpt)
+    expected = _expected_entries(model)
+    if expected is not None:
+        for k in sorted(expected):
+            if k not in found:
+                raise CheckpointError(f"checkpoint {ckpt} is missing key {k}")
+        for k in sorted(found):
+            if k not in expected:
+                raise CheckpointError(f"checkpoint {ckpt} has unexpected key {k}")
+        for k in sorted(expected):
+            if found[k][0] != expected[k][0]:
+                raise CheckpointError(f"checkpoint {ckpt}: key {k} has shape {list(found[k][0])}, "
+                                      f"the model expects {list(expected[k][0])}")
+            if expected[k][1] is not None and found[k][1] != expected[k][1]:
+                raise CheckpointError(f"checkpoint {ckpt}: key {k} is stored as {found[k][1]}, "
+                                      f"the model holds {expected[k][1]} (a restore would not be exact)")
+    target = model.state_dict()  # parameters (tied ones under each name) and persistent buffers
+    try:
+        with QuietProgress():
+            loaded, info = type(model).from_pretrained(
+                ckpt, config=copy.deepcopy(model.config), dtype=model.dtype, local_files_only=True,
+                output_loading_info=True, ignore_mismatched_sizes=True)
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises, it is an unusable checkpoint
+        raise CheckpointError(f"checkpoint {ckpt}: cannot load ({' '.join(str(e).split())[:300]})") from None
+    for what, keys in (("is missing key", info.get("missing_keys")), ("has unexpected key", info.get("unexpected_keys"))):
+        if keys:
+            raise CheckpointError(f"checkpoint {ckpt} {what} {sorted(keys)[0]}")
+    if info.get("mismatched_keys"):
+        k, shape_ckpt, shape_model = sorted(info["mismatched_keys"])[0]
+        raise CheckpointError(f"checkpoint {ckpt}: key {k} has shape {list(shape_ckpt)}, "
+                              f"the model expects {list(shape_model)}")
+    if info.get("error_msgs"):
+        raise CheckpointError(f"checkpoint {ckpt}: {' '.join(str(info['error_msgs'][0]).split())[:300]}")
+    source = loaded.state_dict()
+    for k in target:
+        if k not in source:
+            raise CheckpointError(f"checkpoint {ckpt} is missing key {k}")
+        if source[k].shape != target[k].shape:
+            raise CheckpointError(f"checkpoint {ckpt}: key {k} has shape {list(source[k].shape)}, "
+                                  f"the model expects {list(target[k].shape)}")
+        if source[k].dtype != target[k].dtype:
+            raise CheckpointError(f"checkpoint {ckpt}: key {k} loads as {source[k].dtype}, "
+                                  f"the model holds {target[k].dtype} (a restore would not be exact)")
+    for k in source:
+        if k not in target:
+            raise CheckpointError(f"checkpoint {ckpt} has unexpected key {k}")
+    with torch.no_grad():
+        for k, t in target.items():
+            t.copy_(source[k])
+        for k, t in target.items():  # after all copies: tied weights must agree too
+            if not torch.equal(t, source[k].to(t.device)):
+                raise CheckpointError(f"checkpoint {ckpt}: key {k} did not restore exactly")
+    del loaded, source

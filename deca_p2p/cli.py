@@ -71,7 +71,10 @@ def _train_options(f):
     opts = [
         click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or YAML config file."),
         click.option("--model", "model_path", help="Local Hugging Face causal-LM directory (default: the embedded model)."),
-        click.option("--data", "data_path", help="JSONL file of {prompt, completion, label?} (default: the embedded tasks)."),
+        click.option("--data", "data_path", type=click.Path(dir_okay=False),
+                     help="JSONL records ({prompt, completion} | {messages} | {text}, each with an optional label). "
+                          "start: this peer's own file, all of it trains; simulate/cluster: one file split over the "
+                          "peers (default: the embedded tasks)."),
         click.option("--algo", type=click.Choice(["deca", "dadam", "dsgd"]), help="Optimizer (default deca)."),
         click.option("--discrepancy", type=click.Choice(["paper", "qg", "none"]), help="DECA's h_r reading."),
         click.option("--lr", type=float, help="Learning rate γ."),
@@ -79,6 +82,17 @@ def _train_options(f):
         click.option("--inner-steps", type=int, help="R: local steps per block activation."),
         click.option("--block-order", type=click.Choice(["ascending", "descending", "random"])),
         click.option("--batch-size", type=int),
+        click.option("--grad-accum", type=int, help="Micro-batches per local step (gradient accumulation)."),
+        click.option("--max-len", type=int, help="Tokens per sequence (default: the model's limit, at most 1024 on CPU)."),
+        click.option("--eval-batch-size", type=int, help="Sequences per evaluation batch (default: --batch-size)."),
+        click.option("--lr-schedule", type=click.Choice(["constant", "linear", "cosine"]),
+                     help="Learning-rate schedule over the whole run (transformers.get_scheduler)."),
+        click.option("--warmup-steps", type=int, help="Linear warm-up over the first N local steps."),
+        click.option("--warmup-ratio", type=float, help="Warm-up over this share of the run's local steps."),
+        click.option("--weight-decay", type=float, help="Decoupled weight decay (AdamW; matrices only)."),
+        click.option("--max-grad-norm", type=float, help="Clip the active block's gradient norm (0: off)."),
+        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+                     help="Recompute activations in backward (less memory, more compute)."),
         click.option("--alpha", type=float, help="Dirichlet α of the non-IID split."),
         click.option("--seed", type=int),
         click.option("--comm", type=click.Choice(["gossip", "none"]), help="none: local-only baseline."),
@@ -98,7 +112,7 @@ def _train_options(f):
     return f
 
 
-_PATH_KEYS = ("config_file", "model_path", "data_path", "sets")
+_PATH_KEYS = ("config_file", "model_path", "data_path", "eval_path", "data_dir", "sets")
 
 
 def _make_config(kw: dict):
@@ -133,7 +147,9 @@ def _user_errors():
     from deca_p2p.keys import KeysError
     from deca_p2p.topology import TopologyError
 
-    return (ConfigError, DataError, ModelError, TopologyError, KeysError)
+    from deca_p2p.checkpoint import CheckpointError
+
+    return (ConfigError, DataError, ModelError, TopologyError, KeysError, CheckpointError)
 
 
 # --------------------------------------------------------------------------- simulate
@@ -141,24 +157,36 @@ def _user_errors():
 @main.command()
 @click.option("--topology", "topology_file", required=True, type=click.Path(dir_okay=False), help="Topology JSON.")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Write per-peer JSONL metrics here.")
+@click.option("--data-dir", "data_dir", type=click.Path(file_okay=False),
+              help="Per-peer files written by `deca-peer split` (peer-<id>.jsonl, eval.jsonl).")
+@click.option("--save", is_flag=True, help="Write every peer's final checkpoint under the run directory, as cluster does.")
 @_train_options
-def simulate(topology_file: str, run_dir: str | None, **kw) -> None:
+def simulate(topology_file: str, run_dir: str | None, save: bool, **kw) -> None:
     """Run the whole network in this one process (the reference the real peers must match)."""
+    import time as _time
+
     from deca_p2p.report import print_eval_table
     from deca_p2p.simulate import simulate as run_simulation
     from deca_p2p.trainer import TrainingDiverged
 
     topo = _load_topology(topology_file)
     cfg = _make_config(kw)
+    if kw.get("data_dir") and kw.get("data_path"):
+        _fail("give --data FILE (split over the peers) or --data-dir DIR (one file per peer), not both")
+    if save and not run_dir:
+        run_dir = f"runs/{topo.name}-simulate-{_time.strftime('%Y%m%d-%H%M%S')}"
     try:
         res = run_simulation(topo, cfg, model_path=kw.get("model_path"), data_path=kw.get("data_path"),
-                             run_dir=run_dir, progress=lambda s: click.echo(s, err=True))
+                             data_dir=kw.get("data_dir"), run_dir=run_dir, save=save,
+                             progress=lambda s: click.echo(s, err=True))
     except _user_errors() as e:
         _fail(str(e))
     except TrainingDiverged as e:
         _fail(str(e), code=3)
     print_eval_table(res.per_peer, initial=res.initial, average_model=res.average_model,
                      title=f"simulate {topo.name}: {cfg.algo}/{cfg.discrepancy}, comm={cfg.comm}, {res.wall_s:.0f} s")
+    if save:
+        click.echo(f"checkpoints: {run_dir}/peer-<id>/checkpoint/latest")
 
 
 # --------------------------------------------------------------------------- start / cluster
@@ -182,6 +210,8 @@ def _env_id() -> int | None:
 @click.option("--base-port", type=int, help="Port of peer 0 without a bootstrap file (default 5550).")
 @click.option("--exchange-timeout", "exchange_timeout_s", type=float, help="Seconds to wait for a neighbour's block.")
 @click.option("--hello-timeout", "hello_timeout_s", type=float, help="Seconds to wait for every neighbour at start-up.")
+@click.option("--eval-data", "eval_path", type=click.Path(dir_okay=False),
+              help="This peer's own held-out JSONL (default: a share of --data, see eval_fraction).")
 @_train_options
 def start(peer_id, topology_file, bootstrap_file, run_dir, **kw) -> None:
     """Run one peer."""
@@ -195,7 +225,8 @@ def start(peer_id, topology_file, bootstrap_file, run_dir, **kw) -> None:
     if peer_id is None:
         _fail("no peer id: pass --id or set SLURM_PROCID or RANK")
     cfg = _make_config(kw)
-    args = PeerArgs(peer_id, topology_file, run_dir, cfg, bootstrap_file, kw.get("model_path"), kw.get("data_path"))
+    args = PeerArgs(peer_id, topology_file, run_dir, cfg, bootstrap_file, kw.get("model_path"), kw.get("data_path"),
+                    kw.get("eval_path"))
     try:
         run_peer(args)
     except (*_user_errors(), BootstrapError, TransportError) as e:
@@ -216,6 +247,8 @@ def _passthrough(kw: dict) -> list[str]:
         if isinstance(value, bool):  # an is_flag option: a bare flag when on, nothing when off
             if value:
                 out.append(flag)
+            elif key == "gradient_checkpointing":  # an on/off option
+                out.append("--no-gradient-checkpointing")
             continue
         out += [flag, str(value)]
     for item in kw.get("sets") or ():
@@ -231,8 +264,11 @@ def _passthrough(kw: dict) -> list[str]:
 @click.option("--exchange-timeout", "exchange_timeout_s", type=float)
 @click.option("--hello-timeout", "hello_timeout_s", type=float)
 @click.option("--no-live", is_flag=True, help="No live view (for logs and CI).")
+@click.option("--data-dir", "data_dir", type=click.Path(file_okay=False),
+              help="Per-peer files (peer-<id>.jsonl, and eval.jsonl or peer-<id>.eval.jsonl): each peer reads its own.")
+@click.option("--no-average", is_flag=True, help="Do not write RUN/average (the network average of the final checkpoints).")
 @_train_options
-def cluster(topology_file, bootstrap_file, run_dir, no_live, **kw) -> None:
+def cluster(topology_file, bootstrap_file, run_dir, no_live, no_average, **kw) -> None:
     """Run a whole network on this machine: one `deca-peer start` process per node."""
     import time as _time
     from pathlib import Path
@@ -260,8 +296,69 @@ def cluster(topology_file, bootstrap_file, run_dir, no_live, **kw) -> None:
             _fail(str(e))
     run = Path(run_dir) if run_dir else Path("runs") / f"{topo.name}-{_time.strftime('%Y%m%d-%H%M%S')}"
     extra = ["--bootstrap", bootstrap_file] if bootstrap_file else []
-    code = run_cluster(topo, topology_file, run, extra + _passthrough(kw), live=not no_live)
+    try:
+        per_peer = _cluster_data(topo, cfg, run, kw.pop("data_dir", None), kw.pop("data_path", None))
+    except _user_errors() as e:
+        _fail(str(e))
+    evals = sorted({Path(a[a.index("--eval-data") + 1]) for a in per_peer.values() if "--eval-data" in a})
+    code = run_cluster(topo, topology_file, run, extra + _passthrough(kw), live=not no_live, per_peer_args=per_peer,
+                       average_eval=None if no_average else evals)
     raise SystemExit(code)
+
+
+def _cluster_data(topo, cfg, run, data_dir, data_path) -> dict[int, list[str]]:
+    """Each peer's own --data/--eval-data. One file or the embedded tasks are first split into RUN/data, the way
+    `deca-peer split` does, so every peer reads only its own shard, exactly as in a real deployment."""
+    from deca_p2p.data import load_jsonl
+    from deca_p2p.runtime import embedded_data, shard_paths, split_examples, write_shards
+
+    if data_dir and data_path:
+        _fail("give --data FILE (split over the peers) or --data-dir DIR (one file per peer), not both")
+    if not data_dir:
+        if data_path:
+            shards, evals = split_examples(load_jsonl(data_path), topo.nodes, cfg.alpha, cfg.seed, cfg.eval_fraction)
+        else:
+            shards, evals = embedded_data(cfg, topo.nodes)
+        data_dir = write_shards(run / "data", shards, evals)
+    out = {}
+    for i in topo.nodes:
+        train, ev = shard_paths(data_dir, i)
+        out[i] = ["--data", str(train)] + (["--eval-data", str(ev)] if ev else [])
+    return out
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--peers", type=int, help="Number of peers (ids 0..N-1).")
+@click.option("--topology", "topology_file", type=click.Path(dir_okay=False), help="Take the peer ids from a topology.")
+@click.option("--alpha", type=float, default=0.25, show_default=True, help="Dirichlet concentration over `label`.")
+@click.option("--eval-fraction", type=float, default=0.1, show_default=True,
+              help="Share held out (per label) as DIR/eval.jsonl.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+def split(file, peers, topology_file, alpha, eval_fraction, seed, out_dir) -> None:
+    """Split FILE over peers for a simulation: OUT/peer-<id>.jsonl (Dirichlet over `label`) and OUT/eval.jsonl."""
+    from collections import Counter
+
+    from deca_p2p.data import DataError, load_jsonl
+    from deca_p2p.runtime import split_examples, write_shards
+
+    if (peers is None) == (topology_file is None):
+        _fail("give --peers N or --topology FILE")
+    ids = _load_topology(topology_file).nodes if topology_file else list(range(peers))
+    if not ids:
+        _fail(f"--peers must be at least 1, got {peers}")
+    if not (alpha > 0) or not (0 <= eval_fraction < 1):
+        _fail(f"need --alpha > 0 and 0 <= --eval-fraction < 1, got {alpha} and {eval_fraction}")
+    try:
+        shards, evals = split_examples(load_jsonl(file), ids, alpha, seed, eval_fraction)
+        write_shards(out_dir, shards, evals)
+    except (DataError, OSError) as e:
+        _fail(str(e))
+    for i, ex in shards.items():
+        labels = ", ".join(f"{k} {v}" for k, v in sorted(Counter(e.label for e in ex).items()))
+        click.echo(f"{out_dir}/peer-{i}.jsonl: {len(ex)} records ({labels})")
+    click.echo(f"{out_dir}/eval.jsonl: {len(evals)} records")
 
 
 @main.command()
@@ -279,18 +376,46 @@ def report(run_dir) -> None:
 
 
 @main.command("keys")
-@click.option("--topology", "topology_file", required=True, type=click.Path(dir_okay=False))
-@click.option("--bootstrap", "bootstrap_file", required=True, type=click.Path(dir_okay=False),
-              help="Bootstrap JSON to write the public keys into (created with default endpoints if absent).")
-@click.option("--keys-dir", default="keys", show_default=True, type=click.Path(file_okay=False),
+@click.option("--id", "peer_id", type=int,
+              help="Make only this peer's keypair (on its own machine) and print its public key.")
+@click.option("--topology", "topology_file", type=click.Path(dir_okay=False),
+              help="All peers at once: a keypair for every node of this topology.")
+@click.option("--bootstrap", "bootstrap_file", type=click.Path(dir_okay=False),
+              help="With --topology: bootstrap JSON to write the public keys into (created with default endpoints if absent).")
+@click.option("--keys-dir", default="keys", show_default=True,
               help="Where the secret keys go (mode 0600; never commit them).")
 @click.option("--base-port", type=int, default=5550, show_default=True,
               help="Port of peer 0 when the bootstrap file is created.")
 @click.option("--force", is_flag=True, help="Make new keypairs even where keys exist.")
-def keys_cmd(topology_file, bootstrap_file, keys_dir, base_port, force) -> None:
-    """Make a CURVE keypair per peer of TOPOLOGY for --secure; public keys go into the bootstrap file."""
-    from deca_p2p.keys import KeysError, make_keys, secret_key_path
+def keys_cmd(peer_id, topology_file, bootstrap_file, keys_dir, base_port, force) -> None:
+    """Make CURVE keypairs for --secure.
 
+    \b
+    --id I: one peer's keypair, made on the machine that runs peer I; its secret key stays in
+            KEYS_DIR/peer-I.key_secret (0600) and only the z85 public key is printed (stdout, one line), for
+            `deca-peer bootstrap --file F --set-key I=<key>`.
+    --topology T --bootstrap B: every peer's keypair here, public keys written into B.
+    """
+    from deca_p2p.keys import KeysError, make_keypair, make_keys, secret_key_path
+
+    if peer_id is not None:
+        if topology_file or bootstrap_file:
+            _fail("--id makes one peer's keypair and writes no bootstrap file: drop --topology/--bootstrap "
+                  "(put the printed key into the file with `deca-peer bootstrap --file F --set-key I=KEY`)")
+        if peer_id < 0:
+            _fail(f"--id {peer_id} is negative")
+        try:
+            public, created = make_keypair(peer_id, keys_dir, force=force)
+        except KeysError as e:
+            _fail(str(e))
+        spath = secret_key_path(keys_dir, peer_id)
+        click.echo(f"peer {peer_id}: {'new keypair' if created else 'existing keypair kept (--force makes a new one)'}; "
+                   f"secret key in {spath} (keep it on this machine); public key on stdout, for "
+                   f"`deca-peer bootstrap --file F --set-key {peer_id}=KEY`", err=True)
+        click.echo(public.decode("ascii"))
+        return
+    if not topology_file or not bootstrap_file:
+        _fail("give --id I (one peer's keypair, on its own machine) or --topology T --bootstrap B (every peer's)")
     topo = _load_topology(topology_file)
     try:
         publics = make_keys(topo.nodes, keys_dir, bootstrap_file, base_port=base_port, force=force)
@@ -301,21 +426,105 @@ def keys_cmd(topology_file, bootstrap_file, keys_dir, base_port, force) -> None:
 
 
 @main.command("bootstrap")
-@click.option("--topology", "topology_file", required=True, type=click.Path(dir_okay=False))
-@click.option("--hosts", default="127.0.0.1", show_default=True, help="Comma-separated hosts, assigned round-robin.")
+@click.option("--topology", "topology_file", type=click.Path(dir_okay=False),
+              help="Print a new bootstrap file for this topology's peers on --hosts.")
+@click.option("--hosts", help="Comma-separated hosts, assigned round-robin (default 127.0.0.1).")
 @click.option("--base-port", type=int, default=5550, show_default=True)
-def bootstrap_cmd(topology_file, hosts, base_port) -> None:
-    """Print a bootstrap file for TOPOLOGY's peers on HOSTS."""
+@click.option("--file", "bootstrap_file", type=click.Path(dir_okay=False),
+              help="Edit this existing bootstrap file in place (with --set-key / --endpoint).")
+@click.option("--set-key", "set_keys", multiple=True, metavar="I=KEY",
+              help="Put peer I's z85 public key (from `deca-peer keys --id I`) into --file; repeatable.")
+@click.option("--endpoint", "set_endpoints", multiple=True, metavar="I=tcp://HOST:PORT",
+              help="Set peer I's endpoint in --file (adds peer I if it has no entry); repeatable.")
+def bootstrap_cmd(topology_file, hosts, base_port, bootstrap_file, set_keys, set_endpoints) -> None:
+    """Print a bootstrap file for TOPOLOGY's peers on HOSTS, or edit one (--file) with peers' public keys.
+
+    \b
+    deca-peer bootstrap --topology T --hosts H1,H2 > peers/x.json
+    deca-peer bootstrap --file peers/x.json --set-key 3="$(deca-peer keys --id 3)" [--endpoint 3=tcp://host:port]
+    """
     import json
 
     from deca_p2p import bootstrap
 
+    def _id_pairs(items: tuple[str, ...], option: str) -> dict[int, str]:
+        """`I=VALUE` items of a repeatable option as {I: VALUE}; one-line error (exit 2) for a bad one."""
+        out: dict[int, str] = {}
+        for item in items:
+            key, sep, value = item.partition("=")  # z85 keys may contain '=', peer ids never do
+            key, value = key.strip(), value.strip()
+            if not sep or not key.isdigit() or not value:
+                _fail(f"{option} expects I=VALUE with a peer id I, got {item!r}")
+            i = int(key)
+            if out.get(i, value) != value:
+                _fail(f"{option} gives peer {i} two different values")
+            out[i] = value
+        return out
+
+    if bootstrap_file or set_keys or set_endpoints:
+        from deca_p2p.keys import KeysError, set_public_keys
+
+        if topology_file or hosts:
+            _fail("--file/--set-key/--endpoint edit an existing bootstrap file; --topology/--hosts print a new one: "
+                  "give one or the other")
+        if not bootstrap_file:
+            _fail("--set-key/--endpoint need --file FILE (the bootstrap file to edit)")
+        if not set_keys and not set_endpoints:
+            _fail(f"nothing to change in {bootstrap_file}: give --set-key I=KEY and/or --endpoint I=tcp://host:port")
+        new_keys, new_endpoints = _id_pairs(set_keys, "--set-key"), _id_pairs(set_endpoints, "--endpoint")
+        try:
+            entries = set_public_keys(bootstrap_file, new_keys, new_endpoints)
+        except KeysError as e:
+            _fail(str(e))
+        done = [f"public_key of peer{'s' if len(new_keys) > 1 else ''} {', '.join(map(str, sorted(new_keys)))}"] \
+            if new_keys else []
+        done += [f"endpoint of peer {i} ({ep})" for i, ep in sorted(new_endpoints.items())]
+        missing = sorted(i for i, e in entries.items() if "public_key" not in e)
+        click.echo(f"{bootstrap_file}: set {'; '.join(done)}"
+                   + (f"; peers still without a public_key: {', '.join(map(str, missing))}" if missing else
+                      f"; all {len(entries)} peers have a public_key"))
+        return
+    if not topology_file:
+        _fail("give --topology T [--hosts H,...] to print a new bootstrap file, "
+              "or --file F --set-key I=KEY to edit one")
+    hosts = hosts or "127.0.0.1"
     topo = _load_topology(topology_file)
     try:
         doc = bootstrap.make(topo.nodes, [h.strip() for h in hosts.split(",") if h.strip()], base_port)
     except bootstrap.BootstrapError as e:
         _fail(str(e))
     click.echo(json.dumps(doc, indent=2))
+
+
+@main.command()
+@click.argument("run_dir")
+@click.option("--out", help="Directory to write the averaged Hugging Face model to (required).")
+@click.option("--weighted", is_flag=True, help="Weight each peer by its train_examples (default: uniform mean).")
+def average(run_dir, out, weighted) -> None:
+    """Average the peers' final checkpoints of RUN_DIR into one Hugging Face model (with tokenizer).
+
+    --out may be new, empty, or a previous average (replaced); anything else is refused.
+    """
+    from deca_p2p.average import AverageError, average_run
+
+    if not out:
+        _fail("--out DIR is required: where to write the averaged model")
+    info: dict = {}
+    try:
+        average_run(run_dir, out, weighted=weighted, info=info)
+    except AverageError as e:
+        _fail(str(e))
+    peers = info["peers"]
+    click.echo(f"averaged {len(peers)} peers ({info['weighting']}) into {out} "
+               f"({info['parameters']:,} parameters, {info['dtype']}{', with tokenizer' if info['tokenizer'] else ''})")
+    for i, p in peers.items():
+        n = f", train_examples {p['train_examples']}" if "train_examples" in p else ""
+        click.echo(f"  peer {i}: weight {p['weight']:.6g}{n}  {p['checkpoint']}")
+    acts = {i: p.get("activation") for i, p in peers.items()}
+    if len(set(acts.values())) > 1:
+        where = ", ".join(f"peer {i}: {a}" for i, a in acts.items())
+        click.echo(f"warning: the peers' checkpoints are from different activations ({where}): "
+                   "some peer stopped early", err=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from .metrics import METRICS_FILE, peer_dir
-from .report import fmt, write_report
+from .report import AVERAGE_DIR, AVERAGE_EVAL, fmt, write_report
 from .topology import Topology
 
 
@@ -93,10 +93,33 @@ def stop_all(procs: dict[int, subprocess.Popen], grace_s: float = 30.0) -> None:
             p.wait()
 
 
+def score_average(run_dir: Path, eval_files: Sequence[Path]) -> dict:
+    """Write the network average of the peers' final checkpoints to RUN/average (an HF model directory) and
+    score it on `eval_files` (RUN/average/eval.json): the one model a consortium would deploy."""
+    from .average import average_run
+    from .config import make_config
+    from .data import load_jsonl
+    from .evaluation import evaluate
+    from .runtime import load
+
+    out = average_run(run_dir, run_dir / AVERAGE_DIR)
+    if not eval_files:
+        return {}
+    cfg = make_config(None, json.loads((run_dir / "config.json").read_text()))
+    lm = load(cfg, out)
+    evals = [e for f in eval_files for e in load_jsonl(f)]
+    metrics = evaluate(lm.model, lm.tokenizer, evals, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                       max_len=lm.max_len, max_new_tokens=cfg.eval_max_new_tokens)
+    (out / AVERAGE_EVAL).write_text(json.dumps(metrics))
+    return metrics
+
+
 def run_cluster(topo: Topology, topology_path: str, run_dir: Path, peer_args: Sequence[str], *,
-                live: bool = True, console: Console | None = None, per_peer_args: dict[int, list[str]] | None = None) -> int:
+                live: bool = True, console: Console | None = None, per_peer_args: dict[int, list[str]] | None = None,
+                average_eval: Sequence[Path] | None = None) -> int:
     """Start every peer, show them until all exit, print the final table; returns 0 when all peers succeeded.
-    `per_peer_args` are each peer's own options (its --data and --eval-data)."""
+    `per_peer_args` are each peer's own options (its --data and --eval-data). When every peer finished and
+    `average_eval` is not None, the network average is written and scored on those files (its own table row)."""
     console = console or Console()
     run_dir.mkdir(parents=True, exist_ok=True)
     procs: dict[int, subprocess.Popen] = {}
@@ -141,6 +164,11 @@ def run_cluster(topo: Topology, topology_path: str, run_dir: Path, peer_args: Se
     for i, code in sorted(failed.items()):
         log = (peer_dir(run_dir, i) / "peer.log").read_text().strip().splitlines()
         console.print(f"peer {i} exited with {code}: {log[-1] if log else '(no output)'}")
+    if not failed and not interrupted and average_eval is not None:
+        try:
+            score_average(run_dir, average_eval)
+        except Exception as e:  # noqa: BLE001 - the peers' own checkpoints are intact; say why and go on
+            console.print(f"could not average the peers' checkpoints: {' '.join(str(e).split())[:300]}")
     write_report(run_dir, title=f"{topo.name}: {time.monotonic() - t0:.0f} s, run dir {run_dir}")
     console.print(f"run directory: {run_dir}")
     return 0 if not failed else 1

@@ -39,6 +39,11 @@ class Truncation:
     def total(self) -> int:
         return self.prompt + self.completion
 
+    def describe(self, n_examples: int, max_len: int) -> str:
+        return (f"{self.total} of {n_examples} training examples are longer than max_len {max_len} (longest "
+                f"{self.longest} tokens): {self.prompt} lost their oldest prompt tokens, {self.completion} the end of "
+                "their completion (raise --max-len to keep more)")
+
     def as_dict(self) -> dict[str, int]:
         return {"truncated_prompt": self.prompt, "truncated_completion": self.completion, "longest_tokens": self.longest}
 
@@ -46,7 +51,8 @@ class Truncation:
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
-    return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    # verbose=False: lengths beyond the model's limit are expected here, and cut (and counted) by the caller
+    return [list(x) for x in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
 
 def _bos(tokenizer) -> list[int]:
@@ -123,7 +129,7 @@ def chat_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
 def encode_chat(tokenizer, messages) -> tuple[list[int], list[int]]:
     text, spans = chat_spans(tokenizer, messages)
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids = list(enc["input_ids"])
         labels = [t if any(s <= a < e for s, e in spans) else IGNORE_INDEX
                   for t, (a, _) in zip(ids, enc["offset_mapping"])]

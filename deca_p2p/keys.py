@@ -13,6 +13,11 @@ Existing keypairs are kept (re-running the command is harmless) unless ``force``
 public: it is the allow-list, and it never holds secret keys.  On a multi-host network copy each host only
 the ``peer-<id>.key_secret`` files of the peers it runs (and the bootstrap file to every host).
 
+Owners who keep their secret key on their own machine use the per-peer form instead:
+``deca-peer keys --id I [--keys-dir keys]`` (``make_keypair``) makes only peer I's two files and prints its z85
+public key, which the operator puts into the shared bootstrap file with
+``deca-peer bootstrap --file B --set-key I=<key>`` (``set_public_keys``); no secret ever leaves its machine.
+
 ``load_curve`` builds a peer's ``transport.CurveConfig``: its keypair from the keys directory and every
 peer's public key from the bootstrap file, checked against each other.  Every failure is a ``KeysError``
 with a one-line message that never contains secret key material.
@@ -32,7 +37,8 @@ import zmq.auth
 from . import bootstrap
 from .transport import CurveConfig
 
-__all__ = ["KeysError", "secret_key_path", "public_key_path", "make_keys", "load_curve", "check_public_key"]
+__all__ = ["KeysError", "secret_key_path", "public_key_path", "make_keys", "make_keypair", "set_public_keys",
+           "load_curve", "check_public_key"]
 
 _Z85_ALPHABET = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
 
@@ -52,7 +58,10 @@ def public_key_path(keys_dir: str | Path, peer_id: int) -> Path:
 def check_public_key(key: object, where: str) -> bytes:
     """A z85 CURVE public key (40 characters) as bytes, or KeysError naming ``where``."""
     if isinstance(key, str):
-        key = key.encode("ascii", "replace")
+        try:
+            key = key.encode("ascii")
+        except UnicodeEncodeError:  # not "replace": its '?' is a z85 character and would pass as another key
+            raise KeysError(f"{where}: public_key is not a 40-character z85 CURVE key") from None
     if not isinstance(key, bytes) or len(key) != 40 or not set(key) <= _Z85_ALPHABET:
         raise KeysError(f"{where}: public_key is not a 40-character z85 CURVE key")
     return key
@@ -130,6 +139,55 @@ def _read_keypair(path: Path, peer_id: int) -> tuple[bytes, bytes]:
     return derived, secret
 
 
+def make_keypair(peer_id: int, keys_dir: str | Path, *, force: bool = False) -> tuple[bytes, bool]:
+    """One peer's keypair in ``keys_dir`` (secret file 0600, public file 0644): ``(public z85, created)``.
+
+    An existing keypair is kept (and checked) unless ``force``; ``created`` says whether a new one was made.  The
+    secret key is written only to ``peer-<id>.key_secret`` and is never returned.
+    """
+    if not zmq.has("curve"):
+        raise KeysError("this libzmq was built without CURVE support")
+    i = int(peer_id)
+    if i < 0:
+        raise KeysError(f"peer id {i} is negative")
+    kdir = Path(keys_dir)
+    try:
+        kdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise KeysError(f"cannot create keys directory {kdir}: {e.strerror}") from None
+    spath = secret_key_path(kdir, i)
+    created = force or not spath.exists()
+    if created:
+        public, secret = zmq.curve_keypair()
+        try:
+            _write_private(spath, _cert_text(public, secret))
+        except OSError as e:
+            raise KeysError(f"cannot write {spath}: {e.strerror}") from None
+        del secret
+    else:
+        public, _ = _read_keypair(spath, i)
+    try:
+        _write_public(public_key_path(kdir, i), _cert_text(public, None))
+    except OSError as e:
+        raise KeysError(f"cannot write {public_key_path(kdir, i)}: {e.strerror}") from None
+    return public, created
+
+
+def set_public_keys(bootstrap_path: str | Path, keys: dict[int, object],
+                    endpoints: dict[int, str] | None = None) -> dict[int, dict]:
+    """Put peers' public keys (and endpoints) into an existing bootstrap file, in place and atomically.
+
+    Each key is checked with ``check_public_key``; other entries and fields are kept.  A peer with no entry yet
+    gets one only when ``endpoints`` names it.  Refuses a key that another peer of the file already holds (the
+    allow-list identifies senders by key).  Returns the file's entries as ``bootstrap.load`` reads them.
+    """
+    checked = {int(i): check_public_key(k, f"peer {int(i)}").decode("ascii") for i, k in keys.items()}
+    try:
+        return bootstrap.update(bootstrap_path, public_keys=checked, endpoints=endpoints)
+    except bootstrap.BootstrapError as e:
+        raise KeysError(str(e)) from None
+
+
 def make_keys(node_ids: Iterable[int], keys_dir: str | Path, bootstrap_path: str | Path, *,
               base_port: int = 5550, force: bool = False) -> dict[int, bytes]:
     """Keypairs for ``node_ids`` in ``keys_dir``; their public keys into the bootstrap file.  Returns {id: public z85}."""
@@ -152,27 +210,7 @@ def make_keys(node_ids: Iterable[int], keys_dir: str | Path, bootstrap_path: str
     else:
         doc = {"peers": {str(i): {"endpoint": e} for i, e in bootstrap.default_endpoints(ids, base_port).items()}}
         bpath.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        kdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as e:
-        raise KeysError(f"cannot create keys directory {kdir}: {e.strerror}") from None
-    publics: dict[int, bytes] = {}
-    for i in ids:
-        spath = secret_key_path(kdir, i)
-        if spath.exists() and not force:
-            public, _ = _read_keypair(spath, i)
-        else:
-            public, secret = zmq.curve_keypair()
-            try:
-                _write_private(spath, _cert_text(public, secret))
-            except OSError as e:
-                raise KeysError(f"cannot write {spath}: {e.strerror}") from None
-            del secret
-        try:
-            _write_public(public_key_path(kdir, i), _cert_text(public, None))
-        except OSError as e:
-            raise KeysError(f"cannot write {public_key_path(kdir, i)}: {e.strerror}") from None
-        publics[i] = public
+    publics: dict[int, bytes] = {i: make_keypair(i, kdir, force=force)[0] for i in ids}
     peers = doc["peers"]
     for key in list(peers):
         peers[key]["public_key"] = publics[int(key)].decode("ascii")

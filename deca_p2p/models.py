@@ -149,8 +149,16 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
 
     The model is returned in train mode with every dropout probability set to 0. The tokenizer has
     an EOS token and a pad token (the EOS token when the tokenizer defines none). Raises
-    :class:`ModelError` for a missing path, a directory without ``config.json``, or a model that is
-    not a causal LM.
+    :class:`ModelError` (one line) for a missing path, a directory without ``config.json``, a model that is
+    not a causal LM, or a tokenizer whose ids do not fit the model's input-embedding table.
+
+    "Causal LM" is decided by two rules, both required:
+
+    * static: ``AutoModelForCausalLM`` must accept the config and ``config.is_encoder_decoder`` must not be set;
+    * empirical (:func:`check_causal`): on one short probe, the logits at earlier positions must not depend on
+      later tokens. This is the property training relies on, whatever the class is called: it rejects e.g. a
+      BERT directory (``AutoModelForCausalLM`` builds ``BertLMHeadModel``, bidirectional unless
+      ``is_decoder`` is set) and accepts a BERT configured as a decoder.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -163,6 +171,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means "not a usable model dir"
         raise ModelError(f"model path {path}: cannot read config.json ({_one_line(e)})") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"model path {path} is an encoder-decoder model ({config.model_type}), not a causal LM")
     _zero_dropout_config(config)
     try:
         with QuietProgress():
@@ -176,6 +186,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     for mod in model.modules():
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
+    check_causal(model, where=f"model path {path}")  # on the CPU copy, before any move: exact and deterministic
     model.to(device)
     model.train()
     try:
@@ -186,7 +197,59 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
         raise ModelError(f"model path {path}: tokenizer has no EOS token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_vocab_fits(model, tokenizer, where=f"model path {path}")
     return model, tokenizer
+
+
+def check_vocab_fits(model, tokenizer, where: str = "model") -> None:
+    """Every token id the tokenizer can produce must index the model's input-embedding table."""
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "num_embeddings", None)
+    if rows is None:
+        rows = emb.weight.shape[0]
+    n_tokens = len(tokenizer)
+    max_id = max(tokenizer.get_vocab().values(), default=-1)
+    for attr in ("pad_token_id", "eos_token_id", "bos_token_id", "unk_token_id"):
+        tid = getattr(tokenizer, attr, None)
+        if isinstance(tid, int):
+            max_id = max(max_id, tid)
+    if n_tokens > rows or max_id >= rows:
+        raise ModelError(f"{where}: the tokenizer has {n_tokens} tokens (largest id {max_id}) but the model's "
+                         f"input-embedding table has only {rows} rows; use the tokenizer the model was trained with")
+
+
+def check_causal(model, where: str = "model", length: int = 8) -> None:
+    """Raise ModelError unless the model's logits at a position ignore every later token.
+
+    Two probe sequences share their first half and differ at every position of the second; a causal model gives
+    the same logits on the shared half (exactly, on CPU: the masked attention weights are 0). A bidirectional
+    model leaks the change backwards; even at random init the leak is >= 2e-3 of the change seen on the second
+    half (BERT, fp32 and bf16), so the threshold is 1e-5 of it. Runs in eval mode without gradients and
+    leaves the RNG state and the train/eval mode as they were.
+    """
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) or model.config.vocab_size
+    k = length // 2
+    device = next(model.parameters()).device
+    a = torch.tensor([[(7 * i + 3) % vocab for i in range(length)]], device=device)
+    b = a.clone()
+    b[0, k:] = (a[0, k:] + 1 + torch.arange(length - k, device=device)) % vocab
+    mask = torch.ones_like(a)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            la = model(input_ids=a, attention_mask=mask, use_cache=False).logits.float()
+            lb = model(input_ids=b, attention_mask=mask, use_cache=False).logits.float()
+    except Exception as e:  # noqa: BLE001 - a model that cannot run a short forward pass cannot be trained
+        raise ModelError(f"{where}: a forward pass on {length} tokens failed ({_one_line(e)})") from None
+    finally:
+        model.train(was_training)
+    leak = (la[:, :k] - lb[:, :k]).abs().max().item()
+    change = (la[:, k:] - lb[:, k:]).abs().max().item()
+    if leak > 1e-5 * change:
+        hint = "" if getattr(model.config, "is_decoder", True) else "; is_decoder is not set in its config"
+        raise ModelError(f"{where} is not a causal LM: its predictions at a position depend on later tokens "
+                         f"({type(model).__name__}{hint})")
 
 
 def _one_line(e: BaseException) -> str:

@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,10 @@ from safetensors.torch import load_file
 from . import bootstrap, topology
 from .checkpoint import latest, save_atomic
 from .config import TrainConfig
-from .data import evaluate
+from .evaluation import evaluate
 from .gossip import Gossip
 from .metrics import METRICS_FILE, MetricsLog, peer_dir
-from .runtime import load_run_inputs, set_threads
+from .runtime import PeerData, embedded_data, load, make_batcher, own_data, set_threads
 from .trainer import PeerTrainer
 from .transport import Transport
 
@@ -44,7 +45,8 @@ class PeerArgs:
     cfg: TrainConfig
     bootstrap_path: str | None = None
     model_path: str | None = None
-    data_path: str | None = None
+    data_path: str | None = None   # this peer's own records (None: its shard of the embedded tasks)
+    eval_path: str | None = None   # this peer's own held-out records (None: a share of data_path is held out)
 
 
 def resolve_endpoints(args: PeerArgs, topo: topology.Topology) -> dict[int, str]:
@@ -97,8 +99,10 @@ def run_peer(args: PeerArgs, stop: threading.Event | None = None) -> None:
     _install_stop_handlers(stop)
     if cfg.threads:
         set_threads(cfg.threads)
-    inputs = load_run_inputs(cfg, topo.nodes, model_path=args.model_path, data_path=args.data_path)
-    trainer = PeerTrainer(inputs.model, inputs.peer(me).batcher, cfg)
+    data = _peer_data(args, topo)
+    lm = load(cfg, args.model_path)
+    trainer = PeerTrainer(lm.model, make_batcher(cfg, lm, me, data), cfg)
+    inputs = PeerInputs(lm.tokenizer, lm.max_len, data)
     nbrs = topo.neighbors(me)
     transport = Transport(me, endpoints, nbrs, {j: topo.link(me, j) for j in nbrs},
                           max_message_bytes=trainer.max_block_bytes() + (1 << 20),  # nothing bigger is legitimate
@@ -114,17 +118,47 @@ def run_peer(args: PeerArgs, stop: threading.Event | None = None) -> None:
         transport.close(send_bye=True)  # a repeat of gossip's bye is harmless; it matters when training failed
 
 
+@dataclass
+class PeerInputs:
+    tokenizer: object
+    max_len: int
+    data: PeerData
+
+
+def _peer_data(args: PeerArgs, topo: topology.Topology) -> PeerData:
+    """Only this peer's own files are opened; without --data, its shard of the generated embedded tasks."""
+    if args.data_path:
+        return own_data(args.cfg, args.peer_id, args.data_path, args.eval_path)
+    if args.eval_path:
+        from .data import DataError
+        raise DataError("--eval-data needs --data (the peer's own training file)")
+    shards, evals = embedded_data(args.cfg, topo.nodes)
+    return PeerData(shards[args.peer_id], evals, f"its shard of the embedded tasks ({len(shards[args.peer_id])} records)",
+                    "the embedded tasks' eval set")
+
+
+def _evaluate(trainer: PeerTrainer, inputs: PeerInputs) -> dict:
+    c = trainer.cfg
+    return evaluate(trainer.model, inputs.tokenizer, inputs.data.evals, batch_size=c.eval_batch_size or c.batch_size,
+                    max_len=inputs.max_len, max_new_tokens=c.eval_max_new_tokens)
+
+
 def _resume(trainer: PeerTrainer, ckpt_root: Path, log: MetricsLog) -> int:
-    """Load the latest checkpoint of this peer, if any: returns the activation to start from."""
+    """Load the latest checkpoint of this peer, if any: returns the activation to start from.
+
+    Every parameter and persistent buffer is restored bit for bit (`checkpoint.restore_weights`); a checkpoint
+    that misses, adds or reshapes any key raises `CheckpointError` (the record's missing/unexpected stay 0).
+    """
+    from .checkpoint import restore_weights
+
     ckpt = latest(ckpt_root)
     if ckpt is None:
         return 0
     state = json.loads((ckpt / "deca_state.json").read_text())
-    weights = load_file(ckpt / "model.safetensors", device=str(next(trainer.model.parameters()).device))
-    missing, unexpected = trainer.model.load_state_dict(weights, strict=False)
+    restore_weights(trainer.model, ckpt)
     trainer.batcher.load_state_dict({"generator": torch.tensor(state["batcher_generator"], dtype=torch.uint8)})
     log.write("resume", checkpoint=str(ckpt), activation=state["activation"], round=state["round"],
-              missing=len(missing), unexpected=len(unexpected))
+              missing=0, unexpected=0)
     return state["activation"] + 1
 
 
@@ -142,16 +176,22 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     ckpt_root = peer_dir(args.run_dir, me) / "checkpoint"
     first = _resume(trainer, ckpt_root, log) if cfg.resume else 0
     inc = time.time_ns() & 0x7FFFFFFF  # incarnation: changes whenever the process restarts
-    labels: dict[str, int] = {}
-    for k in inputs.shards[me]:
-        labels[inputs.train_examples[k].label] = labels.get(inputs.train_examples[k].label, 0) + 1
+    data = inputs.data
+    labels = dict(sorted(Counter(e.label for e in data.train).items()))
+    trunc = trainer.batcher.truncation
     named = dict(trainer.model.named_parameters())
     log.write("start", pid=os.getpid(), inc=inc, endpoint=transport.endpoint, neighbours=topo.neighbors(me),
-              n_examples=len(inputs.shards[me]), labels=labels, n_blocks=len(trainer.blocks),
-              block_numel=[sum(named[n].numel() for n in b.param_names) for b in trainer.blocks])
+              train_examples=len(data.train), eval_examples=len(data.evals), train_source=data.source,
+              eval_source=data.eval_source, labels=labels, max_len=inputs.max_len, truncated=trunc.as_dict(),
+              n_blocks=len(trainer.blocks), block_numel=[sum(named[n].numel() for n in b.param_names) for b in trainer.blocks])
+    print(f"peer {me}: training on {data.source}; evaluating on {data.eval_source} ({len(data.evals)} records); "
+          f"max_len {inputs.max_len}", flush=True)
+    if trunc.total:
+        print(f"peer {me}: {trunc.describe(len(data.train), inputs.max_len)}", flush=True)
     if me == topo.nodes[0] and first == 0:
         (Path(args.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        log.write("eval", round=-1, activation=-1, **evaluate(trainer.model, inputs.tokenizer, inputs.eval_examples))
+    if first == 0:
+        log.write("eval", round=-1, activation=-1, **_evaluate(trainer, inputs))
     t_barrier = time.perf_counter()
     transport.barrier(inc, cfg.hello_timeout_s)
     log.write("ready", barrier_s=time.perf_counter() - t_barrier)
@@ -172,7 +212,7 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
         trainer.activate(blk)
         gossip.begin_activation(rnd, blk)
         for step in range(first_step if a == first else 0, cfg.inner_steps):
-            stats = trainer.local_step()
+            stats = trainer.local_step(sched.step_index(rnd, blk, step))
             if cfg.slowdown > 1:  # a straggler on purpose
                 time.sleep((cfg.slowdown - 1) * stats["compute_s"])
             extra = {}
@@ -199,8 +239,8 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
         if stop.is_set():
             break
         if end_of_round or (cfg.eval_every and (a + 1) % cfg.eval_every == 0):
-            log.write("eval", round=rnd, activation=a, **evaluate(trainer.model, inputs.tokenizer, inputs.eval_examples))
-    final = evaluate(trainer.model, inputs.tokenizer, inputs.eval_examples)
+            log.write("eval", round=rnd, activation=a, **_evaluate(trainer, inputs))
+    final = _evaluate(trainer, inputs)
     gossip.finish(cfg.exchange_timeout_s)  # slower neighbours may still need our last block
     sent, recv = _bytes(transport)
     cs = [c for c in transport.counters().values() if c.data_sent]

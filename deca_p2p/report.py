@@ -1,6 +1,8 @@
 """Tables and plots of a run: printed at the end of simulate and cluster, rebuilt by `deca-peer report`."""
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Mapping
 
@@ -8,6 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .metrics import read_metrics
+
+AVERAGE_DIR, AVERAGE_EVAL = "average", "eval.json"  # cluster writes the network average and its scores here
 
 
 def _task_keys(rows: Mapping[int, Mapping[str, float]]) -> list[str]:
@@ -85,13 +89,23 @@ def traffic_and_time(run_dir: str | Path) -> dict[int, dict]:
     return out
 
 
+def average_eval(run_dir: str | Path) -> dict | None:
+    """The averaged model's scores, when `cluster` wrote them (RUN/average/eval.json)."""
+    f = Path(run_dir) / AVERAGE_DIR / AVERAGE_EVAL
+    try:
+        return json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def run_table(run_dir: str | Path, title: str = "") -> Table | None:
     finals = final_evals(run_dir)
     if not finals:
         return None
     start = next((r for recs in read_metrics(run_dir).values() for r in recs
                   if r.get("event") == "eval" and r.get("activation") == -1), None)
-    return eval_table(finals, initial=start, extra=traffic_and_time(run_dir), title=title or str(run_dir))
+    return eval_table(finals, initial=start, average_model=average_eval(run_dir), extra=traffic_and_time(run_dir),
+                      title=title or str(run_dir))
 
 
 def make_plots(run_dir: str | Path) -> list[Path]:

@@ -121,7 +121,7 @@ def network_data(cfg: TrainConfig, ids: Sequence[int], *, data_path=None, data_d
     else:
         shards, evals = embedded_data(cfg, ids)
         src = "shard of the embedded tasks"
-    return {i: PeerData(shards[i], evals, f"{src} ({len(shards[i])} records)", "common eval set") for i in ids}
+    return {i: PeerData(shards[i], evals, f"peer {i}'s {src} ({len(shards[i])} records)", "common eval set") for i in ids}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def load(cfg: TrainConfig, model_path=None) -> LoadedModel:
 
 def make_batcher(cfg: TrainConfig, lm: LoadedModel, peer_id: int, data: PeerData) -> Batcher:
     if len(data.train) < cfg.batch_size:
-        raise DataError(f"peer {peer_id}: {len(data.train)} training examples in {data.source}, fewer than one "
+        raise DataError(f"{len(data.train)} training examples in {data.source}, fewer than one "
                         f"batch (--batch-size {cfg.batch_size})")
     return Batcher(data.train, lm.tokenizer, cfg.batch_size, peer_seed(cfg.seed, peer_id), lm.max_len,
                    where=data.source.split(" (")[0])

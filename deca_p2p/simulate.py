@@ -67,6 +67,8 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
             logs[i].write("start", train_examples=len(data[i].train), eval_examples=len(data[i].evals),
                           train_source=data[i].source, eval_source=data[i].eval_source, max_len=lm.max_len,
                           truncated=trainers[i].batcher.truncation.as_dict())
+        if trainers[i].batcher.truncation.total and progress is not None:
+            progress(f"peer {i}: {trainers[i].batcher.truncation.describe(len(data[i].train), lm.max_len)}")
 
     def ev(model, i):
         return evaluate(model, lm.tokenizer, data[i].evals, batch_size=cfg.eval_batch_size or cfg.batch_size,
