@@ -33,7 +33,7 @@ simulate: install
 
 # Every benchmark, one after the other (they measure time: never run them side by side).
 # Each writes a table and a plot under benchmarks/results/ and prints its headline last.
-BENCHES := wire_throughput bandwidth_latency memory convergence scale
+BENCHES := wire_throughput bandwidth_latency memory eval_memory convergence scale
 bench: install
 	@for b in $(BENCHES); do echo "== $$b"; $(PY) benchmarks/$$b.py || exit 1; done
 
