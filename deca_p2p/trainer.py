@@ -137,7 +137,11 @@ class PeerTrainer:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing")
             # non-reentrant: gradients reach the active block even when the embeddings before it are frozen
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             model.config.use_cache = False
         model.train()
 
