@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from . import atomic
 from .checkpoint import LATEST
 from .metrics import METRICS_FILE, peer_dir, records
 from .models import QuietProgress
@@ -169,14 +170,6 @@ def average_checkpoints(dirs: Sequence[str | Path], weights: Sequence[float] | N
     return first
 
 
-def _fsync(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _check_out(out: Path) -> bool:
     """Whether ``out`` exists (then it is empty or a previous average); AverageError if it may not be replaced."""
     if not out.exists() and not out.is_symlink():
@@ -242,7 +235,7 @@ def average_run(run_dir: str | Path, out: str | Path, weighted: bool = False, *,
         for f in tmp.iterdir():
             if f.is_file():
                 os.chmod(f, 0o666 & ~umask)  # safetensors writes 0600: the average is for sharing, like any file
-                _fsync(f)
+                atomic.fsync_path(f)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
         if exists and _check_out(out) and any(out.iterdir()):
             # a previous average: move it aside, the new one in (put the old one back if that fails)
@@ -255,7 +248,7 @@ def average_run(run_dir: str | Path, out: str | Path, weighted: bool = False, *,
                 raise
         else:
             os.rename(tmp, out)  # also over an empty directory: rename(2) replaces it
-        _fsync(out.parent)
+        atomic.fsync_path(out.parent)
     except OSError as e:
         raise AverageError(f"cannot write {out}: {e.strerror or e}") from None
     finally:

@@ -9,12 +9,12 @@ place (``deca-peer bootstrap --file F --set-key I=KEY --endpoint I=tcp://host:po
 from __future__ import annotations
 
 import json
-import os
 import re
 import stat
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from . import atomic
 
 _ENDPOINT = re.compile(r"^tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 
@@ -127,24 +127,9 @@ def _replace_text(p: Path, text: str) -> None:
         mode = 0o644
     p = p.resolve()  # a symlinked bootstrap file stays a symlink: its target is what gets replaced
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+        atomic.write_text(p, text, mode)
     except OSError as e:
         raise BootstrapError(f"cannot write bootstrap file {p}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, p)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise BootstrapError(f"cannot write bootstrap file {p}: {e.strerror}") from None
-        raise
 
 
 def endpoints(entries: dict[int, dict]) -> dict[int, str]:

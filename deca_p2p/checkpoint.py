@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import fsync_path
 from .models import QuietProgress
 
 LATEST = "latest"
@@ -24,14 +25,6 @@ LATEST = "latest"
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model it is restored into (missing, extra or reshaped keys)."""
-
-
-def _fsync_path(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[str, str] | None = None) -> Path:
@@ -48,14 +41,14 @@ def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         for f in tmp.iterdir():
-            _fsync_path(f)
+            fsync_path(f)
         os.rename(tmp, final)
         link_tmp = root / f".latest-{os.getpid()}"
         if link_tmp.is_symlink() or link_tmp.exists():
             link_tmp.unlink()
         os.symlink(final.name, link_tmp)
         os.replace(link_tmp, root / LATEST)
-        _fsync_path(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

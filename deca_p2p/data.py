@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from . import atomic
 
 
 class DataError(ValueError):
@@ -123,17 +124,7 @@ def write_jsonl(path: str | os.PathLike, examples: Sequence[Example]) -> Path:
     """Write records atomically (temp file, fsync, rename): a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for e in examples:
-                f.write(json.dumps(e.to_record(), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_text(path, "".join(json.dumps(e.to_record(), ensure_ascii=False) + "\n" for e in examples))
     return path
 
 

@@ -27,14 +27,13 @@ from __future__ import annotations
 import json
 import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import zmq
 import zmq.auth
 
-from . import bootstrap
+from . import atomic, bootstrap
 from .transport import CurveConfig
 
 __all__ = ["KeysError", "secret_key_path", "public_key_path", "make_keys", "make_keypair", "set_public_keys",
@@ -82,31 +81,12 @@ def _cert_text(public: bytes, secret: bytes | None) -> str:
     return text
 
 
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    """Write ``text`` to ``path`` atomically (temp file, fsync, rename). mkstemp creates the file 0600, so a secret
-    is never world-readable, even briefly; ``mode`` is applied before the rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _write_private(path: Path, text: str) -> None:
-    _write_atomic(path, text, 0o600)
+    atomic.write_text(path, text, 0o600)
 
 
 def _write_public(path: Path, text: str) -> None:
-    _write_atomic(path, text, 0o644)
+    atomic.write_text(path, text, 0o644)
 
 
 def _read_keypair(path: Path, peer_id: int) -> tuple[bytes, bytes]:

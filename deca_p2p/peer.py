@@ -24,7 +24,6 @@ from pathlib import Path
 
 import psutil
 import torch
-from safetensors.torch import load_file
 
 from . import bootstrap, topology
 from .checkpoint import latest, save_atomic

@@ -137,7 +137,6 @@ def chat_model_dir(deca_cache, tmp_path_factory):
 
 
 def test_chat_records_train_end_to_end(chat_model_dir, tmp_path):
-    rng = random.Random(1)
     recs = []
     for ex in _task_records(120, seed=3):
         recs.append({"messages": [{"role": "system", "content": "answer"}, {"role": "user", "content": ex.prompt},
