@@ -25,3 +25,18 @@ def test_simulate_is_deterministic_for_a_seed(deca_cache):
     for i in a.models:
         for (n, p), (_, q) in zip(a.models[i].named_parameters(), b.models[i].named_parameters()):
             assert torch.equal(p, q), n
+
+
+def test_simulate_save_writes_checkpoints_that_match_its_models(deca_cache, tmp_path):
+    from deca_p2p.checkpoint import latest, restore_weights
+    from deca_p2p.models import default_model_path, load_model
+
+    cfg = {**SMALL, "inner_steps": 1}
+    res = simulate(load(REPO / "topologies" / "ring4.json"), make_config(None, cfg), run_dir=tmp_path, save=True)
+    for i, model in res.models.items():
+        ckpt = latest(tmp_path / f"peer-{i}" / "checkpoint")
+        assert ckpt is not None and (ckpt / "tokenizer.json").is_file()
+        fresh, _ = load_model(default_model_path())
+        restore_weights(fresh, ckpt)
+        for (n, p), (_, q) in zip(fresh.named_parameters(), model.named_parameters()):
+            assert torch.equal(p, q), n
