@@ -78,7 +78,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> "TrainConfig":
-        choices = {"algo": ("deca", "dadam", "dsgd"), "discrepancy": ("paper", "qg", "none"),
+        choices = {"algo": ("deca", "dadam", "dsgd"), "discrepancy": ("paper", "qg", "consensus", "none"),
                    "block_order": ("ascending", "descending", "random"), "comm": ("gossip", "none"),
                    "codec": ("raw", "bf16", "fp16", "int8"), "dtype": ("float32", "bfloat16", "float16"),
                    "device": ("cpu", "cuda", "auto"), "lr_schedule": LR_SCHEDULES}
@@ -99,8 +99,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be two numbers in [0, 1{')' if key == 'betas' else ']'}, got {list(v)}")
         if self.lr > MAX_LR:  # Adam's lr / (1 - beta1^t) must stay a float32
             raise ConfigError(f"lr must be at most {MAX_LR:g}, got {self.lr}")
-        if self.discrepancy == "qg" and self.lr == 0:
-            raise ConfigError("discrepancy 'qg' divides by the learning rate, which is 0")
+        if self.discrepancy in ("qg", "consensus") and self.lr == 0:
+            raise ConfigError(f"discrepancy {self.discrepancy!r} divides by the learning rate, which is 0")
         if not math.isfinite(self.slowdown) or self.slowdown < 1:
             raise ConfigError(f"slowdown must be a factor >= 1, got {self.slowdown}")
         if self.max_len < 0 or self.max_len == 1:

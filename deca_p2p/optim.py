@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-DISCREPANCIES = ("paper", "qg", "none")
+DISCREPANCIES = ("paper", "qg", "consensus", "none")
 
 
 class GossipOptimizer:
@@ -81,15 +81,16 @@ class DECA(GossipOptimizer):
     local_step: Adam on the block with α-moments (bias-corrected with the inner step count r+1).
     mix:        θ_{r+1} replaces θ½; the consensus discrepancy h_r is folded into the moments with β.
     `discrepancy` picks the reading of h_r (DESIGN §2): "paper" h = θ_{r+1} − θ_r, "qg" h = (θ_r − θ_{r+1}) / γ,
-    "none" no BMA (β1 = β2 = 1: decentralized Adam on the block).
+    "consensus" h = (θ½ − θ_{r+1}) / γ (the consensus pull alone, at gradient scale and sign: "local minus
+    aggregated"), "none" no BMA (β1 = β2 = 1: decentralized Adam on the block).
     """
 
     def __init__(self, params, lr: float, alphas=(0.9, 0.999), betas=(0.9, 0.999), eps: float = 1e-8,
                  discrepancy: str = "paper", weight_decay: float = 0.0):
         if discrepancy not in DISCREPANCIES:
             raise ValueError(f"discrepancy must be one of {', '.join(DISCREPANCIES)}, got {discrepancy!r}")
-        if discrepancy == "qg" and lr == 0:
-            raise ValueError("discrepancy 'qg' divides by the learning rate, which is 0")
+        if discrepancy in ("qg", "consensus") and lr == 0:
+            raise ValueError(f"discrepancy {discrepancy!r} divides by the learning rate, which is 0")
         for name, (a, b) in (("alphas", alphas), ("betas", betas)):
             if not (0.0 <= a <= 1.0 and 0.0 <= b <= 1.0):
                 raise ValueError(f"{name} must lie in [0, 1], got {(a, b)}")
@@ -129,13 +130,15 @@ class DECA(GossipOptimizer):
     def mix(self, mixed: Sequence[torch.Tensor]) -> None:
         if self._before is None:
             raise RuntimeError("mix() called before local_step()")
+        half = [p.detach().clone() for p in self.params] if self.discrepancy == "consensus" else None  # θ½
         self._set_params(mixed)
         b1, b2 = self.betas
         h_sq = 0.0
-        for p, before, m, v in zip(self.params, self._before, self.m, self.v):
-            if self.discrepancy == "qg":
+        for k, (p, before, m, v) in enumerate(zip(self.params, self._before, self.m, self.v)):
+            if self.discrepancy in ("qg", "consensus"):
                 # a schedule may give lr = 0 (the first warm-up step): no step was taken, so no discrepancy to scale
-                h = (before - p).div_(self.lr) if self.lr else torch.zeros_like(p)
+                ref = before if self.discrepancy == "qg" else half[k]
+                h = (ref - p).div_(self.lr) if self.lr else torch.zeros_like(p)
             else:
                 h = p - before
             h_sq += float(h.double().pow(2).sum())

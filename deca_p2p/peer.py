@@ -18,7 +18,6 @@ import os
 import signal
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from .config import TrainConfig
 from .evaluation import evaluate
 from .gossip import Gossip
 from .metrics import METRICS_FILE, MetricsLog, peer_dir
-from .runtime import PeerData, embedded_data, load, make_batcher, own_data, set_threads
+from .runtime import PeerData, embedded_data, label_counts, load, make_batcher, own_data, set_threads
 from .trainer import PeerTrainer
 from .transport import Transport
 
@@ -176,7 +175,7 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     first = _resume(trainer, ckpt_root, log) if cfg.resume else 0
     inc = time.time_ns() & 0x7FFFFFFF  # incarnation: changes whenever the process restarts
     data = inputs.data
-    labels = dict(sorted(Counter(e.label for e in data.train).items()))
+    labels = label_counts(data.train)
     trunc = trainer.batcher.truncation
     named = dict(trainer.model.named_parameters())
     log.write("start", pid=os.getpid(), inc=inc, endpoint=transport.endpoint, neighbours=topo.neighbors(me),

@@ -33,30 +33,57 @@ def mean_metrics(rows: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
     return out
 
 
+UNSEEN_SHARE = 0.05  # a task under 5% of a peer's own shard is one its own data barely holds
+
+
+def unseen_accuracy(labels: Mapping[str, int] | None, metrics: Mapping[str, float],
+                    share: float = UNSEEN_SHARE) -> float | None:
+    """Mean exact match on the tasks that make up under `share` of a peer's own training records: what only
+    collaboration can have taught it. None when the peer's shard holds every task."""
+    if not labels:
+        return None
+    total = sum(labels.values())
+    rare = [k for k in metrics if k.startswith("acc/") and labels.get(k[4:], 0) < share * total]
+    vals = [metrics[k] for k in rare if isinstance(metrics[k], (int, float))]
+    return sum(vals) / len(vals) if vals else None
+
+
 def eval_table(per_peer: Mapping[int, Mapping[str, float]], *, initial=None, average_model=None, extra=None,
-               title: str = "") -> Table:
-    """Per-peer eval loss and accuracy (overall and per task), then the network mean and the averaged model."""
+               labels: Mapping[int, Mapping[str, int]] | None = None, title: str = "") -> Table:
+    """Per-peer eval loss and accuracy (overall, on the tasks its own shard barely holds, and per task), then the
+    network mean and the averaged model. `labels`: each peer's training records per label (for `unseen`)."""
     tasks = _task_keys(per_peer)
     extra = extra or {}
+    unseen = {pid: unseen_accuracy((labels or {}).get(pid), r) for pid, r in per_peer.items()}
+    show_unseen = any(v is not None for v in unseen.values())
     extra_cols = list(dict.fromkeys(k for r in extra.values() for k in r))
     t = Table(title=title)
-    for col in ["peer", "eval loss", "acc", *[k[4:] for k in tasks], *extra_cols]:
+    for col in ["peer", "eval loss", "acc", *(["unseen"] if show_unseen else []), *[k[4:] for k in tasks], *extra_cols]:
         t.add_column(col, justify="right")
 
-    def row(name, r, ex=None):
+    def row(name, r, ex=None, pid=None):
         ex = ex or {}
-        cells = [name, fmt(r.get("eval_loss"), 4), fmt(r.get("acc"), 3), *[fmt(r.get(k), 2) for k in tasks]]
+        cells = [name, fmt(r.get("eval_loss"), 4), fmt(r.get("acc"), 3)]
+        if show_unseen:
+            u = unseen.get(pid) if pid is not None else _mean_present(unseen.values()) if name == "mean" else None
+            cells.append(fmt(u, 3) if u is not None else "")
+        cells += [fmt(r.get(k), 2) for k in tasks]
         cells += [str(ex.get(c, "")) for c in extra_cols]
         t.add_row(*cells)
 
     if initial is not None:
         row("start", initial)
     for pid in sorted(per_peer):
-        row(str(pid), per_peer[pid], extra.get(pid))
+        row(str(pid), per_peer[pid], extra.get(pid), pid)
     row("mean", mean_metrics(per_peer))
     if average_model is not None:
         row("avg model", average_model)
     return t
+
+
+def _mean_present(vals) -> float | None:
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
 
 
 def print_eval_table(per_peer, **kw) -> None:
@@ -104,8 +131,10 @@ def run_table(run_dir: str | Path, title: str = "") -> Table | None:
         return None
     start = next((r for recs in read_metrics(run_dir).values() for r in recs
                   if r.get("event") == "eval" and r.get("activation") == -1), None)
+    labels = {pid: next((r["labels"] for r in recs if r.get("event") == "start" and r.get("labels")), None)
+              for pid, recs in read_metrics(run_dir).items()}
     return eval_table(finals, initial=start, average_model=average_eval(run_dir), extra=traffic_and_time(run_dir),
-                      title=title or str(run_dir))
+                      labels=labels, title=title or str(run_dir))
 
 
 def make_plots(run_dir: str | Path) -> list[Path]:

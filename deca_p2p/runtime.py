@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -54,6 +55,10 @@ class PeerData:
     evals: list[Example]
     source: str          # where the training records came from (the log says it)
     eval_source: str     # and the evaluation records
+
+
+def label_counts(examples: Sequence[Example]) -> dict[str, int]:
+    return dict(sorted(Counter(e.label for e in examples).items()))
 
 
 def split_examples(examples: Sequence[Example], ids: Sequence[int], alpha: float, seed: int,

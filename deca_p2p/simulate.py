@@ -21,7 +21,7 @@ from .metrics import MetricsLog
 from .optim import MixAccumulator, self_weight
 from .evaluation import evaluate
 from .checkpoint import save_atomic
-from .runtime import average_models, load, make_batcher, network_data, set_threads
+from .runtime import average_models, label_counts, load, make_batcher, network_data, set_threads
 from .topology import Topology
 from .trainer import PeerTrainer
 
@@ -49,6 +49,7 @@ class SimResult:
     initial: dict[str, float]
     wall_s: float
     models: dict[int, torch.nn.Module] = field(repr=False, default_factory=dict)
+    labels: dict[int, dict[str, int]] = field(default_factory=dict)  # each peer's training records per label
 
 
 def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=None, data_dir=None, run_dir=None,
@@ -64,7 +65,7 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
         trainers[i] = PeerTrainer(copy.deepcopy(lm.model), make_batcher(cfg, lm, i, data[i]), cfg)
         if run_dir is not None:
             logs[i] = MetricsLog(run_dir, i)
-            logs[i].write("start", train_examples=len(data[i].train), eval_examples=len(data[i].evals),
+            logs[i].write("start", labels=label_counts(data[i].train), train_examples=len(data[i].train), eval_examples=len(data[i].evals),
                           train_source=data[i].source, eval_source=data[i].eval_source, max_len=lm.max_len,
                           truncated=trainers[i].batcher.truncation.as_dict())
         if trainers[i].batcher.truncation.total and progress is not None:
@@ -113,7 +114,8 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
     avg_eval = ev(avg, first) if common_eval else evaluate(
         avg, lm.tokenizer, [e for d in data.values() for e in d.evals], batch_size=cfg.eval_batch_size or cfg.batch_size,
         max_len=lm.max_len, max_new_tokens=cfg.eval_max_new_tokens)
-    result = SimResult(per_peer, avg_eval, initial, time.perf_counter() - t0, {i: t.model for i, t in trainers.items()})
+    result = SimResult(per_peer, avg_eval, initial, time.perf_counter() - t0, {i: t.model for i, t in trainers.items()},
+                       {i: label_counts(d.train) for i, d in data.items()})
     if save:
         for i, t in trainers.items():
             save_atomic(t.model, lm.tokenizer, Path(run_dir) / f"peer-{i}" / "checkpoint", tag="final")

@@ -129,3 +129,23 @@ def test_dsgd_and_factory():
         make_optimizer("sgd", [torch.zeros(1)], 0.1)
     with pytest.raises(ValueError, match="discrepancy"):
         DECA([torch.zeros(1)], 0.1, discrepancy="bogus")
+
+
+def test_consensus_reading_by_hand():
+    """h = (θ½ − θ_{r+1}) / γ: the consensus pull alone, at gradient scale; worked out with plain numbers."""
+    lr, a1, a2, b1, b2 = 0.1, 0.9, 0.99, 0.8, 0.95
+    p = torch.tensor([1.0, -2.0])
+    o = DECA([p], lr=lr, alphas=(a1, a2), betas=(b1, b2), eps=0.0, discrepancy="consensus")
+    p.grad = torch.tensor([0.5, -1.0])
+    o.local_step()
+    # first Adam step: m½ = 0.1 g, v½ = 0.01 g²; bias-corrected m̂ = g, v̂ = g²: θ½ = θ − lr · sign(g)
+    half = torch.tensor([1.0 - 0.1, -2.0 + 0.1])
+    assert torch.allclose(p, half, atol=1e-6)
+    mixed = torch.tensor([0.5, -1.0])  # θ_{r+1}
+    o.mix([mixed])
+    h = (half - mixed) / lr  # [4.0, -9.0]
+    assert torch.allclose(o.m[0], b1 * (1 - a1) * torch.tensor([0.5, -1.0]) + (1 - b1) * h, atol=1e-5)
+    assert torch.allclose(o.v[0], b2 * (1 - a2) * torch.tensor([0.25, 1.0]) + (1 - b2) * h * h, atol=1e-5)
+    assert o.last_stats["h_norm"] == pytest.approx(float(h.norm()), rel=1e-6)
+    with pytest.raises(ValueError, match="divides by the learning rate"):
+        DECA([torch.zeros(1)], 0.0, discrepancy="consensus")
