@@ -104,8 +104,9 @@ def _first_call_order(model: nn.Module, layers: nn.ModuleList) -> tuple[dict[str
     return first_call, stack[0], stack[1]
 
 
-def partition(model: nn.Module, *, embeddings: bool = False, head: bool = False) -> list[Block]:
-    """One block per decoder layer, plus optionally the embeddings and the head.
+def partition(model: nn.Module, *, embeddings: bool = False, head: bool = False, layers_per_block: int = 1) -> list[Block]:
+    """One block per `layers_per_block` consecutive decoder layers (the last may hold fewer), plus optionally the
+    embeddings and the head.
 
     The embeddings block holds exactly the parameters used *before* the decoder-layer stack runs, the head block
     those used *after* it, by execution order: one tiny forward pass (two token ids, no grad, eval mode, RNG
@@ -152,7 +153,13 @@ def partition(model: nn.Module, *, embeddings: bool = False, head: bool = False)
     blocks: list[tuple[str, list[str]]] = []
     if embeddings and before:
         blocks.append(("embeddings", before))
-    blocks += [(f"layer.{i}", ps) for i, ps in enumerate(per_layer) if ps]
+    if layers_per_block < 1:
+        raise ValueError(f"layers_per_block must be at least 1, got {layers_per_block}")
+    for i in range(0, len(per_layer), layers_per_block):
+        group = per_layer[i: i + layers_per_block]
+        ps = [n for layer in group for n in layer]
+        if ps:
+            blocks.append((f"layer.{i}" if layers_per_block == 1 else f"layers.{i}-{i + len(group) - 1}", ps))
     if head and after:
         blocks.append(("head", after))
     return [Block(i, name, tuple(ps)) for i, (name, ps) in enumerate(blocks)]

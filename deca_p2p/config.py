@@ -37,6 +37,7 @@ class TrainConfig:
     block_order: str = "ascending"    # ascending | descending | random (seeded, identical on every peer)
     embeddings_block: bool = True     # train the embeddings as an extra block (the default model starts from random init)
     head_block: bool = True           # train final norm + LM head as an extra block
+    layers_per_block: int = 1         # consecutive decoder layers per block (the paper found one best)
     # data
     batch_size: int = 16
     grad_accum: int = 1               # micro-batches of batch_size per local step (their gradients averaged)
@@ -86,7 +87,7 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         for key in ("rounds", "inner_steps", "batch_size", "train_per_task", "eval_per_task", "gossip_every",
-                    "checkpoint_every", "grad_accum", "eval_max_new_tokens"):
+                    "checkpoint_every", "grad_accum", "eval_max_new_tokens", "layers_per_block"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         for key in ("lr", "alpha", "eps", "exchange_timeout_s", "hello_timeout_s"):

@@ -93,7 +93,8 @@ def peer_seed(seed: int, peer_id: int) -> int:
 
 def make_blocks(model: nn.Module, cfg: TrainConfig) -> list[Block]:
     if cfg.algo == "deca":
-        return partition(model, embeddings=cfg.embeddings_block, head=cfg.head_block)
+        return partition(model, embeddings=cfg.embeddings_block, head=cfg.head_block,
+                         layers_per_block=cfg.layers_per_block)
     return [whole_model_block(model)]  # decentralized Adam and DSGD train everything at once
 
 

@@ -87,3 +87,17 @@ def test_bf16_model_gets_fp32_master_copy():
         assert torch.equal(named[n], m.to(torch.bfloat16))
     active.release()
     assert active.params == []
+
+
+def test_layers_per_block_groups_consecutive_layers(deca_cache):
+    from deca_p2p.blocks import partition
+    from deca_p2p.models import default_model_path, load_model
+
+    model, _ = load_model(default_model_path())
+    one = partition(model, embeddings=True, head=True)
+    two = partition(model, embeddings=True, head=True, layers_per_block=2)
+    n_layers = len(one) - 2
+    assert len(two) == 2 + (n_layers + 1) // 2
+    assert two[1].param_names == one[1].param_names + one[2].param_names
+    assert [b.index for b in two] == list(range(len(two)))
+    assert sorted(n for b in two for n in b.param_names) == sorted(n for b in one for n in b.param_names)
