@@ -151,13 +151,14 @@ def hold_out(examples: Sequence[Example], fraction: float, seed: int) -> tuple[l
 
 
 def dirichlet_split(
-    labels: Sequence[str], n_peers: int, alpha: float = 0.25, seed: int = 0, max_tries: int = 1000
+    labels: Sequence[str], n_peers: int, alpha: float = 0.25, seed: int = 0, max_tries: int = 1000,
+    min_size: int = 1,
 ) -> list[list[int]]:
     """Split example indices over ``n_peers`` with label skew (Dirichlet(alpha) per label).
 
     For each label (in sorted order) the proportions over peers are drawn from
     ``Dirichlet(alpha * ones(n_peers))`` and that label's shuffled indices are cut accordingly.
-    Every index appears exactly once overall; every peer gets at least one example (if a draw
+    Every index appears exactly once overall; every peer gets at least ``min_size`` examples (if a draw
     leaves a peer empty, the split is redrawn from the seed sequence ``(seed, 1)``, ``(seed, 2)``,
     ...: deterministic, and never the split of another seed). Small ``alpha``
     means strong skew; large ``alpha`` approaches an IID split. Each peer's indices are sorted.
@@ -167,8 +168,10 @@ def dirichlet_split(
         raise ValueError(f"n_peers must be >= 1, got {n_peers}")
     if not alpha > 0 or not np.isfinite(alpha):
         raise ValueError(f"alpha must be a positive finite number, got {alpha}")
-    if n < n_peers:
-        raise ValueError(f"cannot give each of {n_peers} peers an example: only {n} examples")
+    min_size = max(1, int(min_size))
+    if n < n_peers * min_size:
+        raise ValueError(f"cannot give each of {n_peers} peers {min_size} example{'s' if min_size > 1 else ''}: "
+                         f"only {n} examples")
     by_label: dict[str, list[int]] = defaultdict(list)
     for i, lab in enumerate(labels):
         by_label[lab].append(i)
@@ -182,10 +185,10 @@ def dirichlet_split(
             cuts = (np.cumsum(p)[:-1] * len(idx)).astype(np.int64)
             for peer, chunk in enumerate(np.split(idx, cuts)):
                 parts[peer].extend(chunk.tolist())
-        if all(parts):
+        if all(len(p) >= min_size for p in parts):
             return [sorted(p) for p in parts]
     raise ValueError(
-        f"dirichlet_split: some peer stayed empty after {max_tries} draws "
+        f"dirichlet_split: some peer got fewer than {min_size} examples after {max_tries} draws "
         f"({n} examples, {n_peers} peers, alpha={alpha}); use more data, fewer peers or a larger alpha"
     )
 

@@ -62,12 +62,13 @@ def label_counts(examples: Sequence[Example]) -> dict[str, int]:
 
 
 def split_examples(examples: Sequence[Example], ids: Sequence[int], alpha: float, seed: int,
-                   eval_fraction: float) -> tuple[dict[int, list[Example]], list[Example]]:
+                   eval_fraction: float, min_size: int = 1) -> tuple[dict[int, list[Example]], list[Example]]:
     """Hold out a stratified `eval_fraction` as a common eval set, then split the rest over `ids` with
-    Dirichlet(alpha) label skew. What `deca-peer split` writes and `simulate --data FILE` uses."""
+    Dirichlet(alpha) label skew, redrawn until every peer has `min_size` records (a batch). What
+    `deca-peer split` writes and `simulate --data FILE` uses."""
     train, evals = hold_out(examples, eval_fraction, seed)
     try:
-        parts = dirichlet_split([e.label for e in train], len(ids), alpha, seed)
+        parts = dirichlet_split([e.label for e in train], len(ids), alpha, seed, min_size=min_size)
     except ValueError as e:  # too little data for this many peers
         raise DataError(str(e)) from None
     return {i: [train[k] for k in part] for i, part in zip(sorted(ids), parts)}, evals
@@ -76,7 +77,10 @@ def split_examples(examples: Sequence[Example], ids: Sequence[int], alpha: float
 def embedded_data(cfg: TrainConfig, ids: Sequence[int]) -> tuple[dict[int, list[Example]], list[Example]]:
     """The generated default tasks split over the peers (deterministic for the config), and the common eval set."""
     train, evals = default_dataset(cfg.train_per_task, cfg.eval_per_task, cfg.seed)
-    parts = dirichlet_split([e.label for e in train], len(ids), cfg.alpha, cfg.seed)
+    try:
+        parts = dirichlet_split([e.label for e in train], len(ids), cfg.alpha, cfg.seed, min_size=cfg.batch_size)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     return {i: [train[k] for k in part] for i, part in zip(sorted(ids), parts)}, evals
 
 
@@ -121,7 +125,8 @@ def network_data(cfg: TrainConfig, ids: Sequence[int], *, data_path=None, data_d
     if data_dir:
         return {i: own_data(cfg, i, *(str(p) if p else None for p in shard_paths(data_dir, i))) for i in ids}
     if data_path:
-        shards, evals = split_examples(load_jsonl(data_path), ids, cfg.alpha, cfg.seed, cfg.eval_fraction)
+        shards, evals = split_examples(load_jsonl(data_path), ids, cfg.alpha, cfg.seed, cfg.eval_fraction,
+                                       min_size=cfg.batch_size)
         src = f"shard of {data_path}"
     else:
         shards, evals = embedded_data(cfg, ids)

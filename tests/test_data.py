@@ -49,6 +49,28 @@ def solve(prompt: str) -> str:
     if op == "cnt":
         c, w = arg.split(",")
         return str(w.count(c))
+    if op == "dedup":
+        out = ""
+        for ch in arg:
+            if ch not in out:
+                out += ch
+        return out
+    if op == "max":
+        return str(max(int(d) for d in arg))
+    if op == "low":
+        return arg.lower()
+    if op == "swap":
+        return "".join(c.lower() if c.isupper() else c.upper() for c in arg)
+    if op == "first":
+        return arg[0]
+    if op == "last":
+        return arg[-1]
+    if op == "len":
+        return str(len(arg))
+    if op == "min":
+        return sorted(arg)[0]
+    if op == "inc":
+        return str(int(arg) + 1)
     raise AssertionError(f"unknown op in {prompt!r}")
 
 
@@ -79,18 +101,43 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_tasks_and_answers():
-    assert len(T.TASKS) >= 5
-    assert len(set(T.TASKS)) == len(T.TASKS)
+    assert len(T.TASKS) >= 6 and {"rev", "sort", "add", "count"} <= set(T.TASKS)
+    assert len(T.PRETRAIN_TASKS) >= 5 and {"copy", "upper"} <= set(T.PRETRAIN_TASKS)
+    assert T.ALL_TASKS == T.PRETRAIN_TASKS + T.TASKS
+    assert len(set(T.ALL_TASKS)) == len(T.ALL_TASKS), "names are unique and the families are disjoint"
     rng = random.Random(0)
-    for task in T.TASKS:
+    ops = {}
+    for task in T.ALL_TASKS:
         exs = T.make_task_examples(task, 200, rng)
         assert len(exs) == 200
         for ex in exs:
             assert ex.label == task
             assert ex.completion == solve(ex.prompt), ex
             assert 0 < len(ex.completion) <= 7
+        ops[task] = {ex.prompt.split(":")[0] for ex in exs}
+        assert len(ops[task]) == 1, "one prompt name per task"
+    # the base model never saw a fine-tuning prompt name: the families share no prompt name either
+    assert not set().union(*(ops[t] for t in T.TASKS)) & set().union(*(ops[t] for t in T.PRETRAIN_TASKS))
+    assert len(set().union(*ops.values())) == len(T.ALL_TASKS)
+    # answers are not trivially guessable from the prompt: few fine-tuning answers equal a copy of the input
+    for task in T.TASKS:
+        exs = T.make_task_examples(task, 400, random.Random(1))
+        same = sum(ex.completion == ex.prompt.split(":", 1)[1][:-1] for ex in exs)
+        assert same / len(exs) < 0.1, (task, same)
     with pytest.raises(ValueError):
         T.make_task_examples("nope", 1, rng)
+    with pytest.raises(ValueError, match="unknown task"):
+        T.task_dataset(["copy", "nope"], 1, 1)
+
+
+def test_task_dataset_per_family():
+    train, ev = T.task_dataset(T.PRETRAIN_TASKS, 50, 10, seed=0)
+    assert Counter(e.label for e in train) == {t: 50 for t in T.PRETRAIN_TASKS}
+    assert [e.label for e in ev] == [t for t in T.PRETRAIN_TASKS for _ in range(10)], "grouped, family order"
+    assert not ({e.prompt for e in ev} & {e.prompt for e in train})
+    assert T.task_dataset(T.TASKS, 50, 10, seed=0) == T.default_dataset(50, 10, seed=0)
+    # eval sets are drawn first from each task's own stream: the same whatever the train size
+    assert T.default_dataset(0, 10, seed=5)[1] == T.default_dataset(300, 10, seed=5)[1]
 
 
 def test_default_dataset_deterministic_disjoint_correct():
@@ -241,7 +288,7 @@ def test_dirichlet_split_small_and_invalid():
     assert all(parts) and sorted(i for p in parts for i in p) == list(range(20))
     # a redraw does not reuse the next seed's split
     assert D.dirichlet_split(labels, 8, alpha=1.0, seed=0) != D.dirichlet_split(labels, 8, alpha=1.0, seed=1)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="fewer than 1 examples"):
         D.dirichlet_split(labels[:10], 8, alpha=0.01, seed=0, max_tries=5)
     with pytest.raises(ValueError):
         D.dirichlet_split(labels, 21)
@@ -302,16 +349,21 @@ def test_build_onto_a_foreign_directory(tmp_path):
     assert sorted(p.name for p in junk.iterdir()) == ["notes.txt"]
 
 
-def test_default_model_path_and_ensure(tmp_path, monkeypatch):
-    monkeypatch.setenv("DECA_CACHE", str(tmp_path / "cache"))
-    assert M.default_model_path() == tmp_path / "cache" / "default-model-v1"
+def test_default_model_is_the_packaged_base(tmp_path, monkeypatch):
+    base = Path(M.__file__).resolve().parent / "base_model"
+    assert M.default_model_path() == M.BASE_MODEL_DIR == base
+    monkeypatch.setenv("DECA_CACHE", str(tmp_path / "cache"))  # no longer a place the default model goes
     p = M.ensure_default_model()
-    assert p == M.default_model_path() and (p / "config.json").is_file()
+    assert p == base and (p / "config.json").is_file()
     mtime = (p / "model.safetensors").stat().st_mtime_ns
     assert M.ensure_default_model() == p
-    assert (p / "model.safetensors").stat().st_mtime_ns == mtime
-    monkeypatch.delenv("DECA_CACHE")
-    assert M.default_model_path() == Path.home() / ".cache" / "deca-p2p" / "default-model-v1"
+    assert (p / "model.safetensors").stat().st_mtime_ns == mtime, "nothing is rebuilt"
+    assert not (tmp_path / "cache").exists(), "nothing is written at run time"
+    # a broken install says so in one line instead of training anything
+    monkeypatch.setattr(M, "BASE_MODEL_DIR", tmp_path / "absent")
+    with pytest.raises(ModelError, match="packaged base model .* incomplete") as info:
+        M.ensure_default_model()
+    assert "\n" not in str(info.value) and not (tmp_path / "absent").exists()
 
 
 def test_hf_auto_classes_load_it(model_dir):
@@ -496,3 +548,11 @@ def test_short_training_lowers_loss_and_learns_copy(model_dir):
     assert after["eval_loss"] < before["eval_loss"] - 2.0, (before, after)
     assert after["acc"] >= 0.1 and after["acc/copy"] == after["acc"], after
     assert V.greedy_complete(model, tok, [e.prompt for e in ev], 9).count("") < len(ev)
+
+
+def test_dirichlet_split_min_size_redraws_until_every_peer_has_a_batch():
+    labels = [t for t in "abcdef" for _ in range(60)]
+    parts = D.dirichlet_split(labels, 8, alpha=0.1, seed=0, min_size=16)
+    assert all(len(p) >= 16 for p in parts) and sorted(i for p in parts for i in p) == list(range(len(labels)))
+    with pytest.raises(ValueError, match="16 examples"):
+        D.dirichlet_split(labels[:100], 8, alpha=0.1, seed=0, min_size=16)
