@@ -27,8 +27,9 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match the model it is restored into (missing, extra or reshaped keys)."""
 
 
-def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[str, str] | None = None) -> Path:
-    """Save model (+ tokenizer, + small text files) as `<root>/ckpt-<tag>` and point `<root>/latest` at it."""
+def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[str, str | bytes] | None = None) -> Path:
+    """Save model (+ tokenizer, + extra files: text or bytes, by relative path, e.g. ``adapter/x.safetensors``)
+    as `<root>/ckpt-<tag>` and point `<root>/latest` at it."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt-{tag}-{time.time_ns()}"  # never the directory `latest` points to now
@@ -38,9 +39,11 @@ def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        for f in tmp.iterdir():
+        for name, content in (extra_files or {}).items():
+            path = tmp / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        for f in sorted(tmp.rglob("*"), reverse=True):  # files before the directories that hold them
             fsync_path(f)
         os.rename(tmp, final)
         link_tmp = root / f".latest-{os.getpid()}"

@@ -75,8 +75,9 @@ def _train_options(f):
                      help="JSONL records ({prompt, completion} | {messages} | {text}, each with an optional label). "
                           "start: this peer's own file, all of it trains; simulate/cluster: one file split over the "
                           "peers (default: the embedded tasks)."),
-        click.option("--algo", type=click.Choice(["deca", "dadam", "dsgd"]), help="Optimizer (default deca)."),
-        click.option("--discrepancy", type=click.Choice(["paper", "qg", "none"]), help="DECA's h_r reading."),
+        click.option("--algo", type=click.Choice(["deca", "dadam", "dsgd", "declora"]),
+                     help="Optimizer (default deca); declora: LoRA adapters (peft) + Adam + gossip."),
+        click.option("--discrepancy", type=click.Choice(["paper", "qg", "consensus", "none"]), help="DECA's h_r reading."),
         click.option("--lr", type=float, help="Learning rate γ."),
         click.option("--rounds", type=int, help="T: rounds over all blocks."),
         click.option("--inner-steps", type=int, help="R: local steps per block activation."),
@@ -183,7 +184,7 @@ def simulate(topology_file: str, run_dir: str | None, save: bool, **kw) -> None:
         _fail(str(e))
     except TrainingDiverged as e:
         _fail(str(e), code=3)
-    print_eval_table(res.per_peer, initial=res.initial, average_model=res.average_model,
+    print_eval_table(res.per_peer, initial=res.initial, average_model=res.average_model, labels=res.labels,
                      title=f"simulate {topo.name}: {cfg.algo}/{cfg.discrepancy}, comm={cfg.comm}, {res.wall_s:.0f} s")
     if save:
         click.echo(f"checkpoints: {run_dir}/peer-<id>/checkpoint/latest")
@@ -316,7 +317,8 @@ def _cluster_data(topo, cfg, run, data_dir, data_path) -> dict[int, list[str]]:
         _fail("give --data FILE (split over the peers) or --data-dir DIR (one file per peer), not both")
     if not data_dir:
         if data_path:
-            shards, evals = split_examples(load_jsonl(data_path), topo.nodes, cfg.alpha, cfg.seed, cfg.eval_fraction)
+            shards, evals = split_examples(load_jsonl(data_path), topo.nodes, cfg.alpha, cfg.seed, cfg.eval_fraction,
+                                           min_size=cfg.batch_size)
         else:
             shards, evals = embedded_data(cfg, topo.nodes)
         data_dir = write_shards(run / "data", shards, evals)
@@ -335,8 +337,10 @@ def _cluster_data(topo, cfg, run, data_dir, data_path) -> dict[int, list[str]]:
 @click.option("--eval-fraction", type=float, default=0.1, show_default=True,
               help="Share held out (per label) as DIR/eval.jsonl.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--min-records", type=int, default=16, show_default=True,
+              help="Redraw the split until every peer has this many records (one batch).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
-def split(file, peers, topology_file, alpha, eval_fraction, seed, out_dir) -> None:
+def split(file, peers, topology_file, alpha, eval_fraction, seed, min_records, out_dir) -> None:
     """Split FILE over peers for a simulation: OUT/peer-<id>.jsonl (Dirichlet over `label`) and OUT/eval.jsonl."""
     from collections import Counter
 
@@ -351,7 +355,7 @@ def split(file, peers, topology_file, alpha, eval_fraction, seed, out_dir) -> No
     if not (alpha > 0) or not (0 <= eval_fraction < 1):
         _fail(f"need --alpha > 0 and 0 <= --eval-fraction < 1, got {alpha} and {eval_fraction}")
     try:
-        shards, evals = split_examples(load_jsonl(file), ids, alpha, seed, eval_fraction)
+        shards, evals = split_examples(load_jsonl(file), ids, alpha, seed, eval_fraction, min_size=min_records)
         write_shards(out_dir, shards, evals)
     except (DataError, OSError) as e:
         _fail(str(e))

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # optimizer
-    algo: str = "deca"                # deca | dadam (Adam on all parameters + gossip) | dsgd
+    algo: str = "deca"                # deca | dadam (Adam on all parameters + gossip) | dsgd | declora (LoRA + Adam + gossip)
     # DECA's h_r reading (DESIGN §2): paper | qg | none. "none" won benchmarks/results/convergence.md
     # (ring8, 3 seeds, 60 inner steps): final mean-peer eval loss none 3.544 < paper 3.637 < qg 3.825.
     discrepancy: str = "none"
@@ -31,6 +31,10 @@ class TrainConfig:
     alphas: tuple[float, float] = (0.9, 0.999)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    # declora: LoRA adapters (peft) on every peer, the base frozen; scale lora_alpha / lora_rank, dropout 0
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_targets: str = "all-linear"  # every linear layer but the LM head, or module names: "q_proj,v_proj"
     # schedule
     rounds: int = 5                   # T: every block is activated once per round
     inner_steps: int = 32             # R: local steps (and exchanges) per activation
@@ -79,7 +83,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> "TrainConfig":
-        choices = {"algo": ("deca", "dadam", "dsgd"), "discrepancy": ("paper", "qg", "consensus", "none"),
+        choices = {"algo": ("deca", "dadam", "dsgd", "declora"), "discrepancy": ("paper", "qg", "consensus", "none"),
                    "block_order": ("ascending", "descending", "random"), "comm": ("gossip", "none"),
                    "codec": ("raw", "bf16", "fp16", "int8"), "dtype": ("float32", "bfloat16", "float16"),
                    "device": ("cpu", "cuda", "auto"), "lr_schedule": LR_SCHEDULES}
@@ -87,7 +91,8 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         for key in ("rounds", "inner_steps", "batch_size", "train_per_task", "eval_per_task", "gossip_every",
-                    "checkpoint_every", "grad_accum", "eval_max_new_tokens", "layers_per_block"):
+                    "checkpoint_every", "grad_accum", "eval_max_new_tokens", "layers_per_block",
+                    "lora_rank", "lora_alpha"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         for key in ("lr", "alpha", "eps", "exchange_timeout_s", "hello_timeout_s"):

@@ -32,9 +32,10 @@ class ExchangeResult:
     mixed: list[torch.Tensor]
     arrived: list[int]
     missing: list[int]
-    wait_s: float
+    wait_s: float                            # the whole exchange: encode, send, wait for the neighbours, mix
     disagreement: float                      # sqrt(Σ_j w_ij ‖θ̂_j − θ½_i‖²) over the neighbours mixed in
     neighbour_stats: dict[int, dict] = field(default_factory=dict)
+    mix_s: float = 0.0                       # of wait_s: the weighted sum of the blocks
 
 
 class Gossip:
@@ -123,6 +124,7 @@ class Gossip:
             got = self.tr.recv(min(left, 0.25))
             if got is not None:
                 self._handle(*got, seq=seq, arrived=arrived)
+        t_mix = time.perf_counter()
         acc = MixAccumulator(own)
         disagreement = 0.0
         for j in sorted(arrived):  # a fixed order: float sums do not depend on who arrived first
@@ -131,8 +133,10 @@ class Gossip:
             disagreement += self.row[j] * sum(float((a - b).double().pow(2).sum()) for a, b in zip(theirs, own))
         # the self weight absorbs every neighbour missing from this exchange
         acc.add(own, self_weight(self.row, self.me, arrived))
-        return ExchangeResult(acc.result(), sorted(arrived), [j for j in self.neighbours if j not in arrived],
-                              time.perf_counter() - t0, disagreement ** 0.5, arrived)
+        mixed = acc.result()
+        t_end = time.perf_counter()
+        return ExchangeResult(mixed, sorted(arrived), [j for j in self.neighbours if j not in arrived],
+                              t_end - t0, disagreement ** 0.5, arrived, t_end - t_mix)
 
     def _tell_position(self, j: int) -> None:
         """A restarted neighbour needs to know where the network is, to pick up there."""

@@ -156,14 +156,15 @@ class DECA(GossipOptimizer):
 
 def make_optimizer(algo: str, params, lr: float, *, alphas=(0.9, 0.999), betas=(0.9, 0.999), eps: float = 1e-8,
                    discrepancy: str = "paper", weight_decay: float = 0.0) -> GossipOptimizer:
-    """deca: DECA on the active block; dadam: Adam + gossip on all parameters (no BMA); dsgd: SGD + gossip."""
+    """deca: DECA on the active block; dadam: Adam + gossip on all parameters (no BMA); dsgd: SGD + gossip;
+    declora: Adam + gossip (no BMA) on the LoRA adapters, exactly dadam's optimizer on another parameter list."""
     if algo == "deca":
         return DECA(params, lr, alphas, betas, eps, discrepancy, weight_decay)
-    if algo == "dadam":
+    if algo in ("dadam", "declora"):
         return DECA(params, lr, alphas, betas, eps, "none", weight_decay)
     if algo == "dsgd":
         return DSGD(params, lr, weight_decay)
-    raise ValueError(f"unknown algorithm {algo!r} (choose deca, dadam or dsgd)")
+    raise ValueError(f"unknown algorithm {algo!r} (choose deca, dadam, dsgd or declora)")
 
 
 class MixAccumulator:

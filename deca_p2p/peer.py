@@ -144,16 +144,15 @@ def _evaluate(trainer: PeerTrainer, inputs: PeerInputs) -> dict:
 def _resume(trainer: PeerTrainer, ckpt_root: Path, log: MetricsLog) -> int:
     """Load the latest checkpoint of this peer, if any: returns the activation to start from.
 
-    Every parameter and persistent buffer is restored bit for bit (`checkpoint.restore_weights`); a checkpoint
-    that misses, adds or reshapes any key raises `CheckpointError` (the record's missing/unexpected stay 0).
+    Every parameter and persistent buffer is restored bit for bit (`checkpoint.restore_weights`; declora: the
+    adapters, `lora.restore_adapters`); a checkpoint that misses, adds or reshapes any key raises `CheckpointError`
+    (the record's missing/unexpected stay 0).
     """
-    from .checkpoint import restore_weights
-
     ckpt = latest(ckpt_root)
     if ckpt is None:
         return 0
     state = json.loads((ckpt / "deca_state.json").read_text())
-    restore_weights(trainer.model, ckpt)
+    trainer.restore(ckpt)
     trainer.batcher.load_state_dict({"generator": torch.tensor(state["batcher_generator"], dtype=torch.uint8)})
     log.write("resume", checkpoint=str(ckpt), activation=state["activation"], round=state["round"],
               missing=0, unexpected=0)
@@ -163,7 +162,8 @@ def _resume(trainer: PeerTrainer, ckpt_root: Path, log: MetricsLog) -> int:
 def _checkpoint(trainer: PeerTrainer, tokenizer, ckpt_root: Path, a: int, rnd: int, blk: int) -> None:
     state = {"activation": a, "round": rnd, "block": blk,
              "batcher_generator": trainer.batcher.state_dict()["generator"].tolist()}
-    save_atomic(trainer.model, tokenizer, ckpt_root, tag=f"a{a:05d}", extra_files={"deca_state.json": json.dumps(state)})
+    save_atomic(trainer.export_model(), tokenizer, ckpt_root, tag=f"a{a:05d}",  # declora: merged, adapters beside
+                extra_files={"deca_state.json": json.dumps(state), **trainer.checkpoint_files()})
 
 
 def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transport, log: MetricsLog,
@@ -220,10 +220,12 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
                 res = gossip.exchange(rnd, blk, step, trainer.block(), stats)
                 mixed = res.mixed
                 extra = {"wait_s": res.wait_s, "missing": res.missing, "disagreement": res.disagreement,
-                         "encode_s": gossip.encode_s,
+                         "encode_s": gossip.encode_s, "mix_s": res.mix_s,
                          "links": {str(j): [st.get("nbytes"), st.get("one_way_s"), st.get("read_after_s")]
                                    for j, st in res.neighbour_stats.items()}}
+            t_apply = time.perf_counter()
             stats.update(trainer.apply_mix(mixed))
+            stats["apply_s"] = time.perf_counter() - t_apply  # the optimizer's mix step (BMA) and copy-back
             sent, recv = _bytes(transport)
             log.write("step", round=rnd, block=blk, step=step, istep=sched.step_index(rnd, blk, step),
                       seq=sched.seq(rnd, blk, step), bytes_sent=sent, bytes_recv=recv,

@@ -109,7 +109,7 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
             for i, t in trainers.items():
                 logs[i].write("eval", round=rnd, activation=a, **ev(t.model, i))
     per_peer = {i: ev(t.model, i) for i, t in trainers.items()}
-    avg = average_models([t.model for t in trainers.values()])
+    avg = average_models([t.export_model() for t in trainers.values()])  # declora: the mean of the merged models
     # the averaged model is scored on the common eval set, or on the union of the peers' own ones
     avg_eval = ev(avg, first) if common_eval else evaluate(
         avg, lm.tokenizer, [e for d in data.values() for e in d.evals], batch_size=cfg.eval_batch_size or cfg.batch_size,
@@ -118,7 +118,8 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
                        {i: label_counts(d.train) for i, d in data.items()})
     if save:
         for i, t in trainers.items():
-            save_atomic(t.model, lm.tokenizer, Path(run_dir) / f"peer-{i}" / "checkpoint", tag="final")
+            save_atomic(t.export_model(), lm.tokenizer, Path(run_dir) / f"peer-{i}" / "checkpoint", tag="final",
+                        extra_files=t.checkpoint_files())
     for i, log in logs.items():
         log.write("final", **per_peer[i])
         log.close()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import lora
 from .blocks import ActiveBlock, Block, block_order, partition, whole_model_block
 from .config import ConfigError, TrainConfig
 from .encoding import Batcher
@@ -95,6 +96,8 @@ def make_blocks(model: nn.Module, cfg: TrainConfig) -> list[Block]:
     if cfg.algo == "deca":
         return partition(model, embeddings=cfg.embeddings_block, head=cfg.head_block,
                          layers_per_block=cfg.layers_per_block)
+    if cfg.algo == "declora":  # one block of every adapter parameter; the base model stays frozen
+        return [Block(0, "lora", lora.adapter_names(model))]
     return [whole_model_block(model)]  # decentralized Adam and DSGD train everything at once
 
 
@@ -125,6 +128,8 @@ def lr_factors(cfg: TrainConfig, total_steps: int):
 
 class PeerTrainer:
     def __init__(self, model: nn.Module, batcher: Batcher, cfg: TrainConfig):
+        if cfg.algo == "declora":
+            model = lora.wrap(model, cfg)  # in place; the same adapters on every peer (seeded by cfg.seed)
         self.model = model
         self.batcher = batcher
         self.cfg = cfg
@@ -196,3 +201,23 @@ class PeerTrainer:
         self.active.master_to_model()
         self.active.zero_grad()
         return {k: self.opt.last_stats[k] for k in ("h_norm", "m_norm", "v_mean") if k in self.opt.last_stats}
+
+    # ---- checkpoints: the plain HF model others load, and what a restart of this peer needs
+
+    def export_model(self) -> nn.Module:
+        """The plain Hugging Face model to save or average: the model itself, or (declora) a copy with the
+        adapters merged into the base weights."""
+        return lora.merged(self.model) if self.cfg.algo == "declora" else self.model
+
+    def checkpoint_files(self) -> dict[str, bytes | str]:
+        """Files a checkpoint needs beside `export_model()` to resume this trainer exactly (declora: the adapters)."""
+        return lora.adapter_files(self.model) if self.cfg.algo == "declora" else {}
+
+    def restore(self, ckpt_dir) -> None:
+        """Restore every trained parameter, bit for bit, from a checkpoint written with the two methods above."""
+        if self.cfg.algo == "declora":
+            lora.restore_adapters(self.model, ckpt_dir)
+        else:
+            from .checkpoint import restore_weights
+
+            restore_weights(self.model, ckpt_dir)
