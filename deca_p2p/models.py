@@ -1,8 +1,13 @@
-"""The model side: load any local Hugging Face causal LM (never from a hub), and build the embedded default.
+"""The model side: load any local Hugging Face causal LM (never from a hub), and the embedded default.
 
-The embedded default model is a small LLaMA-architecture causal LM (random init, seeded) with a character-level
-tokenizer, written in Hugging Face format so that ``AutoModelForCausalLM`` / ``AutoTokenizer`` read it like any
-other model. ``transformers`` and ``tokenizers`` are imported lazily, so importing this module is cheap.
+The embedded default model is the shipped *base*: a small LLaMA-architecture causal LM with a character-level
+tokenizer, pretrained centrally on the pretraining task family (``tasks.PRETRAIN_TASKS``) by
+``scripts/pretrain_base.py`` and packaged in Hugging Face format in ``deca_p2p/base_model/`` (see its README.md),
+so that ``AutoModelForCausalLM`` / ``AutoTokenizer`` read it like any other model. Peers fine-tune it on the
+disjoint fine-tuning family (``tasks.TASKS``). Nothing is trained or downloaded at install or run time.
+:func:`build_default_model` still writes the same architecture randomly initialised (the pretraining script's
+starting point, and a from-scratch reference). ``transformers`` and ``tokenizers`` are imported lazily, so
+importing this module is cheap.
 """
 from __future__ import annotations
 
@@ -22,13 +27,16 @@ class ModelError(ValueError):
 # The embedded default model
 # --------------------------------------------------------------------------------------------------
 
-DEFAULT_MODEL_NAME = "default-model-v1"  # bump when the vocabulary, config or init changes
+BASE_MODEL_DIR = Path(__file__).resolve().parent / "base_model"
+"""The packaged pretrained base (the embedded default model); made by ``scripts/pretrain_base.py``."""
 
 _SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 # Every printable ASCII character plus newline and tab: covers the tasks and most user JSONL.
 _CHARS = tuple(chr(c) for c in range(32, 127)) + ("\n", "\t")
 _VOCAB: dict[str, int] = {t: i for i, t in enumerate(_SPECIAL_TOKENS + _CHARS)}
 
+# The architecture of the shipped base (and of build_default_model). Changing it or the vocabulary means
+# re-running scripts/pretrain_base.py (tests/test_base_model.py checks that the two agree).
 DEFAULT_MODEL_CONFIG: dict = dict(
     vocab_size=len(_VOCAB),
     hidden_size=128,
@@ -66,7 +74,8 @@ def _build_tokenizer():
 
 
 def build_default_model(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the default model (random init from ``seed``) and its tokenizer to ``path`` in HF format.
+    """Write an *untrained* model of the default architecture (random init from ``seed``) and its tokenizer to
+    ``path`` in HF format: the starting point of ``scripts/pretrain_base.py``, and a from-scratch reference.
 
     The directory is built next to ``path`` and renamed into place, so readers never see a partial
     model. If ``path`` already holds a model (e.g. another process won the race), it is kept as is.
@@ -103,19 +112,17 @@ def build_default_model(path: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def default_model_path() -> Path:
-    """``$DECA_CACHE/default-model-v1`` if ``DECA_CACHE`` is set, else ``~/.cache/deca-p2p/default-model-v1``."""
-    base = os.environ.get("DECA_CACHE")
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "deca-p2p"
-    return root / DEFAULT_MODEL_NAME
+    """The embedded default model: the pretrained base packaged with the library (``deca_p2p/base_model``)."""
+    return BASE_MODEL_DIR
 
 
 def ensure_default_model() -> Path:
-    """Build the default model at :func:`default_model_path` if it is not there; return the path."""
+    """Return :func:`default_model_path` after checking the packaged base is there (nothing is built or fetched)."""
     path = default_model_path()
-    if not (path / "config.json").exists():
-        build_default_model(path, seed=0)
-    if not (path / "config.json").exists():
-        raise ModelError(f"model path {path} exists but is not a model directory; remove it")
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (path / f).is_file()]
+    if missing:
+        raise ModelError(f"the packaged base model at {path} is incomplete (no {', '.join(missing)}); reinstall "
+                         f"deca-p2p, or rebuild it with scripts/pretrain_base.py")
     return path
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: a private model cache (the embedded default model is built once per session) and free ports."""
+"""Shared fixtures: the embedded default model (the packaged base) and free ports."""
 import os
 import sys
 from pathlib import Path
@@ -12,14 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def deca_cache(tmp_path_factory):
-    """DECA_CACHE for this test session, with the default model already built."""
-    cache = tmp_path_factory.mktemp("deca-cache")
-    os.environ["DECA_CACHE"] = str(cache)
+def deca_cache():
+    """The embedded default model (the packaged pretrained base, deca_p2p/base_model), checked once per session;
+    returns its directory. Nothing is built: tests that need an untrained model call models.build_default_model."""
     from deca_p2p.models import ensure_default_model
 
-    ensure_default_model()
-    return cache
+    return ensure_default_model()
 
 
 def deca_peer_cmd(*args) -> list[str]:

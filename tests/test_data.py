@@ -55,8 +55,8 @@ def solve(prompt: str) -> str:
             if ch not in out:
                 out += ch
         return out
-    if op == "max":
-        return str(max(int(d) for d in arg))
+    if op == "rot":
+        return "".join("a" if c == "z" else chr(ord(c) + 1) for c in arg)
     if op == "low":
         return arg.lower()
     if op == "swap":
