@@ -163,8 +163,8 @@ def run_one(method: str, topo_name: str, alpha: float, seed: int, lr: float, p: 
 class Runs:
     """Finished runs on disk, keyed by everything that defines them."""
 
-    def __init__(self, path: Path, quick: bool):
-        self.path, self.quick, self.done = path, quick, {}
+    def __init__(self, path: Path, quick: bool, cached_only: bool = False):
+        self.path, self.quick, self.done, self.cached_only, self.missing = path, quick, {}, cached_only, 0
         if path.is_file():
             for line in path.read_text().splitlines():
                 try:
@@ -175,6 +175,9 @@ class Runs:
 
     def get(self, method, topo, alpha, seed, lr, p, extra=None):
         key = json.dumps([method, topo, alpha, seed, lr, extra or {}, {k: p[k] for k in sorted(p) if k != "seeds"}])
+        if key not in self.done and self.cached_only:
+            self.missing += 1
+            return None
         if key not in self.done:
             t0 = time.perf_counter()
             res = run_one(method, topo, alpha, seed, lr, p, extra)
@@ -222,6 +225,8 @@ def main() -> None:
     ap.add_argument("--runs-only", action="store_true",
                     help="only compute the runs (e.g. one share of the methods per core); a later plain invocation "
                          "reuses them and writes the report")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="write the report from the finished runs only; runs not done are reported as missing")
     ap.add_argument("--child-rss", help=argparse.SUPPRESS)
     args = ap.parse_args()
     p = dict(QUICK if args.quick else FULL)
@@ -239,14 +244,33 @@ def main() -> None:
         methods = [m for m in methods if m != "declora"]
     t_start = time.perf_counter()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    runs = Runs(RESULTS / ("finetune_runs_quick.jsonl" if args.quick else "finetune_runs.jsonl"), args.quick)
+    runs = Runs(RESULTS / ("finetune_runs_quick.jsonl" if args.quick else "finetune_runs.jsonl"), args.quick,
+                args.cached_only)
 
     print("== learning-rate sweep (ring8, alpha 0.1, seed 0)", flush=True)
     best_lr, sweep = {}, {}
     for m in methods:
         for lr in LR_GRID[m]:
             sweep[(m, lr)] = runs.get(m, *SWEEP, lr, p)
-        best_lr[m] = min(LR_GRID[m], key=lambda lr: sweep[(m, lr)]["eval_loss"])
+        best_lr[m] = min((lr for lr in LR_GRID[m] if sweep[(m, lr)]), key=lambda lr: sweep[(m, lr)]["eval_loss"],
+                         default=LR_GRID[m][1])
+
+    # ablations first (DECA's best reading in the sweep, ring8, alpha 0.1): they share the grid's first cell
+    readings = [m for m in DECA_READINGS if m in methods]
+    abl = {}
+    best_reading = min(readings, key=lambda m: sweep[(m, best_lr[m])]["eval_loss"] if sweep[(m, best_lr[m])]
+                       else math.inf) if readings else None
+    if best_reading:
+        print(f"== ablations ({best_reading})", flush=True)
+        total_steps = 8 if args.quick else ABLATION_STEPS
+        for lpb in (1, 2):
+            abl[("lpb", lpb)] = [runs.get(best_reading, *SWEEP[:2], s, best_lr[best_reading], p,
+                                          {} if lpb == 1 else {"layers_per_block": lpb}) for s in range(p["seeds"])]
+        for r in ((2, 4, 8) if args.quick else (4, 8, 16)):
+            rounds = max(1, total_steps // r)
+            extra = {} if (r, rounds) == (p["inner_steps"], p["rounds"]) else {"inner_steps": r, "rounds": rounds}
+            abl[("R", r)] = [runs.get(best_reading, *SWEEP[:2], s, best_lr[best_reading], p, extra)
+                             for s in range(p["seeds"])]
 
     print("== main grid", flush=True)
     grid = {}
@@ -256,28 +280,17 @@ def main() -> None:
                 if m == "central" and topo != TOPOS[0]:
                     continue  # one peer: the topology does not matter
                 for s in range(p["seeds"]):
-                    grid[(m, topo, alpha, s)] = runs.get(m, topo, alpha, s, best_lr[m], p)
+                    r = runs.get(m, topo, alpha, s, best_lr[m], p)
+                    if r is not None:
+                        grid[(m, topo, alpha, s)] = r
 
     def g(m, topo, alpha):
         topo = TOPOS[0] if m == "central" else topo
         return [grid[(m, topo, alpha, s)] for s in range(p["seeds"]) if (m, topo, alpha, s) in grid]
 
-    readings = [m for m in DECA_READINGS if m in methods]
-    if not readings:
-        print("no DECA reading among the methods: no ablations", flush=True)
-        return
-    best_reading = min(readings, key=lambda m: statistics.mean(r["eval_loss"] for t in TOPOS for a in ALPHAS
-                                                               for r in g(m, t, a)))
-    print("== ablations", flush=True)
-    abl = {}
-    total_steps = 8 if args.quick else ABLATION_STEPS
-    for lpb in (1, 2):
-        abl[("lpb", lpb)] = [runs.get(best_reading, *SWEEP[:2], s, best_lr[best_reading], p,
-                                      {"layers_per_block": lpb}) for s in range(p["seeds"])]
-    for r in ((2, 4, 8) if args.quick else (4, 8, 16)):
-        rounds = max(1, total_steps // r)
-        abl[("R", r)] = [runs.get(best_reading, *SWEEP[:2], s, best_lr[best_reading], p,
-                                  {"inner_steps": r, "rounds": rounds}) for s in range(p["seeds"])]
+    if readings:
+        best_reading = min(readings, key=lambda m: statistics.mean(
+            [r["eval_loss"] for t in TOPOS for a in ALPHAS for r in g(m, t, a)] or [math.inf]))
 
     if args.runs_only:
         return
@@ -294,24 +307,27 @@ def main() -> None:
              f"codec, constant learning rate, batch {p['batch_size']}, T = {p['rounds']} rounds x R = "
              f"{p['inner_steps']} inner steps per block (one-block methods: the same number of local steps), "
              f"{p['train_per_task']} training records per task before the split, {p['eval_per_task']} eval records "
-             f"per task; {p['seeds']} seeds paired (same split, batches and start for every method).", "",
+             f"per task; {p['seeds']} seeds paired (same split, batches and start for every method)."
+             + (f" **{runs.missing} planned runs were not done** (the session ran out of time; `--cached-only` "
+                "report): the `seeds` column says how many each cell has." if runs.missing else ""), "",
              f"Machine: {machine_facts()}", "",
              "## Learning-rate sweep (ring8, α = 0.1, seed 0): mean-peer eval loss", "",
              "| method | " + " | ".join(f"lr {i + 1}" for i in range(3)) + " | best |", "|---|---|---|---|---|"]
     for m in methods:
-        cells = [f"{lr:g}: {sweep[(m, lr)]['eval_loss']:.4f}" for lr in LR_GRID[m]]
+        cells = [f"{lr:g}: {sweep[(m, lr)]['eval_loss']:.4f}" if sweep[(m, lr)] else f"{lr:g}: not run"
+                 for lr in LR_GRID[m]]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | **{best_lr[m]:g}** |")
     lines += ["", "## Headline: method x α x topology (mean ± std over seeds)", "",
-              "| method | topology | α | eval loss (mean peer) | eval loss (avg model) | exact match | unseen | "
+              "| method | topology | α | seeds | eval loss (mean peer) | eval loss (avg model) | exact match | unseen | "
               "consensus dist. | MB sent / peer | peak RSS / peer (MB) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for topo in TOPOS:
         for alpha in ALPHAS:
             for m in methods:
                 rs = g(m, topo, alpha)
                 if not rs:
                     continue
-                lines.append(f"| {m} | {'pooled' if m == 'central' else topo} | {alpha:g} | "
+                lines.append(f"| {m} | {'pooled' if m == 'central' else topo} | {alpha:g} | {len(rs)} | "
                              f"{ms([r['eval_loss'] for r in rs])} | {ms([r['avg_eval_loss'] for r in rs])} | "
                              f"{ms([r['acc'] for r in rs])} | {ms([r['unseen'] for r in rs])} | "
                              f"{ms([r['consensus'] for r in rs])} | {rs[0]['mb_sent']:.0f} | "
@@ -321,6 +337,8 @@ def main() -> None:
               "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for m in methods:
         rs = g(m, TOPOS[0], ALPHAS[0])
+        if not rs:
+            continue
         lines.append(f"| {m} | " + " | ".join(f"{statistics.mean(r['per_task'][t] for r in rs):.2f}" for t in tasks) + " |")
     lines += ["", "## Does BMA help? Paired difference in mean-peer eval loss vs `deca-none` (negative: better)", "",
               "| reading | " + " | ".join(f"{t} α={a:g}" for t in TOPOS for a in ALPHAS) + " | all |",
@@ -332,20 +350,26 @@ def main() -> None:
         cells, every = [], []
         for t in TOPOS:
             for a in ALPHAS:
-                d = [x["eval_loss"] - y["eval_loss"] for x, y in zip(g(m, t, a), g("deca-none", t, a))]
+                d = [grid[(m, t, a, s)]["eval_loss"] - grid[("deca-none", t, a, s)]["eval_loss"]
+                     for s in range(p["seeds"]) if (m, t, a, s) in grid and ("deca-none", t, a, s) in grid]
                 every += d
                 cells.append(ms(d))
+        if not every:
+            continue
         verdict[m] = statistics.mean(every)
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {ms(every)} |")
     lines += ["", f"## Ablations ({best_reading}, ring8, α = 0.1)", "",
               "| variant | eval loss | exact match | unseen |", "|---|---|---|---|"]
     for (kind, v), rs in abl.items():
+        rs = [r for r in rs if r is not None]
+        if not rs:
+            continue
         label = f"{v} decoder layer{'s' if v > 1 else ''} per block" if kind == "lpb" else \
             f"R = {v}, T = {max(1, total_steps // v)}"
         lines.append(f"| {label} | {ms([r['eval_loss'] for r in rs])} | {ms([r['acc'] for r in rs])} | "
                      f"{ms([r['unseen'] for r in rs])} |")
-    winner = min(methods, key=lambda m: statistics.mean(r["eval_loss"] for t in TOPOS for a in ALPHAS
-                                                        for r in g(m, t, a)) if m != "central" else math.inf)
+    winner = min(methods, key=lambda m: statistics.mean([r["eval_loss"] for t in TOPOS for a in ALPHAS
+                                                         for r in g(m, t, a)] or [math.inf]) if m != "central" else math.inf)
     bma_wins = [m for m, d in verdict.items() if d < 0]
     headline = (f"best decentralized method by mean-peer eval loss: {winner} (lr {best_lr[winner]:g}); best DECA "
                 f"reading: {best_reading}; BMA beats none in "
@@ -363,7 +387,7 @@ def main() -> None:
 
     fig, axes = plt.subplots(1, len(TOPOS) * len(ALPHAS), figsize=(4 * len(TOPOS) * len(ALPHAS), 4), sharey=True)
     for ax, (t, a) in zip(axes, [(t, a) for t in TOPOS for a in ALPHAS]):
-        vals = [statistics.mean(r["eval_loss"] for r in g(m, t, a)) for m in methods]
+        vals = [statistics.mean([r["eval_loss"] for r in g(m, t, a)] or [0.0]) for m in methods]
         errs = [statistics.stdev([r["eval_loss"] for r in g(m, t, a)]) if len(g(m, t, a)) > 1 else 0 for m in methods]
         ax.bar(range(len(methods)), vals, yerr=errs, color=["#2a7" if m.startswith("deca") else "#888" for m in methods])
         ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=8)
