@@ -31,6 +31,8 @@ class _Tail:
         self.path, self.offset, self.buf = path, 0, ""
         self.latest: dict[str, dict] = {}
         self.compute_s = self.wait_s = 0.0
+        self.alone = False  # the last exchange found no live neighbour (a step record's `alone`)
+        self.flagged: list | None = None  # robust mixing: the neighbours flagged at the last exchange (None: off)
 
     def poll(self) -> None:
         if not self.path.is_file():
@@ -50,11 +52,17 @@ class _Tail:
             if rec.get("event") == "step":
                 self.compute_s += rec.get("compute_s") or 0.0
                 self.wait_s += rec.get("wait_s") or 0.0
+                if "alone" in rec:  # exchange steps only
+                    self.alone = bool(rec["alone"])
+                if "flagged" in rec:  # exchange steps of a robust mix only
+                    self.flagged = rec["flagged"] or []
 
 
 def _live_table(topo: Topology, procs: dict[int, subprocess.Popen], tails: dict[int, _Tail], t0: float) -> Table:
     t = Table(title=f"{topo.name}: {len(procs)} peers, {time.monotonic() - t0:.0f} s")
-    for col in ("peer", "state", "round", "block", "step", "loss", "MB sent", "computing", "waiting", "eval acc"):
+    robust = any(tail.flagged is not None for tail in tails.values())  # a robust mix runs (robust.py)
+    for col in ("peer", "state", "round", "block", "step", "loss", "MB sent", "computing", "waiting", "eval acc",
+                *(["flagged"] if robust else [])):
         t.add_column(col, justify="right")
     for i, p in sorted(procs.items()):
         tail = tails[i]
@@ -64,11 +72,14 @@ def _live_table(topo: Topology, procs: dict[int, subprocess.Popen], tails: dict[
         state = "running" if code is None else ("done" if code == 0 else f"exit {code}")
         if code is None and "step" not in tail.latest:
             state = "starting"
+        elif code is None and tail.alone:
+            state = "alone"  # no live neighbour: every one said bye or stopped answering
         busy = tail.compute_s + tail.wait_s
         t.add_row(str(i), state, str(s.get("round", "")), str(s.get("block", "")), str(s.get("step", "")),
                   fmt(s.get("loss"), 3) if "loss" in s else "", f"{(s.get('bytes_sent') or 0) / 1e6:.1f}",
                   f"{100 * tail.compute_s / busy:.0f}%" if busy else "", f"{100 * tail.wait_s / busy:.0f}%" if busy else "",
-                  fmt(ev.get("acc"), 3) if "acc" in ev else "")
+                  fmt(ev.get("acc"), 3) if "acc" in ev else "",
+                  *([",".join(map(str, tail.flagged or []))] if robust else []))  # neighbours it flags now
     return t
 
 

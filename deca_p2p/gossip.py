@@ -21,9 +21,9 @@ from typing import Sequence
 import torch
 
 from . import wire
-from .optim import MixAccumulator, self_weight
+from .robust import MixReport, RobustMixer
 from .topology import Topology
-from .trainer import Schedule
+from .trainer import Schedule, TrainingDiverged
 from .transport import Transport
 
 
@@ -36,12 +36,14 @@ class ExchangeResult:
     disagreement: float                      # sqrt(Σ_j w_ij ‖θ̂_j − θ½_i‖²) over the neighbours mixed in
     neighbour_stats: dict[int, dict] = field(default_factory=dict)
     mix_s: float = 0.0                       # of wait_s: the weighted sum of the blocks
+    robust: MixReport | None = None          # what the robust mix did (clipped, flagged neighbours)
 
 
 class Gossip:
     def __init__(self, transport: Transport, my_id: int, topo: Topology, schedule: Schedule,
                  block_names: Sequence[Sequence[str]], *, block_shapes: Sequence[Sequence[tuple]] | None = None, codec: str = "raw", inc: int = 0,
-                 timeout_s: float = 60.0, window: int = 4, stop: threading.Event | None = None):
+                 timeout_s: float = 60.0, window: int = 4, stop: threading.Event | None = None,
+                 robust: RobustMixer | None = None, attack=None):
         self.tr = transport
         self.me = my_id
         self.neighbours = topo.neighbors(my_id)
@@ -72,12 +74,17 @@ class Gossip:
         self.position: int | None = None  # seq of the exchange in progress (or last done)
         self._t_exchange = 0.0
         self.encode_s = 0.0
+        self.nonfinite_stats = 0  # own stats not sent because they were NaN/Inf (informational only: never fatal)
+        self._cfg_noted: set[tuple[int, int]] = set()  # (neighbour, inc) refused for its configuration, said once
+        self.robust = robust or RobustMixer(my_id, self.row, "none")  # the mixing rule (robust.py); none: plain
+        self.attack = attack  # TEST/BENCHMARK HOOK (attacks.py): transforms only the block this peer sends
 
     # ------------------------------------------------------------------ the exchange
     def begin_activation(self, round_idx: int, block: int) -> None:
         self.own.reset()
         self.send_full = True
         self._activation_start = self.schedule.activation_seq(round_idx, block)
+        self.robust.begin_activation()
 
     @torch.no_grad()
     def exchange(self, round_idx: int, block: int, step: int, tensors: dict[str, torch.Tensor],
@@ -88,7 +95,9 @@ class Gossip:
         self._t_exchange = time.time()
         full, self.send_full = self.send_full, False
         sent_at = time.time()
-        frames = self.own.encode_block(tensors, src=self.me, codec=self.codec, full=full, inc=self.inc,
+        published = tensors if self.attack is None else self.attack(
+            tensors, {j: c.tensors for j, c in self.copies.items()}, seq, seq == self._activation_start)
+        frames = self._encode_own(published, src=self.me, codec=self.codec, full=full, inc=self.inc,
                                        round=round_idx, block=block, step=step,
                                        stats={**{k: float(v) for k, v in (stats or {}).items()
                                                  if isinstance(v, (int, float))},
@@ -125,24 +134,41 @@ class Gossip:
             if got is not None:
                 self._handle(*got, seq=seq, arrived=arrived)
         t_mix = time.perf_counter()
-        acc = MixAccumulator(own)
+        theirs = {j: [self.copies[j].tensors[k] for k in tensors] for j in sorted(arrived)}
         disagreement = 0.0
-        for j in sorted(arrived):  # a fixed order: float sums do not depend on who arrived first
-            theirs = [self.copies[j].tensors[k] for k in tensors]
-            acc.add(theirs, self.row[j])
-            disagreement += self.row[j] * sum(float((a - b).double().pow(2).sum()) for a, b in zip(theirs, own))
-        # the self weight absorbs every neighbour missing from this exchange
-        acc.add(own, self_weight(self.row, self.me, arrived))
-        mixed = acc.result()
+        for j, blk in theirs.items():
+            disagreement += self.row[j] * sum(float((a - b).double().pow(2).sum()) for a, b in zip(blk, own))
+        # neighbour-id order, self last, the self weight absorbing every missing neighbour (robust.py):
+        # float sums do not depend on who arrived first
+        mixed = self.robust.mix(own, theirs, seq=seq)
         t_end = time.perf_counter()
         return ExchangeResult(mixed, sorted(arrived), [j for j in self.neighbours if j not in arrived],
-                              t_end - t0, disagreement ** 0.5, arrived, t_end - t_mix)
+                              t_end - t0, disagreement ** 0.5, arrived, t_end - t_mix, self.robust.last)
+
+    def _encode_own(self, tensors: dict[str, torch.Tensor], *, stats: dict[str, float], **kw) -> list:
+        """Encode this peer's block. Stats are informational: a NaN/Inf one is left out (and counted), never fatal.
+        The tensors are not scanned (receivers do it); the one way encoding them can fail is a NaN/Inf that a codec
+        cannot carry (int8's scale), i.e. this peer's own parameters blew up: TrainingDiverged (exit 3), as for a
+        NaN loss, rather than a traceback."""
+        finite = {k: v for k, v in stats.items() if math.isfinite(v)}
+        self.nonfinite_stats += len(stats) - len(finite)
+        try:
+            return self.own.encode_block(tensors, stats=finite, **kw)
+        except wire.WireError as e:
+            raise TrainingDiverged(f"training diverged: this peer's block cannot be sent ({e}); lower --lr and "
+                                   "restart (the last checkpoint is kept)") from None
+
+    def alone(self) -> bool:
+        """No live neighbour: every neighbour said bye or missed its last deadline (only this peer's block mixes)."""
+        return bool(self.neighbours) and all(j in self.gone or j in self.suspect for j in self.neighbours)
 
     def _tell_position(self, j: int) -> None:
-        """A restarted neighbour needs to know where the network is, to pick up there."""
+        """A restarted neighbour needs to know where the network is, to pick up there. The position hello carries
+        the configuration fingerprint too: the restarted peer's barrier counts only hellos that carry one."""
         if self.position is not None:
             self.tr.send(j, wire.encode(wire.Message(kind="hello", src=self.me, inc=self.inc,
-                                                     stats={"seq": float(self.position)})))
+                                                     stats={"seq": float(self.position)},
+                                                     cfg=getattr(self.tr, "hello_cfg", None))))
 
     def catch_up(self, timeout_s: float) -> int | None:
         """For a peer that restarted mid-run: the furthest exchange its neighbours are at (from their position
@@ -210,6 +236,12 @@ class Gossip:
             return self._drop(e.reason)
         if msg.src != src:
             return self._drop("spoofed_src")
+        refused = getattr(self.tr, "cfg_rejected", {}).get((src, msg.inc))
+        if refused is not None:  # a restarted neighbour with another configuration: it fails its own barrier
+            if (src, msg.inc) not in self._cfg_noted:
+                self._cfg_noted.add((src, msg.inc))
+                print(f"peer {self.me}: ignoring neighbour {src}'s new incarnation: {refused}", flush=True)
+            return self._drop("config")
         msg.received = (t_read, sum(len(f) for f in frames))  # for link measurements
         if self.peer_inc.get(src, msg.inc) != msg.inc:  # the neighbour restarted: its old public copy is void
             self.copies[src].reset()

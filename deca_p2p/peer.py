@@ -24,12 +24,14 @@ from pathlib import Path
 import psutil
 import torch
 
-from . import bootstrap, topology
+from . import bootstrap, fingerprint, topology
 from .checkpoint import latest, save_atomic
 from .config import TrainConfig
 from .evaluation import evaluate
+from .attacks import make_attack
 from .gossip import Gossip
 from .metrics import METRICS_FILE, MetricsLog, peer_dir
+from .robust import make_mixer
 from .runtime import PeerData, embedded_data, label_counts, load, make_batcher, own_data, set_threads
 from .trainer import PeerTrainer
 from .transport import Transport
@@ -104,7 +106,9 @@ def run_peer(args: PeerArgs, stop: threading.Event | None = None) -> None:
     nbrs = topo.neighbors(me)
     transport = Transport(me, endpoints, nbrs, {j: topo.link(me, j) for j in nbrs},
                           max_message_bytes=trainer.max_block_bytes() + (1 << 20),  # nothing bigger is legitimate
-                          send_timeout_s=min(10.0, cfg.exchange_timeout_s), seed=cfg.seed, **security)
+                          send_timeout_s=min(10.0, cfg.exchange_timeout_s), seed=cfg.seed,
+                          # what every neighbour must agree on: a mismatch fails both at the hello barrier (exit 2)
+                          hello_cfg=fingerprint.build(cfg, trainer.model, trainer.blocks, topo), **security)
     transport.start()
     restarted = (peer_dir(args.run_dir, me) / METRICS_FILE).is_file()  # this peer ran here before: a rejoin
     log = MetricsLog(args.run_dir, me)
@@ -166,6 +170,30 @@ def _checkpoint(trainer: PeerTrainer, tokenizer, ckpt_root: Path, a: int, rnd: i
                 extra_files={"deca_state.json": json.dumps(state), **trainer.checkpoint_files()})
 
 
+def _neighbour_settings(me: int, transport: Transport) -> dict[str, dict[str, list[str]]]:
+    """Each neighbour's own settings that differ from ours (learning rate, codec, ...; fingerprint.LOCAL_KEYS): legal,
+    but they change what the network computes, so they are said once on the console and kept in the ready record."""
+    out = {}
+    for j, theirs in sorted(transport.neighbour_cfg.items()):
+        diff = fingerprint.local_differences(transport.hello_cfg, theirs)
+        if diff:
+            out[str(j)] = {k: [a, b] for k, (a, b) in diff.items()}
+            print(f"peer {me}: neighbour {j} uses its own " + ", ".join(f"{k} ({b}; here {a})" for k, (a, b) in
+                                                                       diff.items()), flush=True)
+    return out
+
+
+def _say_alone(me: int, gossip: Gossip, alone: bool) -> None:
+    if alone:
+        gone = sorted(gossip.gone)
+        quiet = sorted(j for j in gossip.suspect if j not in gossip.gone)
+        why = "; ".join(x for x in (f"gone: {', '.join(map(str, gone))}" if gone else "",
+                                    f"not answering: {', '.join(map(str, quiet))}" if quiet else "") if x)
+        print(f"peer {me}: no live neighbour left ({why}); training alone until one comes back", flush=True)
+    else:
+        print(f"peer {me}: a neighbour is back; no longer alone", flush=True)
+
+
 def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transport, log: MetricsLog,
            stop: threading.Event, restarted: bool) -> None:
     cfg, me = args.cfg, args.peer_id
@@ -192,10 +220,15 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
         log.write("eval", round=-1, activation=-1, **_evaluate(trainer, inputs))
     t_barrier = time.perf_counter()
     transport.barrier(inc, cfg.hello_timeout_s)
-    log.write("ready", barrier_s=time.perf_counter() - t_barrier)
+    log.write("ready", barrier_s=time.perf_counter() - t_barrier, config_digest=transport.hello_cfg["digest"],
+              neighbour_settings=_neighbour_settings(me, transport))
     gossip = Gossip(transport, me, topo, sched, [b.param_names for b in trainer.blocks],
                     block_shapes=[[tuple(named[n].shape) for n in b.param_names] for b in trainer.blocks],
-                    codec=cfg.codec, inc=inc, timeout_s=cfg.exchange_timeout_s, stop=stop)
+                    codec=cfg.codec, inc=inc, timeout_s=cfg.exchange_timeout_s, stop=stop,
+                    robust=make_mixer(cfg, me, topo.weight_row(me), log=lambda msg: print(f"peer {me}: {msg}", flush=True)),
+                    attack=make_attack(cfg, me, topo.weight_row(me)))  # a test/benchmark hook; None unless cfg names me
+    if gossip.attack is not None:
+        print(f"peer {me}: TEST HOOK: publishing attacked blocks ({cfg.attack})", flush=True)
     first_step = 0
     if restarted and cfg.comm != "none":  # a rejoin: pick up where the network is, not where we stopped
         resumed_at = first
@@ -205,6 +238,7 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
         log.write("rejoin", activation=first, step=first_step, missed_activations=first - resumed_at)
     proc = psutil.Process()
     peak_rss = 0
+    alone_exchanges, was_alone = 0, False
     for a in range(first, len(acts)):
         rnd, blk = acts[a]
         trainer.activate(blk)
@@ -222,7 +256,12 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
                 extra = {"wait_s": res.wait_s, "missing": res.missing, "disagreement": res.disagreement,
                          "encode_s": gossip.encode_s, "mix_s": res.mix_s,
                          "links": {str(j): [st.get("nbytes"), st.get("one_way_s"), st.get("read_after_s")]
-                                   for j, st in res.neighbour_stats.items()}}
+                                   for j, st in res.neighbour_stats.items()}, **gossip.robust.record()}
+                extra["alone"] = alone = gossip.alone()
+                alone_exchanges += alone
+                if alone != was_alone:  # said once when it happens (and once when it ends), not every step
+                    _say_alone(me, gossip, alone)
+                    was_alone = alone
             t_apply = time.perf_counter()
             stats.update(trainer.apply_mix(mixed))
             stats["apply_s"] = time.perf_counter() - t_apply  # the optimizer's mix step (BMA) and copy-back
@@ -238,7 +277,7 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
             _checkpoint(trainer, inputs.tokenizer, ckpt_root, a, rnd, blk)  # before eval: a stop has a grace period
         if stop.is_set():
             break
-        if end_of_round or (cfg.eval_every and (a + 1) % cfg.eval_every == 0):
+        if (end_of_round and not cfg.eval_every) or (cfg.eval_every and (a + 1) % cfg.eval_every == 0):
             log.write("eval", round=rnd, activation=a, **_evaluate(trainer, inputs))
     final = _evaluate(trainer, inputs)
     gossip.finish(cfg.exchange_timeout_s)  # slower neighbours may still need our last block
@@ -247,4 +286,5 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     log.write("final", stopped=stop.is_set(), bytes_sent=sent, bytes_recv=recv, peak_rss_mb=peak_rss / 2**20,
               handoff_late_ms=1e3 * sum(c.handoff_late_s for c in cs) / max(1, sum(c.data_sent for c in cs)),
               handoff_late_max_ms=1e3 * max((c.handoff_late_max_s for c in cs), default=0.0),
-              dropped=dict(gossip.dropped), late=gossip.late, **final)
+              dropped=dict(gossip.dropped), late=gossip.late, alone_exchanges=alone_exchanges,
+              nonfinite_stats=gossip.nonfinite_stats, **gossip.robust.final_record(), **final)

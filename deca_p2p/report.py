@@ -113,6 +113,9 @@ def traffic_and_time(run_dir: str | Path) -> dict[int, dict]:
             "compute s": f"{sum(r.get('compute_s') or 0 for r in steps):.0f}",
             "wait s": f"{sum(r.get('wait_s') or 0 for r in steps):.0f}",
         }
+        final = next((r for r in reversed(recs) if r.get("event") == "final"), {})
+        if final.get("flagged"):  # robust mixing: the neighbours this peer flagged (robust.py)
+            out[pid]["flagged"] = ",".join(sorted(final["flagged"], key=int))
     return out
 
 

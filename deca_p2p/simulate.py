@@ -18,7 +18,8 @@ import torch
 from . import wire
 from .config import TrainConfig
 from .metrics import MetricsLog
-from .optim import MixAccumulator, self_weight
+from .attacks import Attack, make_attack
+from .robust import RobustMixer, make_mixer
 from .evaluation import evaluate
 from .checkpoint import save_atomic
 from .runtime import average_models, label_counts, load, make_batcher, network_data, set_threads
@@ -27,18 +28,24 @@ from .trainer import PeerTrainer
 
 
 def exchange_in_memory(topo: Topology, blocks: dict[int, dict[str, torch.Tensor]], copies: dict[int, wire.PublicCopy],
-                       codec: str, full: bool) -> dict[int, list[torch.Tensor]]:
-    """One gossip exchange: every peer publishes its block through its public copy; each mixes its neighbours'."""
-    for i, tensors in blocks.items():
+                       codec: str, full: bool, *, mixers: dict[int, RobustMixer] | None = None,
+                       attacks: dict[int, Attack] | None = None, seq: int | None = None) -> dict[int, list[torch.Tensor]]:
+    """One gossip exchange: every peer publishes its block through its public copy; each mixes its neighbours'.
+
+    `mixers`: each peer's mixing rule (robust.py; default: the plain mix). `attacks` (a test/benchmark hook):
+    what those peers publish instead of their block, computed from the copies as they were before this exchange,
+    exactly as a real attacking peer sees them; `full` marks the first exchange of an activation.
+    """
+    published = dict(blocks)
+    for i, attack in (attacks or {}).items():  # all before any copy moves: what a real peer knows at sending time
+        published[i] = attack(blocks[i], {j: copies[j].tensors for j in topo.neighbors(i)}, seq, full)
+    for i, tensors in published.items():
         copies[i].encode_block(tensors, src=i, codec=codec, full=full)
     mixed = {}
     for i, own in blocks.items():
-        acc = MixAccumulator(list(own.values()))
-        row = topo.weight_row(i)
-        for j in topo.neighbors(i):
-            acc.add(list(copies[j].tensors.values()), row[j])
-        acc.add(list(own.values()), self_weight(row, i, topo.neighbors(i)))
-        mixed[i] = acc.result()
+        mixer = (mixers or {}).get(i) or RobustMixer(i, topo.weight_row(i), "none")
+        mixed[i] = mixer.mix(list(own.values()), {j: [copies[j].tensors[k] for k in own] for j in topo.neighbors(i)},
+                             seq=seq)
     return mixed
 
 
@@ -50,6 +57,7 @@ class SimResult:
     wall_s: float
     models: dict[int, torch.nn.Module] = field(repr=False, default_factory=dict)
     labels: dict[int, dict[str, int]] = field(default_factory=dict)  # each peer's training records per label
+    flagged: dict[int, dict] = field(default_factory=dict)  # robust mixing: peer -> its final flag counts
 
 
 def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=None, data_dir=None, run_dir=None,
@@ -83,10 +91,17 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
         (Path(run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     copies = {i: wire.PublicCopy() for i in topo.nodes}
     schedule = next(iter(trainers.values())).schedule
+
+    def say(i):
+        return None if progress is None else (lambda msg: progress(f"peer {i}: {msg}"))
+
+    mixers = {i: make_mixer(cfg, i, topo.weight_row(i), log=say(i)) for i in topo.nodes}
+    attacks = {i: a for i in topo.nodes if (a := make_attack(cfg, i, topo.weight_row(i))) is not None}
     for a, (rnd, blk) in enumerate(schedule.activations()):
         for i, t in trainers.items():
             t.activate(blk)
             copies[i].reset()
+            mixers[i].begin_activation()
         first = True  # the first exchange of an activation carries whole blocks
         for step in range(cfg.inner_steps):
             stats = {i: t.local_step(schedule.step_index(rnd, blk, step)) for i, t in trainers.items()}
@@ -94,8 +109,11 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
             if cfg.comm == "none" or not schedule.is_exchange(step):
                 mixed = {i: [x.clone() for x in b.values()] for i, b in blocks.items()}
             else:
-                mixed = exchange_in_memory(topo, blocks, copies, cfg.codec, full=first)
+                mixed = exchange_in_memory(topo, blocks, copies, cfg.codec, full=first, mixers=mixers,
+                                           attacks=attacks, seq=schedule.seq(rnd, blk, step))
                 first = False
+                for i in trainers:
+                    stats[i].update(mixers[i].record())
             for i, t in trainers.items():
                 stats[i].update(t.apply_mix(mixed[i]))
                 if i in logs:
@@ -105,7 +123,7 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
             mean_loss = sum(s["loss"] for s in stats.values()) / len(stats)
             progress(f"round {rnd} block {blk}: mean train loss {mean_loss:.4f}")
         last_of_round = (a + 1) % schedule.n_blocks == 0
-        if logs and (last_of_round or (cfg.eval_every and (a + 1) % cfg.eval_every == 0)):
+        if logs and ((last_of_round and not cfg.eval_every) or (cfg.eval_every and (a + 1) % cfg.eval_every == 0)):
             for i, t in trainers.items():
                 logs[i].write("eval", round=rnd, activation=a, **ev(t.model, i))
     per_peer = {i: ev(t.model, i) for i, t in trainers.items()}
@@ -115,12 +133,13 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
         avg, lm.tokenizer, [e for d in data.values() for e in d.evals], batch_size=cfg.eval_batch_size or cfg.batch_size,
         max_len=lm.max_len, max_new_tokens=cfg.eval_max_new_tokens)
     result = SimResult(per_peer, avg_eval, initial, time.perf_counter() - t0, {i: t.model for i, t in trainers.items()},
-                       {i: label_counts(d.train) for i, d in data.items()})
+                       {i: label_counts(d.train) for i, d in data.items()},
+                       {i: m.final_record() for i, m in mixers.items()})
     if save:
         for i, t in trainers.items():
             save_atomic(t.export_model(), lm.tokenizer, Path(run_dir) / f"peer-{i}" / "checkpoint", tag="final",
                         extra_files=t.checkpoint_files())
     for i, log in logs.items():
-        log.write("final", **per_peer[i])
+        log.write("final", **per_peer[i], **mixers[i].final_record())
         log.close()
     return result

@@ -106,7 +106,21 @@ def make_schedule(n_blocks: int, cfg: TrainConfig) -> Schedule:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/Inf: the run stops before that step changes anything (checkpoints stay good)."""
+    """The loss, or the gradient at a finite loss, became NaN/Inf: the run stops before that step changes anything
+    (checkpoints stay good)."""
+
+
+def _all_finite(tensors) -> bool:
+    """No NaN/Inf in any of the tensors. A finite float32 sum of each proves it at memory speed (any NaN/Inf makes a
+    sum non-finite, and one sync covers them all); only when that sum is not finite (a real NaN/Inf, or large finite
+    values overflowing it) does an exact per-element check decide."""
+    tensors = [t for t in tensors if t is not None and t.numel()]
+    if not tensors:
+        return True
+    sums = torch.stack([t.detach().sum(dtype=torch.float32) for t in tensors])
+    if bool(torch.isfinite(sums).all()):
+        return True
+    return all(bool(torch.isfinite(t.detach()).all()) for t in tensors)
 
 
 def lr_factors(cfg: TrainConfig, total_steps: int):
@@ -181,6 +195,12 @@ class PeerTrainer:
             raise TrainingDiverged(f"training diverged: the loss is {loss_value}; lower --lr and restart "
                                    "(the last checkpoint is kept)")
         self.active.grads_to_master()
+        # A finite loss with a NaN/Inf gradient (parameters blown up, e.g. by a hostile neighbour's block mixed in,
+        # or an overflow in a half-precision backward) is a divergence too: skipping the step would leave the same
+        # parameters to fail again, so it stops here, before the gradient reaches the moments, a checkpoint or the wire.
+        if not _all_finite([p.grad for p in self.active.params]):
+            raise TrainingDiverged(f"training diverged: the gradient has NaN/Inf values at a finite loss "
+                                   f"({loss_value:.4g}); lower --lr and restart (the last checkpoint is kept)")
         stats = {"loss": loss_value}
         if c.max_grad_norm > 0:
             stats["grad_norm_unclipped"] = float(torch.nn.utils.clip_grad_norm_(

@@ -474,7 +474,8 @@ class Transport:
                  links: dict[int, LinkSpec] | None = None, *,
                  max_message_bytes: int = 1 << 31, send_timeout_s: float = 10.0,
                  linger_ms: int = 1000, heartbeat_s: float = 1.0,
-                 ctx: zmq.Context | None = None, seed: int = 0, curve: CurveConfig | None = None):
+                 ctx: zmq.Context | None = None, seed: int = 0, curve: CurveConfig | None = None,
+                 hello_cfg: Mapping[str, str] | None = None):
         self.my_id = int(my_id)
         eps = {int(k): str(v) for k, v in endpoints.items()}
         if self.my_id not in eps:
@@ -530,6 +531,12 @@ class Transport:
         self._answered: set[tuple[int, int]] = set()
         self._inc = 0
         self._hello_frames: list | None = None
+        # configuration handshake (fingerprint.py): our fingerprint, sent in every hello of ours; the one each
+        # neighbour sent; and the (neighbour, incarnation) pairs whose hello was refused mid-run (a restarted peer
+        # with another configuration: it fails its own barrier, and gossip drops what that incarnation sends)
+        self.hello_cfg: dict[str, str] | None = None if hello_cfg is None else dict(hello_cfg)
+        self.neighbour_cfg: dict[int, dict[str, str]] = {}
+        self.cfg_rejected: dict[tuple[int, int], str] = {}
         self._started = False
         self._closed = False
 
@@ -712,7 +719,7 @@ class Transport:
     def _hello(self) -> list:
         if self._hello_frames is None:
             w = _wire()
-            self._hello_frames = w.encode(w.Message("hello", src=self.my_id, inc=self._inc))
+            self._hello_frames = w.encode(w.Message("hello", src=self.my_id, inc=self._inc, cfg=self.hello_cfg))
         return self._hello_frames
 
     # -- counters --------------------------------------------------------------------------
@@ -805,7 +812,23 @@ class Transport:
         except w.WireError:
             return
         if msg.kind == "hello" and msg.src == src:
-            self._answer(src, msg.inc)
+            self._answer(src, msg.inc)  # always: a restarted neighbour with another configuration learns it from ours
+            if msg.cfg is not None:
+                diff = self._cfg_difference(src, msg.cfg)
+                if diff is not None:
+                    self.cfg_rejected[(src, msg.inc)] = diff
+
+    def _cfg_difference(self, src: int, cfg: dict) -> str | None:
+        """Compare a neighbour's fingerprint with ours: None when they agree (or we have none), else one line."""
+        if self.hello_cfg is None:
+            return None
+        from .fingerprint import describe, first_difference
+
+        diff = first_difference(self.hello_cfg, cfg)
+        if diff is None:
+            self.neighbour_cfg[src] = dict(cfg)
+            return None
+        return f"configuration differs from neighbour {src} in {describe(*diff)}"
 
     def _answer(self, src: int, inc: int) -> None:
         key = (src, inc)
@@ -829,6 +852,11 @@ class Transport:
         Hellos are re-sent every ``HELLO_INTERVAL_S`` to neighbours not yet done, and each
         received hello is answered once.  Non-hello messages received meanwhile are kept for
         ``recv``.  Raises TransportError naming the missing peers after ``timeout_s``.
+
+        With a configuration fingerprint (``hello_cfg``), (a) needs a hello carrying the neighbour's
+        fingerprint (other messages are kept, but do not count), and a fingerprint that differs from ours
+        in a field that must agree raises TransportError at once, naming the neighbour and the first such
+        field; our answer to its hello is queued first, so the neighbour fails the same way.
         """
         self._check_open()
         w = _wire()
@@ -869,9 +897,17 @@ class Transport:
                 self._keep(r)  # the caller counts it as a bad message
                 continue
             if msg.src == src:
-                heard.add(src)
                 if msg.kind == "hello":
                     self._answer(src, msg.inc)
+                    if self.hello_cfg is None:
+                        heard.add(src)
+                    elif msg.cfg is not None:  # a hello without one (a position hello) does not count
+                        diff = self._cfg_difference(src, msg.cfg)
+                        if diff is not None:
+                            raise TransportError(diff)
+                        heard.add(src)
                     continue
+                if self.hello_cfg is None:
+                    heard.add(src)
             if msg.kind != "hello":
                 self._keep(r)

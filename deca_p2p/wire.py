@@ -11,7 +11,8 @@ Header keys (all required, no others): ``v`` (== VERSION), ``kind`` ("hello" | "
 "resync"), ``src``, ``inc``, ``round``, ``block``, ``step`` (ints in [0, 2**63)), ``codec``
 ("raw" | "bf16" | "fp16" | "int8"), ``full`` (bool), ``tensors`` (list of maps ``{name, dtype,
 shape, nbytes}`` plus exactly the codec's extra fields, e.g. ``scale`` for int8), ``stats`` (map
-str -> finite number). Only ``block`` messages may carry tensors.
+str -> finite number). Only ``block`` messages may carry tensors. A ``hello`` may also carry ``cfg``, the
+sender's configuration fingerprint (map str -> str, at most MAX_CFG_ENTRIES entries; see fingerprint.py).
 
 Sending::
 
@@ -68,6 +69,7 @@ __all__ = [
     "MAX_NAME_LEN",
     "MAX_NDIM",
     "MAX_STATS",
+    "MAX_CFG_ENTRIES",
     "KINDS",
     "DTYPES",
     "REASONS",
@@ -98,6 +100,9 @@ MAX_ELEMS = 2**48  # product of max(dim, 1): bounds shapes of empty tensors too
 MAX_STATS = 256
 MAX_STAT_KEY_LEN = 128
 MAX_INT = 2**63 - 1  # src/inc/round/block/step fit in int64
+MAX_CFG_ENTRIES = 64  # hello ``cfg``: entries, key length, value length (64 * (64 + 256) B stays far below the header limit)
+MAX_CFG_KEY_LEN = 64
+MAX_CFG_VALUE_LEN = 256
 
 KINDS = ("hello", "block", "bye", "resync")
 
@@ -134,6 +139,7 @@ REASONS = frozenset(
 )
 
 _HEADER_KEYS = frozenset({"v", "kind", "src", "inc", "round", "block", "step", "codec", "full", "tensors", "stats"})
+_HELLO_KEYS = _HEADER_KEYS | {"cfg"}  # a hello may carry the sender's configuration fingerprint
 _INT_KEYS = ("src", "inc", "round", "block", "step")
 _TENSOR_KEYS = frozenset({"name", "dtype", "shape", "nbytes"})
 
@@ -179,6 +185,7 @@ class Message:
     full: bool = False
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
+    cfg: dict[str, str] | None = None  # hello only: the sender's configuration fingerprint (None: not sent)
 
 
 # --------------------------------------------------------------------------------------------- codecs
@@ -425,6 +432,19 @@ def _parse_spec(entry: Any, i: int, codec: Codec) -> _Spec:
     return _Spec(name, dtype, tuple(shape), nbytes, meta)
 
 
+def _parse_cfg(cfg: Any) -> dict[str, str]:
+    """A hello's configuration fingerprint: a map of at most MAX_CFG_ENTRIES str (1..MAX_CFG_KEY_LEN chars) ->
+    str (at most MAX_CFG_VALUE_LEN chars)."""
+    if type(cfg) is not dict or len(cfg) > MAX_CFG_ENTRIES:
+        raise WireError("schema", f"'cfg' must be a map of at most {MAX_CFG_ENTRIES} entries")
+    for k, v in cfg.items():
+        if type(k) is not str or not 0 < len(k) <= MAX_CFG_KEY_LEN:
+            raise WireError("schema", f"cfg key {_short(k)} must be a str of 1..{MAX_CFG_KEY_LEN} chars")
+        if type(v) is not str or len(v) > MAX_CFG_VALUE_LEN:
+            raise WireError("schema", f"cfg[{k!r}] must be a str of at most {MAX_CFG_VALUE_LEN} chars")
+    return dict(cfg)
+
+
 def _parse_header(h: Any) -> tuple[dict, list[_Spec], Codec]:
     """Validate a header map; return (scalar fields, tensor specs, codec)."""
     if type(h) is not dict:
@@ -437,8 +457,8 @@ def _parse_header(h: Any) -> tuple[dict, list[_Spec], Codec]:
     if v != VERSION:
         raise WireError("version", f"protocol version {_short(v)}, expected {VERSION}")
     keys = set(h)
-    if keys != _HEADER_KEYS:
-        missing, extra = sorted(map(str, _HEADER_KEYS - keys)), sorted(map(_short, keys - _HEADER_KEYS))
+    if keys != _HEADER_KEYS and keys != _HELLO_KEYS:
+        missing, extra = sorted(map(str, _HEADER_KEYS - keys)), sorted(map(_short, keys - _HELLO_KEYS))
         raise WireError("schema", f"header keys: missing {missing}, unexpected {extra[:5]}")
     kind = h["kind"]
     if type(kind) is not str:
@@ -446,6 +466,10 @@ def _parse_header(h: Any) -> tuple[dict, list[_Spec], Codec]:
     if kind not in KINDS:
         raise WireError("kind", f"unknown kind {_short(kind)}")
     fields: dict[str, Any] = {"kind": kind}
+    if "cfg" in h:
+        if kind != "hello":
+            raise WireError("schema", f"only a hello carries 'cfg', not a {kind!r}")
+        fields["cfg"] = _parse_cfg(h["cfg"])
     for k in _INT_KEYS:
         x = h[k]
         if type(x) is not int or not 0 <= x <= MAX_INT:
@@ -556,6 +580,10 @@ def _encode(msg: Message, roundtrip: bool, check_finite: bool):
         "tensors": entries,
         "stats": {k: _stat_value(k, x) for k, x in msg.stats.items()},
     }
+    if msg.cfg is not None:
+        if not isinstance(msg.cfg, Mapping):
+            raise WireError("schema", "Message.cfg must be a mapping or None")
+        header["cfg"] = dict(msg.cfg)
     _parse_header(header)  # whatever encode emits, decode's validation accepts
     blob = msgpack.packb(header, use_bin_type=True)
     if len(blob) > MAX_HEADER_BYTES:
