@@ -57,7 +57,7 @@ from .optim import MixAccumulator, self_weight
 
 ROBUST_MODES = ("none", "clip", "trim")
 TAU_WINDOW = 8      # exchanges of the current activation whose neighbour distances set the automatic τ
-TAU_FACTOR = 2.0    # automatic τ = TAU_FACTOR × lower median of that pool
+TAU_FACTOR = 1.5    # automatic τ = TAU_FACTOR × lower median of that pool (README "Faults": why 1.5)
 HARD_CLIP = 2.0     # clipped hard: distance > HARD_CLIP · τ (the block shrunk by more than this factor)
 FLAG_WINDOW = 16    # flagged: clipped hard in at least half of the neighbour's last FLAG_WINDOW exchanges ...
 FLAG_MIN = 4        # ... (of those seen, once at least FLAG_MIN were: a x1000 neighbour is out at its 4th block)
