@@ -51,10 +51,12 @@ from deca_p2p.topology import load as load_topology  # noqa: E402
 ATTACKS = ["x10", "x1000", "constant", "signflip", "gaussian", "dissensus"]
 DEFENCES = ["none", "clip", "trim"]
 CLEAN = "clean"
+LEFT_OUT = "left out"  # no attack, every peer with --set robust_exclude=A: the attacker's influence removed from the
+                       # start, the best any defence can do (its data is lost to the others all the same)
 
 
 def run_network(topo_path: Path, run_dir: Path, attack: str | None, attacker: int, defence: str, a,
-                log) -> dict:
+                log, label: str | None = None) -> dict:
     """Start every peer of the topology as its own process; wait for all (bounded); read their metrics."""
     topo = load_topology(topo_path)
     base = free_base_port(len(topo.nodes))
@@ -65,6 +67,8 @@ def run_network(topo_path: Path, run_dir: Path, attack: str | None, attacker: in
             "--set", "checkpoint_every=1000", "--seed", str(a.seed)]
     if attack:
         opts += ["--set", f"attack={attack}@{attacker}"]
+    if label == LEFT_OUT:
+        opts += ["--set", f"robust_exclude={attacker}"]
     run_dir.mkdir(parents=True, exist_ok=True)
     procs = {}
     t0 = time.time()
@@ -100,7 +104,7 @@ def run_network(topo_path: Path, run_dir: Path, attack: str | None, attacker: in
         fin = next((r for r in reversed(recs) if r.get("event") == "final"), None)
         loss = fin.get("eval_loss") if fin else None
         losses[i] = loss if isinstance(loss, (int, float)) and math.isfinite(loss) else None
-        if attack and i == attacker:
+        if i == attacker:
             continue
         for r in recs:
             if r.get("event") != "step":
@@ -110,12 +114,12 @@ def run_network(topo_path: Path, run_dir: Path, attack: str | None, attacker: in
                     flagged_at.setdefault(i, r["seq"] + 1)  # exchanges since the start (the attack runs from 0)
                 else:
                     false_flags.add((i, j))
-    honest = [i for i in topo.nodes if not (attack and i == attacker)]
-    row = {"topology": topo.name, "attack": attack or CLEAN, "defence": defence, "wall_s": wall,
+    honest = [i for i in topo.nodes if i != attacker]  # the same peers in every row, clean runs included
+    row = {"topology": topo.name, "attack": label or attack or CLEAN, "defence": defence, "wall_s": wall,
            "codes": {i: codes[i] for i in honest}, "losses": {i: losses[i] for i in honest},
            "neighbours": topo.neighbors(attacker), "flagged_at": flagged_at, "false_flags": sorted(false_flags)}
     bad = {i: c for i, c in row["codes"].items() if c != 0}
-    log(f"  {topo.name} {attack or CLEAN:9s} {defence:5s} {wall:5.0f} s  exit codes "
+    log(f"  {topo.name} {row['attack']:9s} {defence:5s} {wall:5.0f} s  exit codes "
         f"{'all 0' if not bad else bad}  mean loss "
         f"{_mean([v for v in row['losses'].values() if v is not None]) or float('nan'):.4f}  flagged at {flagged_at}")
     return row
@@ -126,16 +130,21 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def compare(row: dict, ref: dict | None) -> None:
-    """Per honest peer, Δ = loss / clean-run loss − 1 (the clean run without defence)."""
+def _deltas(row: dict, ref: dict | None) -> list[float]:
     if ref is None:
-        return
-    deltas = [row["losses"][i] / ref["losses"][i] - 1 for i in row["losses"]
-              if row["losses"][i] is not None and ref["losses"].get(i)]
-    failed = [i for i, v in row["losses"].items() if v is None]
-    row["mean_delta"] = _mean(deltas)
-    row["worst_delta"] = max(deltas) if deltas else None
-    row["failed"] = failed
+        return []
+    return [row["losses"][i] / ref["losses"][i] - 1 for i in row["losses"]
+            if row["losses"][i] is not None and ref["losses"].get(i)]
+
+
+def compare(row: dict, ref: dict | None, floor: dict | None) -> None:
+    """Per honest peer, Δ = loss / clean-run loss − 1 (the clean run without defence), and the excess over the
+    "left out" run (the attacker's influence removed from the start)."""
+    d = _deltas(row, ref)
+    row["mean_delta"], row["worst_delta"] = _mean(d), (max(d) if d else None)
+    e = _deltas(row, floor)
+    row["mean_excess"], row["worst_excess"] = _mean(e), (max(e) if e else None)
+    row["failed"] = [i for i, v in row["losses"].items() if v is None]
 
 
 def fmt_pct(v) -> str:
@@ -153,7 +162,7 @@ def codes_text(codes: dict) -> str:
 
 
 def flag_text(row: dict) -> str:
-    if row["attack"] == CLEAN or row["defence"] == "none":
+    if row["attack"] in (CLEAN, LEFT_OUT) or row["defence"] == "none":
         return "–"
     at = row["flagged_at"]
     n = len(row["neighbours"])
@@ -169,7 +178,7 @@ def plot(rows, topologies, attacks, defences, default, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(topologies), figsize=(6.5 * len(topologies), 4.2), squeeze=False)
-    settings = [CLEAN] + attacks
+    settings = [CLEAN, LEFT_OUT] + attacks
     width = 0.8 / len(defences)
     for ax, tname in zip(axes[0], topologies):
         for k, d in enumerate(defences):
@@ -233,15 +242,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="deca-byzantine-") as tmpd:
         for tname in topologies:
             topo_path = ROOT / "topologies" / f"{tname}.json"
-            ref = None
-            for att in [None, *attacks]:
-                for d in defences:
-                    run_dir = Path(tmpd) / f"{tname}-{att or CLEAN}-{d}"
-                    row = run_network(topo_path, run_dir, att, a.attacker, d, a, log)
-                    if att is None and d == "none":
-                        ref = row
-                    compare(row, ref)
-                    rows.append(row)
+            ref = floor = None
+            plan = [(None, d, None) for d in defences] + [(None, "none", LEFT_OUT)] + \
+                [(att, d, None) for att in attacks for d in defences]
+            for att, d, label in plan:
+                run_dir = Path(tmpd) / f"{tname}-{(label or att or CLEAN).replace(' ', '-')}-{d}"
+                row = run_network(topo_path, run_dir, att, a.attacker, d, a, log, label)
+                if att is None and label is None and d == "none":
+                    ref = row
+                if label == LEFT_OUT:
+                    floor = row
+                    for r in rows:  # the clean runs came first
+                        if r["topology"] == tname:
+                            compare(r, ref, floor)
+                compare(row, ref, floor)
+                rows.append(row)
     wall = time.time() - t_start
 
     name = "byzantine_quick" if a.quick else "byzantine"
@@ -255,35 +270,39 @@ def main() -> None:
         f"{a.train_per_task} --set eval_per_task={a.eval_per_task} --seed {a.seed}`), peer {a.attacker} publishing "
         f"attacked blocks (`--set attack=KIND@{a.attacker}`, deca_p2p/attacks.py) while training normally. "
         "*Δ* = an honest peer's final eval loss / its loss in the clean run without defence − 1: mean and worst over "
-        "the honest peers (a peer that failed has no loss and is listed under exit codes). *flagged after*: the "
+        "the honest peers (a peer that failed has no loss and is listed under exit codes); the honest peers are the "
+        f"same in every row (all but {a.attacker}). *left out*: no attack, every peer with `--set robust_exclude="
+        f"{a.attacker}`: the attacker's influence removed from the first exchange, the best a defence can do; its "
+        "data is lost to the others all the same, so its Δ is the floor, and *excess* = loss / left-out loss − 1 "
+        "is what the attack costs beyond it. *flagged after*: the "
         "exchange at which the attacker's neighbours first flagged it (first–last, and how many did). *false "
         "flags*: (peer, honest neighbour) pairs ever flagged.", "",
         f"Default defence (`TrainConfig.robust`): **{default}**.", "",
-        "| topology | attack | defence | honest exit codes | mean Δ | worst Δ | flagged after (exchanges) | "
-        "false flags | wall s |", "|---" * 9 + "|"]
+        "| topology | attack | defence | honest exit codes | mean Δ | worst Δ | mean excess | worst excess | "
+        "flagged after (exchanges) | false flags | wall s |", "|---" * 11 + "|"]
     for r in rows:
         lines.append(f"| {r['topology']} | {r['attack']} | {r['defence']} | {codes_text(r['codes'])} | "
-                     f"{fmt_pct(r.get('mean_delta'))} | {fmt_pct(r.get('worst_delta'))} | {flag_text(r)} | "
+                     f"{fmt_pct(r.get('mean_delta'))} | {fmt_pct(r.get('worst_delta'))} | "
+                     f"{fmt_pct(r.get('mean_excess'))} | {fmt_pct(r.get('worst_excess'))} | {flag_text(r)} | "
                      f"{len(r['false_flags']) or '–'} | {r['wall_s']:.0f} |")
 
-    def worst_for(d, attacked=True):
-        sel = [r for r in rows if r["defence"] == d and (r["attack"] != CLEAN) == attacked]
-        if not sel:
-            return None, []
-        failed = [f"{r['topology']}/{r['attack']}" for r in sel if r.get("failed") or r.get("worst_delta") is None
-                  or any(c != 0 for c in r["codes"].values())]
-        ws = [r["worst_delta"] for r in sel if r.get("worst_delta") is not None]
-        return (max(ws) if ws else None), failed
+    def worst(sel, key):
+        vals = [r[key] for r in sel if r.get(key) is not None]
+        return max(vals) if vals else None
 
-    parts = []
+    floors = [r for r in rows if r["attack"] == LEFT_OUT]
+    floor_text = ", ".join(f"{r['topology']} {fmt_pct(r.get('mean_delta'))}" for r in floors) or "–"
+    parts = [f"attacker left out (the floor): mean Δ {floor_text}"]
     for d in defences:
-        w, failed = worst_for(d)
-        cost = [r["mean_delta"] for r in rows if r["defence"] == d and r["attack"] == CLEAN
-                and r.get("mean_delta") is not None]
-        parts.append(f"{d}{' (default)' if d == default else ''}: worst honest peer {fmt_pct(w)} under attack"
+        sel = [r for r in rows if r["defence"] == d and r["attack"] not in (CLEAN, LEFT_OUT)]
+        failed = [f"{r['topology']}/{r['attack']}" for r in sel
+                  if r.get("failed") or any(c != 0 for c in r["codes"].values())]
+        cost = worst([r for r in rows if r["defence"] == d and r["attack"] == CLEAN], "mean_delta")
+        parts.append(f"{d}{' (default)' if d == default else ''}: worst honest peer {fmt_pct(worst(sel, 'worst_delta'))} "
+                     f"vs clean, {fmt_pct(worst(sel, 'worst_excess'))} beyond left-out"
                      f"{f' ({len(failed)} runs with a failed peer: ' + ', '.join(failed) + ')' if failed else ''}, "
-                     f"no-attack cost {fmt_pct(max(cost) if cost else None)}")
-    headline = "; ".join(parts) + " (vs the clean run without defence; targets: within 5%, cost under 1%)"
+                     f"no-attack cost {fmt_pct(cost)}")
+    headline = "; ".join(parts) + " (targets: within 5%, no-attack cost under 1%)"
     lines += ["", f"**Headline**: {headline}", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text("\n".join(lines))

@@ -74,6 +74,7 @@ class TrainConfig:
     robust: str = "clip"
     robust_tau: float = 0.0           # clip radius as a share of the peer's own block norm; 0: automatic (robust.py)
     robust_trim: int = 1              # trim: values dropped per side and coordinate (needs 2b+1 <= degree+1, else clip)
+    robust_exclude: str = ""          # neighbour ids never mixed in ("3,5"), as if always missing: a manual quarantine
     # TEST/BENCHMARK HOOK ONLY (deca_p2p/attacks.py), never for real use: "KIND@ID[,ID...]" makes those peers
     # publish a corrupted block (x10, x1000, constant, signflip, gaussian, dissensus); "" (default): nobody does
     attack: str = ""
@@ -139,6 +140,13 @@ class TrainConfig:
             raise ConfigError(f"robust_tau must be a finite number >= 0 (0: automatic), got {self.robust_tau}")
         if self.robust_trim < 1:
             raise ConfigError(f"robust_trim must be at least 1, got {self.robust_trim}")
+        if self.robust_exclude:
+            from .robust import parse_ids
+
+            try:
+                parse_ids(self.robust_exclude)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.attack:
             from .attacks import parse
 

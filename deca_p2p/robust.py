@@ -32,6 +32,9 @@ Modes (config ``robust``):
           exp, complete) Metropolis W is uniform, 1/(deg+1), over the closed neighbourhood, so trim differs from
           the plain mix only by what it drops; on an irregular graph (star) trim averages the kept values equally.
 
+``robust_exclude`` ("3,5"): neighbours never mixed in, in any mode, as if always missing (an operator's manual
+quarantine; `benchmarks/byzantine.py` uses it for its "attacker left out" reference).
+
 Flagging (clip and trim): a neighbour is *clipped hard* at an exchange when ‖θ̂_j − θ½_i‖ > HARD_CLIP·τ (in
 trim mode τ is the automatic one, computed for this purpose). A neighbour clipped hard in at least half of its
 last FLAG_WINDOW exchanges (those it took part in; at least FLAG_MIN of them) is *flagged*; the caller logs it
@@ -115,7 +118,7 @@ class RobustMixer:
     """
 
     def __init__(self, me: int, row: Mapping[int, float], mode: str = "none", *, tau: float = 0.0, trim: int = 1,
-                 log: Callable[[str], None] | None = None):
+                 exclude: Sequence[int] = (), log: Callable[[str], None] | None = None):
         if mode not in ROBUST_MODES:
             raise ValueError(f"robust must be one of {', '.join(ROBUST_MODES)}, got {mode!r}")
         if not (math.isfinite(tau) and tau >= 0):
@@ -123,6 +126,7 @@ class RobustMixer:
         if trim < 1:
             raise ValueError(f"robust_trim must be at least 1, got {trim}")
         self.me, self.row, self.mode, self.tau_rel, self.trim = me, dict(row), mode, float(tau), int(trim)
+        self.exclude = frozenset(exclude)  # never mixed in, in any mode (an operator's manual quarantine)
         self.log = log
         self._said: set[str] = set()
         self._pool: deque[list[float]] = deque(maxlen=TAU_WINDOW)
@@ -148,7 +152,8 @@ class RobustMixer:
     def mix(self, own: Sequence[torch.Tensor], theirs: Mapping[int, Sequence[torch.Tensor]],
             seq: int | None = None) -> list[torch.Tensor]:
         self.exchanges += 1
-        order = sorted(theirs)  # a fixed order: float sums must not depend on who arrived first
+        order = sorted(j for j in theirs if j not in self.exclude)  # a fixed order: float sums must not depend
+        # on who arrived first; an excluded neighbour counts as missing (its weight goes to the self weight)
         if self.mode == "none":
             self.last = MixReport("none")
             return self._plain(own, {j: theirs[j] for j in order}, order)
@@ -251,5 +256,14 @@ class RobustMixer:
                 "flagged_first": {str(j): s for j, s in sorted(self.first_flagged.items())}}
 
 
+def parse_ids(text: str) -> list[int]:
+    """"3,5" -> [3, 5] (robust_exclude); ValueError naming the problem."""
+    try:
+        return sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"robust_exclude must be peer ids separated by commas, got {text!r}") from None
+
+
 def make_mixer(cfg, me: int, row: Mapping[int, float], log: Callable[[str], None] | None = None) -> RobustMixer:
-    return RobustMixer(me, row, cfg.robust, tau=cfg.robust_tau, trim=cfg.robust_trim, log=log)
+    return RobustMixer(me, row, cfg.robust, tau=cfg.robust_tau, trim=cfg.robust_trim,
+                       exclude=parse_ids(cfg.robust_exclude), log=log)

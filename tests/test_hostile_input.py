@@ -41,8 +41,8 @@ RSS_BOUND_MB = 50
 PEER_ARGS = ["--rounds", 50, "--inner-steps", INNER_STEPS, "--batch-size", 4, "--threads", 1, "--seed", 1,
              "--exchange-timeout", 3, "--hello-timeout", 60,
              "--set", "train_per_task=100", "--set", "eval_per_task=3", "--set", "max_len=32",
-             # the cadence the RSS bound was calibrated on: an evaluation every round, all six blocks training
-             "--set", "eval_every=0", "--set", "embeddings_block=true", "--set", "head_block=true"]
+             # the cadence the RSS bound was calibrated on: an evaluation every round
+             "--set", "eval_every=0"]
 
 
 # ------------------------------------------------------------------------------------------- helpers

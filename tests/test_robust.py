@@ -279,3 +279,17 @@ def test_cluster_live_view_shows_flagged_neighbours(tmp_path):
     table = _live_table(ring(2), {0: Running(), 1: Running()}, tails, 0.0)
     col = next(c for c in table.columns if c.header == "flagged")
     assert list(col.cells) == ["", "2"]
+
+
+def test_excluded_neighbours_are_never_mixed_in_any_mode():
+    own = _block(0)
+    theirs = {1: _near(own, 1, 0.01), 7: [x * 1000 for x in own]}
+    want = RobustMixer(0, RING, "none").mix(own, {1: theirs[1]})
+    for mode in ("none", "clip", "trim"):
+        out = RobustMixer(0, RING, mode, exclude=[7]).mix(own, theirs)
+        # (trim falls back to clip with two blocks; clip leaves the honest one untouched)
+        assert all(torch.equal(a, b) for a, b in zip(out, want)), mode
+    cfg = make_config(None, {"robust_exclude": "7, 3"})
+    assert robust.make_mixer(cfg, 0, RING).exclude == {3, 7}
+    with pytest.raises(ConfigError):
+        make_config(None, {"robust_exclude": "seven"})
