@@ -124,6 +124,16 @@ def _expected_entries(model) -> dict[str, tuple[tuple[int, ...], str | None]] | 
     return {k: (tuple(v.shape), _ST_DTYPES.get(v.dtype)) for k, v in sd.items()}
 
 
+def check_keys(expected, found, where: str, what: str = "key") -> None:
+    """A one-line CheckpointError for the first key missing from `found`, else the first one it has in excess."""
+    for k in sorted(expected):
+        if k not in found:
+            raise CheckpointError(f"{where} is missing {what} {k}")
+    for k in sorted(found):
+        if k not in expected:
+            raise CheckpointError(f"{where} has unexpected {what} {k}")
+
+
 def restore_weights(model, ckpt_dir: str | Path) -> None:
     """Restore every parameter and persistent buffer of `model` from a checkpoint written by :func:`save_atomic`.
 
@@ -140,12 +150,7 @@ def restore_weights(model, ckpt_dir: str | Path) -> None:
     found = _file_entries(ckpt)
     expected = _expected_entries(model)
     if expected is not None:
-        for k in sorted(expected):
-            if k not in found:
-                raise CheckpointError(f"checkpoint {ckpt} is missing key {k}")
-        for k in sorted(found):
-            if k not in expected:
-                raise CheckpointError(f"checkpoint {ckpt} has unexpected key {k}")
+        check_keys(expected, found, f"checkpoint {ckpt}")
         for k in sorted(expected):
             if found[k][0] != expected[k][0]:
                 raise CheckpointError(f"checkpoint {ckpt}: key {k} has shape {list(found[k][0])}, "

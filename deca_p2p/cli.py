@@ -302,17 +302,18 @@ def cluster(topology_file, bootstrap_file, run_dir, no_live, no_average, **kw) -
     run = Path(run_dir) if run_dir else Path("runs") / f"{topo.name}-{_time.strftime('%Y%m%d-%H%M%S')}"
     extra = ["--bootstrap", bootstrap_file] if bootstrap_file else []
     try:
-        per_peer = _cluster_data(topo, cfg, run, kw.pop("data_dir", None), kw.pop("data_path", None))
+        files = _cluster_data(topo, cfg, run, kw.pop("data_dir", None), kw.pop("data_path", None))
     except _user_errors() as e:
         _fail(str(e))
-    evals = sorted({Path(a[a.index("--eval-data") + 1]) for a in per_peer.values() if "--eval-data" in a})
+    per_peer = {i: ["--data", str(train)] + (["--eval-data", str(ev)] if ev else []) for i, (train, ev) in files.items()}
+    evals = sorted({ev for _, ev in files.values() if ev})
     code = run_cluster(topo, topology_file, run, extra + _passthrough(kw), live=not no_live, per_peer_args=per_peer,
                        average_eval=None if no_average else evals)
     raise SystemExit(code)
 
 
-def _cluster_data(topo, cfg, run, data_dir, data_path) -> dict[int, list[str]]:
-    """Each peer's own --data/--eval-data. One file or the embedded tasks are first split into RUN/data, the way
+def _cluster_data(topo, cfg, run, data_dir, data_path) -> dict:
+    """Each peer's own (training file, eval file or None). One file or the embedded tasks are first split into RUN/data, the way
     `deca-peer split` does, so every peer reads only its own shard, exactly as in a real deployment."""
     from deca_p2p.data import load_jsonl
     from deca_p2p.runtime import embedded_data, shard_paths, split_examples, write_shards
@@ -326,11 +327,7 @@ def _cluster_data(topo, cfg, run, data_dir, data_path) -> dict[int, list[str]]:
         else:
             shards, evals = embedded_data(cfg, topo.nodes)
         data_dir = write_shards(run / "data", shards, evals)
-    out = {}
-    for i in topo.nodes:
-        train, ev = shard_paths(data_dir, i)
-        out[i] = ["--data", str(train)] + (["--eval-data", str(ev)] if ev else [])
-    return out
+    return {i: shard_paths(data_dir, i) for i in topo.nodes}
 
 
 @main.command()

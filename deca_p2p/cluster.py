@@ -110,8 +110,7 @@ def score_average(run_dir: Path, eval_files: Sequence[Path]) -> dict:
     from .average import average_run
     from .config import make_config
     from .data import load_jsonl
-    from .evaluation import evaluate
-    from .runtime import load
+    from .runtime import evaluate_run, load
 
     out = average_run(run_dir, run_dir / AVERAGE_DIR)
     if not eval_files:
@@ -119,8 +118,7 @@ def score_average(run_dir: Path, eval_files: Sequence[Path]) -> dict:
     cfg = make_config(None, json.loads((run_dir / "config.json").read_text()))
     lm = load(cfg, out)
     evals = [e for f in eval_files for e in load_jsonl(f)]
-    metrics = evaluate(lm.model, lm.tokenizer, evals, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                       max_len=lm.max_len, max_new_tokens=cfg.eval_max_new_tokens)
+    metrics = evaluate_run(cfg, lm.model, lm.tokenizer, evals, lm.max_len)
     (out / AVERAGE_EVAL).write_text(json.dumps(metrics))
     return metrics
 

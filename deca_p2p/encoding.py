@@ -69,6 +69,12 @@ def target_ids(tokenizer, completions: list[str]) -> list[list[int]]:
     return [ids + [eos] for ids in encode_texts(tokenizer, completions)]
 
 
+def keep_newest(prompt: list[int], room: int, n_bos: int) -> list[int]:
+    """The newest `room` tokens of a prompt; its BOS stays when there is room for more than the BOS."""
+    keep_bos = n_bos if room > n_bos else 0
+    return prompt[:keep_bos] + prompt[len(prompt) - (room - keep_bos):]
+
+
 def fit_pair(prompt: list[int], target: list[int], max_len: int, n_bos: int, tr: Truncation) -> tuple[list[int], list[int]]:
     """Cut (prompt, target) to max_len: oldest prompt tokens first (keeping the BOS), then the target's end."""
     tr.longest = max(tr.longest, len(prompt) + len(target))
@@ -77,8 +83,7 @@ def fit_pair(prompt: list[int], target: list[int], max_len: int, n_bos: int, tr:
     room = max_len - len(target)
     if room >= 1:
         tr.prompt += 1
-        keep_bos = n_bos if room > n_bos else 0
-        return prompt[:keep_bos] + prompt[len(prompt) - (room - keep_bos):], target
+        return keep_newest(prompt, room, n_bos), target
     tr.completion += 1
     return prompt[-1:], target[: max_len - 1]
 

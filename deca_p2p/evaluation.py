@@ -14,7 +14,8 @@ import torch
 
 from .data import Example
 from .encoding import IGNORE_INDEX, _render, check_chat_template, collate, encode_examples, encode_texts, \
-    pad_id_of, prompt_ids, target_ids
+    keep_newest, pad_id_of, prompt_ids, target_ids
+from .models import position_limit
 
 
 def _model_device(model) -> torch.device:
@@ -22,15 +23,6 @@ def _model_device(model) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:  # pragma: no cover
         return torch.device("cpu")
-
-
-def _position_limit(model) -> int | None:
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
 
 
 def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -119,7 +111,7 @@ def _answer_tasks(tokenizer, examples: Sequence[Example], max_len: int, max_new_
             continue  # too long to decode here: scored by the loss only
         room = max_len - budget
         if len(p) > room:  # keep the BOS and the newest prompt tokens, as training does
-            p = p[:n_bos] + p[len(p) - (room - n_bos):] if room > n_bos else p[-room:]
+            p = keep_newest(p, room, n_bos)
         out.append((i, p, answer, budget, strict))
     return out
 
@@ -136,7 +128,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], batch_size: int = 16
     """
     if not examples:
         raise ValueError("evaluate needs at least one example")
-    max_len = max_len or _position_limit(model) or 1024
+    max_len = max_len or position_limit(model, tokenizer) or 1024
     was_training = model.training
     model.eval()
     try:

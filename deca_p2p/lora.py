@@ -92,7 +92,7 @@ def restore_adapters(model: nn.Module, ckpt_dir: str | Path) -> None:
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, check_keys
 
     path = Path(ckpt_dir) / ADAPTER_DIR / ADAPTER_WEIGHTS
     if not path.is_file():
@@ -100,12 +100,8 @@ def restore_adapters(model: nn.Module, ckpt_dir: str | Path) -> None:
                               "(it was not written by --algo declora)")
     saved = load_file(path)
     own = get_peft_model_state_dict(model)
-    for k in sorted(own):
-        if k not in saved:
-            raise CheckpointError(f"checkpoint {ckpt_dir} is missing adapter key {k}")
+    check_keys(own, saved, f"checkpoint {ckpt_dir}", "adapter key")
     for k in sorted(saved):
-        if k not in own:
-            raise CheckpointError(f"checkpoint {ckpt_dir} has unexpected adapter key {k}")
         if saved[k].shape != own[k].shape or saved[k].dtype != own[k].dtype:
             raise CheckpointError(f"checkpoint {ckpt_dir}: adapter key {k} is {saved[k].dtype} {list(saved[k].shape)}, "
                                   f"the model holds {own[k].dtype} {list(own[k].shape)}")

@@ -262,3 +262,13 @@ def check_causal(model, where: str = "model", length: int = 8) -> None:
 def _one_line(e: BaseException) -> str:
     s = " ".join(str(e).split())
     return s[:300] + ("..." if len(s) > 300 else "")
+
+
+def position_limit(model, tokenizer=None) -> int | None:
+    """The longest sequence the model's position table takes (config), else the tokenizer's limit, else None."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(model.config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    v = getattr(tokenizer, "model_max_length", None)
+    return v if isinstance(v, int) and 0 < v < 1_000_000 else None

@@ -27,12 +27,11 @@ import torch
 from . import bootstrap, fingerprint, topology
 from .checkpoint import latest, save_atomic
 from .config import TrainConfig
-from .evaluation import evaluate
 from .attacks import make_attack
 from .gossip import Gossip
 from .metrics import METRICS_FILE, MetricsLog, peer_dir
 from .robust import make_mixer
-from .runtime import PeerData, embedded_data, label_counts, load, make_batcher, own_data, set_threads
+from .runtime import PeerData, embedded_data, evaluate_run, label_counts, load, make_batcher, own_data, set_threads
 from .trainer import PeerTrainer
 from .transport import Transport
 
@@ -140,9 +139,7 @@ def _peer_data(args: PeerArgs, topo: topology.Topology) -> PeerData:
 
 
 def _evaluate(trainer: PeerTrainer, inputs: PeerInputs) -> dict:
-    c = trainer.cfg
-    return evaluate(trainer.model, inputs.tokenizer, inputs.data.evals, batch_size=c.eval_batch_size or c.batch_size,
-                    max_len=inputs.max_len, max_new_tokens=c.eval_max_new_tokens)
+    return evaluate_run(trainer.cfg, trainer.model, inputs.tokenizer, inputs.data.evals, inputs.max_len)
 
 
 def _resume(trainer: PeerTrainer, ckpt_root: Path, log: MetricsLog) -> int:

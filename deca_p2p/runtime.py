@@ -20,7 +20,8 @@ from torch import nn
 from .config import CPU_MAX_LEN, GPU_MAX_LEN, ConfigError, TrainConfig
 from .data import DataError, Example, dirichlet_split, hold_out, load_jsonl
 from .encoding import Batcher
-from .models import ensure_default_model, load_model
+from .evaluation import evaluate
+from .models import ensure_default_model, load_model, position_limit
 from .tasks import default_dataset
 from .trainer import peer_seed
 
@@ -139,15 +140,6 @@ def network_data(cfg: TrainConfig, ids: Sequence[int], *, data_path=None, data_d
 # --------------------------------------------------------------------------------------------------
 
 
-def position_limit(model, tokenizer) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(model.config, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    v = getattr(tokenizer, "model_max_length", None)
-    return v if isinstance(v, int) and 0 < v < 1_000_000 else None
-
-
 def resolve_max_len(cfg: TrainConfig, model, tokenizer, device: str) -> int:
     """--max-len, or the model's position limit capped for the device; never beyond the position table."""
     limit = position_limit(model, tokenizer)
@@ -179,6 +171,12 @@ def make_batcher(cfg: TrainConfig, lm: LoadedModel, peer_id: int, data: PeerData
                         f"batch (--batch-size {cfg.batch_size})")
     return Batcher(data.train, lm.tokenizer, cfg.batch_size, peer_seed(cfg.seed, peer_id), lm.max_len,
                    where=data.source.split(" (")[0])
+
+
+def evaluate_run(cfg: TrainConfig, model, tokenizer, examples: Sequence[Example], max_len: int) -> dict:
+    """`evaluation.evaluate` with the run's evaluation settings (batch, new-token budget) and sequence length."""
+    return evaluate(model, tokenizer, examples, batch_size=cfg.eval_batch_size or cfg.batch_size, max_len=max_len,
+                    max_new_tokens=cfg.eval_max_new_tokens)
 
 
 @torch.no_grad()

@@ -20,9 +20,8 @@ from .config import TrainConfig
 from .metrics import MetricsLog
 from .attacks import Attack, make_attack
 from .robust import RobustMixer, make_mixer
-from .evaluation import evaluate
 from .checkpoint import save_atomic
-from .runtime import average_models, label_counts, load, make_batcher, network_data, set_threads
+from .runtime import average_models, evaluate_run, label_counts, load, make_batcher, network_data, set_threads
 from .topology import Topology
 from .trainer import PeerTrainer
 
@@ -80,8 +79,7 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
             progress(f"peer {i}: {trainers[i].batcher.truncation.describe(len(data[i].train), lm.max_len)}")
 
     def ev(model, i):
-        return evaluate(model, lm.tokenizer, data[i].evals, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                        max_len=lm.max_len, max_new_tokens=cfg.eval_max_new_tokens)
+        return evaluate_run(cfg, model, lm.tokenizer, data[i].evals, lm.max_len)
 
     common_eval = all(d.evals is data[topo.nodes[0]].evals for d in data.values())
     first = topo.nodes[0]
@@ -129,9 +127,8 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
     per_peer = {i: ev(t.model, i) for i, t in trainers.items()}
     avg = average_models([t.export_model() for t in trainers.values()])  # declora: the mean of the merged models
     # the averaged model is scored on the common eval set, or on the union of the peers' own ones
-    avg_eval = ev(avg, first) if common_eval else evaluate(
-        avg, lm.tokenizer, [e for d in data.values() for e in d.evals], batch_size=cfg.eval_batch_size or cfg.batch_size,
-        max_len=lm.max_len, max_new_tokens=cfg.eval_max_new_tokens)
+    avg_eval = ev(avg, first) if common_eval else evaluate_run(
+        cfg, avg, lm.tokenizer, [e for d in data.values() for e in d.evals], lm.max_len)
     result = SimResult(per_peer, avg_eval, initial, time.perf_counter() - t0, {i: t.model for i, t in trainers.items()},
                        {i: label_counts(d.train) for i, d in data.items()},
                        {i: m.final_record() for i, m in mixers.items()})
