@@ -68,9 +68,9 @@ class TrainConfig:
     gossip_every: int = 1             # exchange after every c-th inner step (and the last of an activation)
     exchange_timeout_s: float = 60.0  # how long to wait for a neighbour's block before mixing without it
     # robust mixing against a bad neighbour (deca_p2p/robust.py): none | clip (self-centred clipping) | trim.
-    # clip (automatic tau) is the default: without an attack it clipped no honest block in-process (ring8, the
-    # base model: the same weights as none, bit for bit); with a sign-flipping neighbour it kept honest peers at
-    # the clean run's eval loss where none lost 42% (README "Faults")
+    # clip (automatic tau) is the default: without an attack it clipped no honest block in-process (ring8 and
+    # exp16, the base model: the same weights as none, bit for bit); with a sign-flipping neighbour honest peers
+    # ended where leaving it out puts them, against +59% (ring8) / +94% (exp16) eval loss with none (README "Faults")
     robust: str = "clip"
     robust_tau: float = 0.0           # clip radius as a share of the peer's own block norm; 0: automatic (robust.py)
     robust_trim: int = 1              # trim: values dropped per side and coordinate (needs 2b+1 <= degree+1, else clip)

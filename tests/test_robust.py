@@ -293,3 +293,18 @@ def test_excluded_neighbours_are_never_mixed_in_any_mode():
     assert robust.make_mixer(cfg, 0, RING).exclude == {3, 7}
     with pytest.raises(ConfigError):
         make_config(None, {"robust_exclude": "seven"})
+
+
+def test_clip_clips_a_moderate_outlier_to_tau_and_leaves_a_gross_one_out():
+    tau = 0.25  # explicit: τ = 0.25 x ‖θ½‖ = 1
+    own = [torch.tensor([0.0, 0.0, 0.0, 4.0])]     # ‖θ½‖ = 4 -> τ = 1
+    honest = [own[0] + torch.tensor([0.8, 0.0, 0.0, 0.0])]
+    moderate = [own[0] + torch.tensor([0.0, 1.5, 0.0, 0.0])]   # τ < 1.5 <= 2τ: enters at radius τ
+    gross = [own[0] + torch.tensor([0.0, 0.0, 2.5, 0.0])]      # > 2τ: left out of this exchange
+    m = RobustMixer(0, RING, "clip", tau=tau)
+    out = m.mix(own, {1: honest, 7: moderate})[0]
+    assert torch.allclose(out, own[0] + torch.tensor([0.8, 1.0, 0.0, 0.0]) / 3, atol=1e-6)
+    assert m.last.clipped == {7: pytest.approx(1.5)}
+    out = m.mix(own, {1: honest, 7: gross})[0]
+    assert torch.equal(out, RobustMixer(0, RING, "none").mix(own, {1: honest})[0])
+    assert m.last.clipped == {7: pytest.approx(2.5)}
