@@ -119,19 +119,23 @@ def run_cluster(method: str, model: Path, data: Path, work: Path, steps: int, ro
 
 
 def alone_child(method: str, model: str, data: str) -> None:
-    """One peer on one node (no neighbours): step time and peak RSS."""
+    """One peer on one node (no neighbours): per-step compute time (its metrics) and peak RSS. `simulate` holds the
+    loaded model and the peer's copy of it, so the RSS is one bf16 model (1 GB here) above a lone peer's."""
     from deca_p2p.config import make_config
+    from deca_p2p.metrics import records
     from deca_p2p.simulate import simulate
     from deca_p2p.topology import load
 
     cfg = make_config(None, {"algo": method, "dtype": "bfloat16", "rounds": 1, "inner_steps": 2, "batch_size": 2,
-                             "max_len": 64, "threads": 2, "eval_max_new_tokens": 4})
+                             "max_len": 64, "threads": 1, "eval_max_new_tokens": 4})
     p = Path(data).parent / "c1.json"
     p.write_text(json.dumps({"name": "complete1", "nodes": [0], "edges": [], "weights": "metropolis"}))
-    topo = load(p)
+    run = Path(data).parent / f"run-{method}-alone"
     t0 = time.perf_counter()
-    simulate(topo, cfg, model_path=model, data_dir=data)
-    print(json.dumps({"peers": 1, "steps": 2, "wall_s": time.perf_counter() - t0,
+    simulate(load(p), cfg, model_path=model, data_dir=data, run_dir=run)
+    steps = records(run, 0, "step")
+    print(json.dumps({"peers": 1, "steps": len(steps), "wall_s": time.perf_counter() - t0,
+                      "compute_s": statistics.mean(r.get("compute_s") or 0.0 for r in steps),
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -141,6 +145,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small model of the same family: a smoke run")
     ap.add_argument("--alone", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="rerun only these; the other rows are read from the last run's realistic_size.json")
     args = ap.parse_args()
     if args.alone:
         alone_child(*args.alone)
@@ -152,13 +158,17 @@ def main() -> None:
     work = CACHE / "work"
     work.mkdir(parents=True, exist_ok=True)
     data = write_data(work)
-    rows = {}
-    for method in METHODS:
+    name = "realistic_size_quick" if args.quick else "realistic_size"
+    saved = RESULTS / f"{name}.json"
+    rows = json.loads(saved.read_text()) if saved.exists() else {}
+    for method in args.methods.split(","):
         if method == "dadam" and 2 * dadam_estimate_gib(n_params) > 0.8 * psutil.virtual_memory().total / GiB:
             proc = spawn(__file__, ["--alone", method, str(model), str(data)])
             out, _ = proc.communicate()
             rows[method] = json.loads(out.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": "failed"}
-            rows[method]["note"] = (f"two peers need ~{2 * dadam_estimate_gib(n_params):.0f} GiB (estimate) > this "
+            # what it would send one neighbour per exchange: every parameter, fp32 (raw codec)
+            rows[method]["bytes_per_exchange"] = 4 * n_params
+            rows[method]["note"] = (f"bytes computed (every parameter, fp32); two peers need ~{2 * dadam_estimate_gib(n_params):.0f} GiB (estimate) > this "
                                     f"machine's {psutil.virtual_memory().total / GiB:.0f} GiB: one peer alone, no neighbour")
             continue
         rounds, steps = (1, 2)
@@ -182,11 +192,11 @@ def main() -> None:
     ok = {m: r for m, r in rows.items() if "error" not in r}
     headline = "; ".join(f"{m}: peak {r['peak_rss_mb'] / 1024:.1f} GiB/peer" +
                          (f", {r['bytes_per_exchange'] / 1e6:.0f} MB/exchange, {r['compute_s']:.1f} s compute/step"
-                          if "compute_s" in r else f" (alone, {r['wall_s']:.0f} s for 2 steps + eval)")
+                          if "compute_s" in r else f" (alone, {r['wall_s']:.0f} s for 2 steps + eval)" + (" (one peer alone)" if r["peers"] == 1 else ""))
                          for m, r in ok.items())
     lines += ["", headline, ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "realistic_size_quick" if args.quick else "realistic_size"
+    saved.write_text(json.dumps(rows, indent=1))
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
     import matplotlib
 
