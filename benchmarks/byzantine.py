@@ -35,6 +35,7 @@ ended exactly on it.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import signal
 import subprocess
@@ -125,6 +126,14 @@ def run_network(topo_path: Path, run_dir: Path, attack: str | None, attacker: in
     log(f"  {topo.name} {row['attack']:9s} {defence:5s} {wall:5.0f} s  exit codes "
         f"{'all 0' if not bad else bad}  mean loss "
         f"{_mean([v for v in row['losses'].values() if v is not None]) or float('nan'):.4f}  flagged at {flagged_at}")
+    return row
+
+
+def _restore(row: dict) -> dict:
+    """A cached row: JSON made its peer-id keys strings and its pairs lists."""
+    for k in ("codes", "losses", "flagged_at"):
+        row[k] = {int(i): v for i, v in row[k].items()}
+    row["false_flags"] = [tuple(x) for x in row["false_flags"]]
     return row
 
 
@@ -242,6 +251,18 @@ def main() -> None:
     log = lambda s: print(s, flush=True)  # noqa: E731
     t_start = time.time()
     rows = []
+    # every finished network is kept (keyed by all that defines it) so an interrupted run resumes where it stopped
+    cache_path = RESULTS / ("byzantine_quick_runs.jsonl" if a.quick else "byzantine_runs.jsonl")
+    cache = {}
+    if cache_path.is_file():
+        for line in cache_path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                cache[r["key"]] = r["row"]
+            except (json.JSONDecodeError, KeyError):
+                continue
+    settings_key = {k: getattr(a, k) for k in ("attacker", "rounds", "inner_steps", "batch_size", "train_per_task",
+                                               "eval_per_task", "seed", "exchange_timeout")}
     with tempfile.TemporaryDirectory(prefix="deca-byzantine-") as tmpd:
         for tname in topologies:
             topo_path = ROOT / "topologies" / f"{tname}.json"
@@ -250,7 +271,13 @@ def main() -> None:
                 [(att, d, None) for att in attacks for d in defences]
             for att, d, label in plan:
                 run_dir = Path(tmpd) / f"{tname}-{(label or att or CLEAN).replace(' ', '-')}-{d}"
-                row = run_network(topo_path, run_dir, att, a.attacker, d, a, log, label)
+                key = json.dumps([tname, att, d, label, settings_key], sort_keys=True)
+                if key in cache:
+                    row = _restore(cache[key])
+                else:
+                    row = run_network(topo_path, run_dir, att, a.attacker, d, a, log, label)
+                    with open(cache_path, "a") as f:
+                        f.write(json.dumps({"key": key, "row": row}) + "\n")
                 if att is None and label is None and d == "none":
                     ref = row
                 if label == LEFT_OUT:

@@ -82,7 +82,8 @@ def topo_path(name: str) -> Path:
 def base_config(p: dict, **over) -> dict:
     cfg = dict(rounds=p["rounds"], inner_steps=p["inner_steps"], batch_size=p["batch_size"],
                train_per_task=p["train_per_task"], eval_per_task=p["eval_per_task"], embeddings_block=False,
-               head_block=False, threads=1, codec="raw", eval_max_new_tokens=16)
+               head_block=False, threads=1, codec="raw", eval_max_new_tokens=16,
+               robust="none")  # the plain mix: this compares optimizers (and its first runs predate robust mixing)
     cfg.update(over)
     return cfg
 
