@@ -39,6 +39,13 @@ Modes (config ``robust``):
           clipped, i.e. the largest distance is always clipped to the next one: that always clips an honest
           neighbour when there is no attacker. The window median costs less without an attack.)
           A peer with a single neighbour cannot tell an attack from honest drift: its τ follows that neighbour.
+          Warm-up: at an activation's first exchange (fewer than TAU_WARM exchanges in the pool) the median rule
+          is not used: one sample is too few (measured with real peers, ring8, no attack: at the run's very first
+          exchange, after Adam's sign-like first step, one honest neighbour was 1.5x farther than the other and
+          was clipped, and that single clip moved the run's final eval loss by +2.2%). There τ = COLD_TAU ×
+          ‖θ½_i‖: honest peers fine-tuning differ from each other by a few percent of their block's norm, while
+          x10, x1000, sign-flip, noise-of-the-block's-scale and constant blocks are at least 1.4x that norm away,
+          beyond 2τ: they are still left out from the first exchange on and count towards flagging.
 
 ``trim``  coordinate-wise trimmed mean over the closed neighbourhood (own θ½ and every θ̂_j that arrived):
           per coordinate, drop the ``robust_trim`` = b largest and b smallest values and average the rest,
@@ -73,6 +80,8 @@ from .optim import MixAccumulator, self_weight
 ROBUST_MODES = ("none", "clip", "trim")
 TAU_WINDOW = 8      # exchanges of the current activation whose neighbour distances set the automatic τ
 TAU_FACTOR = 1.5    # automatic τ = TAU_FACTOR × lower median of that pool (README "Faults": why 1.5)
+TAU_WARM = 2        # exchanges the pool needs before the median rule applies; before that, τ = COLD_TAU × ‖θ½_i‖
+COLD_TAU = 0.25     # (a share of the peer's own block norm: only gross outliers are clipped, see the docstring)
 HARD_CLIP = 2.0     # clipped hard: distance > HARD_CLIP · τ (the block shrunk by more than this factor)
 FLAG_WINDOW = 16    # flagged: clipped hard in at least half of the neighbour's last FLAG_WINDOW exchanges ...
 FLAG_MIN = 4        # ... (of those seen, once at least FLAG_MIN were: a x1000 neighbour is out at its 4th block)
@@ -119,6 +128,7 @@ class MixReport:
     clipped: dict[int, float] = field(default_factory=dict)    # j -> ‖θ̂_j − θ½_i‖ / τ for the neighbours clipped
     flagged: list[int] = field(default_factory=list)     # neighbours flagged now (left out of this mix)
     newly_flagged: list[int] = field(default_factory=list)
+    mixed: list[int] = field(default_factory=list)       # the neighbours whose blocks went into this mix
 
 
 class RobustMixer:
@@ -167,14 +177,17 @@ class RobustMixer:
         order = sorted(j for j in theirs if j not in self.exclude)  # a fixed order: float sums must not depend
         # on who arrived first; an excluded neighbour counts as missing (its weight goes to the self weight)
         if self.mode == "none":
-            self.last = MixReport("none")
+            self.last = MixReport("none", mixed=list(order))
             return self._plain(own, {j: theirs[j] for j in order}, order)
         dist = {j: math.sqrt(sq_distance(theirs[j], own)) for j in order}
         pool = [dist[j] for j in order if j not in self._flagged]  # a flagged neighbour's distances do not count
         if pool:
             self._pool.append(pool)
         all_d = [d for ds in self._pool for d in ds]
-        auto_tau = TAU_FACTOR * lower_median(all_d) if all_d else 0.0
+        if len(self._pool) >= TAU_WARM:
+            auto_tau = TAU_FACTOR * lower_median(all_d)
+        else:  # an activation's first exchange: one sample of distances is too few to call an honest one an outlier
+            auto_tau = COLD_TAU * math.sqrt(sq_distance(own))
         if self.tau_rel > 0:
             tau = self.tau_rel * math.sqrt(sq_distance(own))
         else:
@@ -191,6 +204,7 @@ class RobustMixer:
             out = self._clip(own, theirs, use, dist, tau, report)
         else:
             out = self._trimmed(own, theirs, use)
+            report.mixed = list(use)
         self.last = report
         return out
 
@@ -219,6 +233,7 @@ class RobustMixer:
                 o = _f64(o, a.device)
                 a.add_(_f64(t, a.device).sub_(o).mul_(s).add_(o), alpha=self.row[j])
             acc.weight += self.row[j]
+        report.mixed = list(mixed)
         acc.add(own, self_weight(self.row, self.me, mixed))
         return acc.result()
 

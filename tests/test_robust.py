@@ -7,7 +7,7 @@ import torch
 from deca_p2p import robust
 from deca_p2p.attacks import Attack, make_attack, parse
 from deca_p2p.config import ConfigError, make_config
-from deca_p2p.robust import FLAG_MIN, FLAG_WINDOW, TAU_FACTOR, RobustMixer
+from deca_p2p.robust import COLD_TAU, FLAG_MIN, FLAG_WINDOW, TAU_FACTOR, TAU_WARM, RobustMixer
 
 
 def _block(seed, scale=1.0):
@@ -90,7 +90,10 @@ def test_automatic_tau_is_not_driven_up_by_one_attacker():
             honest_max = max(honest_max, *(_norm(_sub(t, own)) for j, t in theirs.items() if j != attacker))
             theirs[attacker] = [x * 1000 for x in own]
             out = m.mix(own, theirs)
-            assert m.last.tau <= TAU_FACTOR * honest_max * (1 + 1e-9)
+            if step < TAU_WARM - 1:  # warm-up: a share of the peer's own norm, whatever the neighbours send
+                assert m.last.tau == pytest.approx(COLD_TAU * _norm(own))
+            else:
+                assert m.last.tau <= TAU_FACTOR * honest_max * (1 + 1e-9)
             assert attacker in m.last.clipped or attacker in m.last.flagged  # clipped, then left out once flagged
             assert (attacker in m.last.flagged) == (step >= FLAG_MIN - 1)
             assert all(j not in m.last.clipped for j in theirs if j != attacker) or row is RING
