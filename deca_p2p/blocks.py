@@ -7,8 +7,9 @@ one tiny forward pass, not registration order (OPT registers its final norm befo
 """
 from __future__ import annotations
 
-import random
+import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -170,16 +171,29 @@ def whole_model_block(model: nn.Module) -> Block:
     return Block(0, "all", tuple(n for n, _ in model.named_parameters()))
 
 
+def order_key(seed: int, round_idx: int, index: int) -> bytes:
+    """The sort key of block `index` in round `round_idx` of the `random` order (PROTOCOL.md §7.3): SHA-256 of the
+    UTF-8 string ``deca-p2p/order/<seed>/<round>/<index>`` (decimal integers, ``-`` for a negative seed)."""
+    return hashlib.sha256(f"deca-p2p/order/{int(seed)}/{int(round_idx)}/{int(index)}".encode()).digest()
+
+
+@lru_cache(maxsize=256)
+def _random_order(n_blocks: int, round_idx: int, seed: int) -> tuple[int, ...]:
+    return tuple(sorted(range(n_blocks), key=lambda i: (order_key(seed, round_idx, i), i)))
+
+
 def block_order(n_blocks: int, order: str, round_idx: int, seed: int) -> list[int]:
-    """The activation order of one round; identical on every peer that shares the seed."""
+    """The activation order of one round; identical on every peer that shares the seed.
+
+    ``random`` is language-independent (protocol version 2): the block indices sorted by `order_key`, a fresh
+    permutation every round; no language's own random number generator is involved.
+    """
     if order == "ascending":
         return list(range(n_blocks))
     if order == "descending":
         return list(range(n_blocks - 1, -1, -1))
     if order == "random":
-        idx = list(range(n_blocks))
-        random.Random(f"{seed}:{round_idx}").shuffle(idx)
-        return idx
+        return list(_random_order(int(n_blocks), int(round_idx), int(seed)))
     raise ValueError(f"block order must be one of {', '.join(ORDERS)}, got {order!r}")
 
 

@@ -5,7 +5,7 @@ would say so: they drop each other's blocks (`names`, `shape`, `position`, `stal
 without each other, and the run "succeeds". So every hello carries a small map (PROTOCOL.md §6.1)::
 
     {"digest": "<16 hex: sha256 of the fields that must agree>",
-     "protocol": "1", "algo": "deca", "comm": "gossip", "lora_rank": "n/a", ..., "inner_steps": "32", ...,
+     "protocol": "2", "algo": "deca", "comm": "gossip", "lora_rank": "n/a", ..., "inner_steps": "32", ...,
      "topology": "8 nodes, 8 edges #…", "model": "llama, 4 layers, hidden 128, 877,568 params #…",
      "blocks": "6 blocks, 877,568 params #…",
      "local.lr": "0.001", "local.codec": "raw", ...}
@@ -42,8 +42,15 @@ LOCAL_KEYS = ("lr", "lr_schedule", "warmup_steps", "warmup_ratio", "weight_decay
               "alphas", "betas", "eps", "codec", "dtype", "batch_size", "grad_accum", "robust")
 
 
+def canonical_json(obj: Any) -> bytes:
+    """The bytes every hash of the fingerprint is taken over (PROTOCOL.md §6.1.1): JSON without whitespace, object
+    keys sorted, non-ASCII escaped. Only strings, integers, lists and string-keyed maps go in (no floats, whose
+    text differs between languages): then any JSON encoder that sorts keys and adds no space gives the same bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
 def _hash(obj: Any, n: int = 12) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:n]
+    return hashlib.sha256(canonical_json(obj)).hexdigest()[:n]
 
 
 def _s(v: Any) -> str:
@@ -60,15 +67,21 @@ def digest(fp: Mapping[str, str]) -> str:
     return _hash({k: v for k, v in fp.items() if k != "digest" and not k.startswith(LOCAL)}, 16)
 
 
+def weight_text(w: float) -> str:
+    """A mixing weight as the fingerprint hashes it: fixed-point, 12 digits after the point (C's "%.12f")."""
+    return "%.12f" % float(w)
+
+
 def _topology(topo) -> str:
-    weights = {str(i): {str(j): round(float(w), 12) for j, w in sorted(row.items())}
-               for i, row in sorted(topo.weights.items())}
-    return (f"{len(topo.nodes)} nodes, {len(topo.edges)} edges "
-            f"#{_hash([list(topo.nodes), [list(e) for e in topo.edges], weights])}")
+    # every weight of the matrix (self entries included) as text: floats' JSON spelling differs between languages
+    weights = {str(i): {str(j): weight_text(w) for j, w in row.items()} for i, row in topo.weights.items()}
+    edges = sorted([min(e), max(e)] for e in topo.edges)
+    return f"{len(topo.nodes)} nodes, {len(topo.edges)} edges #{_hash([sorted(topo.nodes), edges, weights])}"
 
 
 def _model(model, lora_prefix: str | None) -> str:
-    named = [(n, list(p.shape)) for n, p in model.named_parameters() if not (lora_prefix and lora_prefix in n)]
+    # sorted by name: what a peer can read from any checkpoint file, whatever order its framework registers them in
+    named = sorted([n, list(p.shape)] for n, p in model.named_parameters() if not (lora_prefix and lora_prefix in n))
     numel = 0
     for _, shape in named:
         k = 1
@@ -84,13 +97,13 @@ def _model(model, lora_prefix: str | None) -> str:
         parts.append(f"{layers} layers")
     if hidden is not None:
         parts.append(f"hidden {hidden}")
-    parts.append(f"{numel:,} params #{_hash([type(model).__name__, named])}")
+    parts.append(f"{numel:,} params #{_hash(named)}")
     return ", ".join(parts)
 
 
 def _blocks(model, blocks) -> str:
     shapes = {n: list(p.shape) for n, p in model.named_parameters()}
-    layout = [[(n, shapes[n]) for n in b.param_names] for b in blocks]
+    layout = [sorted([n, shapes[n]] for n in b.param_names) for b in blocks]  # block order; names sorted within
     numel = 0
     for b in layout:
         for _, shape in b:

@@ -66,7 +66,8 @@ class Gossip:
         self.pending: dict[int, dict[int, wire.Message]] = {j: {} for j in self.neighbours}
         self.gone: set[int] = set()      # said bye
         self.suspect: set[int] = set()   # missed a deadline: not waited for until they speak again
-        self.send_full = True
+        self.send_full = True            # next block full to every neighbour (an activation starts)
+        self.full_to: set[int] = set()   # next block full to these only (a resync, a restart: PROTOCOL.md §8.2)
         self.dropped: Counter[str] = Counter()
         self.late = 0
         self._activation_start = 0
@@ -83,6 +84,7 @@ class Gossip:
     def begin_activation(self, round_idx: int, block: int) -> None:
         self.own.reset()
         self.send_full = True
+        self.full_to = set()
         self._activation_start = self.schedule.activation_seq(round_idx, block)
         self.robust.begin_activation()
 
@@ -94,19 +96,26 @@ class Gossip:
         t0 = time.perf_counter()
         self._t_exchange = time.time()
         full, self.send_full = self.send_full, False
+        repair, self.full_to = (set() if full else self.full_to - self.gone), set()
         sent_at = time.time()
         published = tensors if self.attack is None else self.attack(
             tensors, {j: c.tensors for j, c in self.copies.items()}, seq, seq == self._activation_start)
+        out_stats = {**{k: float(v) for k, v in (stats or {}).items() if isinstance(v, (int, float))},
+                     "sent_at": sent_at}  # lets a receiver measure the link
         frames = self._encode_own(published, src=self.me, codec=self.codec, full=full, inc=self.inc,
-                                       round=round_idx, block=block, step=step,
-                                       stats={**{k: float(v) for k, v in (stats or {}).items()
-                                                 if isinstance(v, (int, float))},
-                                              "sent_at": sent_at},  # lets a receiver measure the link
+                                       round=round_idx, block=block, step=step, stats=out_stats,
                                        check_finite=False)  # receivers scan it; our own divergence shows in the loss
+        repaired = None
+        if repair:  # a full block for these links only: our new public copy itself, raw float32 (decoded exactly,
+            # so their copy equals everyone else's after the delta); the other neighbours' chains go on undisturbed
+            repaired = wire.encode(wire.Message(
+                kind="block", src=self.me, inc=self.inc, round=round_idx, block=block, step=step, codec="raw",
+                full=True, tensors={k: v.clone() for k, v in self.own.tensors.items()},
+                stats={k: v for k, v in out_stats.items() if math.isfinite(v)}), check_finite=False)
         self.encode_s = time.time() - sent_at  # the receivers' one-way delay includes this; the link does not
         for j in self.neighbours:
             if j not in self.gone:
-                self.tr.send(j, frames)
+                self.tr.send(j, repaired if j in repair else frames)
         own = list(tensors.values())
         arrived: dict[int, dict] = {}
         self._unusable = set()
@@ -247,7 +256,7 @@ class Gossip:
             self.copies[src].reset()
             self.last_seq[src] = None
             self.pending[src].clear()
-            self.send_full = True
+            self.full_to.add(src)  # it has no copy of ours either
             if arrived is not None:
                 arrived.pop(src, None)
             self._tell_position(src)
@@ -260,7 +269,7 @@ class Gossip:
             self.gone.add(src)
             return
         if msg.kind == "resync":
-            self.send_full = True
+            self.full_to.add(src)  # that link only: one neighbour's resync costs the others nothing
             return
         self.gone.discard(src)
         mseq = self.schedule.seq(msg.round, msg.block, msg.step)

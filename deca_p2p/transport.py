@@ -38,6 +38,9 @@ ROUTER_HANDOVER a connection that presents a routing id already in use takes it 
 connection is cut (measured: the real peer's messages were silently lost for ~4 s, until the heartbeat
 timeout made it reconnect), so a guessable routing id would let any key holder cut another peer's link
 at will.  A secure Transport needs a zmq context of its own (there is one ZAP handler per context).
+Refused connections never reach ``recv``: a socket monitor on the ROUTER counts every failed incoming handshake
+(an outsider's key refused by ZAP, a key that does not match its secret, a client without CURVE) in
+``rejected_handshakes`` (by kind in ``handshake_failures``) and says the first one through ``log``.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import zmq
 
@@ -152,12 +155,26 @@ class _AllowList:
     def __init__(self, keys: Sequence[bytes]):
         self.keys = frozenset(keys)
         self.denied = 0
+        self.last_denied: bytes | None = None  # the last refused key (public: fine to log)
 
     def callback(self, domain: str, key: bytes) -> bool:
         ok = key in self.keys
         if not ok:
             self.denied += 1
+            self.last_denied = key
         return ok
+
+
+# the socket-monitor events of a failed incoming handshake, and how the first one is described on the console
+HANDSHAKE_EVENTS = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no_detail",
+}
+_PROTOCOL_ERRORS = {
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "security mechanism mismatch (a client without --secure?)",
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "cryptographic error (a public key used without its secret key?)",
+}
 
 
 def _wire():
@@ -475,7 +492,7 @@ class Transport:
                  max_message_bytes: int = 1 << 31, send_timeout_s: float = 10.0,
                  linger_ms: int = 1000, heartbeat_s: float = 1.0,
                  ctx: zmq.Context | None = None, seed: int = 0, curve: CurveConfig | None = None,
-                 hello_cfg: Mapping[str, str] | None = None):
+                 hello_cfg: Mapping[str, str] | None = None, log: Callable[[str], None] | None = None):
         self.my_id = int(my_id)
         eps = {int(k): str(v) for k, v in endpoints.items()}
         if self.my_id not in eps:
@@ -507,6 +524,12 @@ class Transport:
         self._key_owner: dict[bytes, int] = curve.owner() if curve is not None else {}
         self._auth: Any = None          # the ZAP handler (zmq.auth.thread.ThreadAuthenticator) when secure
         self._allow: _AllowList | None = None
+        # secure: failed incoming handshakes, counted by a monitor thread on the ROUTER (_watch_handshakes)
+        self.rejected_handshakes = 0
+        self.handshake_failures: dict[str, int] = {}
+        self.log = log                  # one-line notes for the console (the first refused handshake)
+        self._monitor: threading.Thread | None = None
+        self._monitor_stop = threading.Event()
         self.endpoints = eps
         self.endpoint = eps[self.my_id]
         self.neighbours: tuple[int, ...] = tuple(nbrs)
@@ -576,10 +599,12 @@ class Transport:
                 router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
                 router.setsockopt(zmq.CURVE_SERVER, 1)
                 router.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret_key)
+                self._start_monitor(router)  # before bind: no refused handshake goes uncounted
             if addr.startswith("tcp://["):
                 router.setsockopt(zmq.IPV6, 1)
             router.bind(addr)
         except zmq.ZMQError as e:
+            self._stop_monitor(router)
             router.close(linger=0)
             self._stop_auth()
             raise TransportError(f"cannot bind {self.endpoint}: {_zmq_reason(e)}") from None
@@ -622,6 +647,77 @@ class Transport:
         auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self._allow)
         self._auth = auth
 
+    def _start_monitor(self, router: zmq.Socket) -> None:
+        """Watch the ROUTER's failed handshakes from a thread of our own (a monitor socket is a PAIR: one reader)."""
+        addr = f"inproc://deca-handshakes-{self.my_id}-{secrets.token_hex(6)}"
+        events = zmq.EVENT_MONITOR_STOPPED
+        for ev in HANDSHAKE_EVENTS:
+            events |= ev
+        router.monitor(addr, events)
+        ready = threading.Event()
+        self._monitor_stop.clear()
+        self._monitor = threading.Thread(target=self._watch_handshakes, args=(addr, ready),
+                                         name=f"deca-handshakes-{self.my_id}", daemon=True)
+        self._monitor.start()
+        ready.wait(5.0)
+
+    def _watch_handshakes(self, addr: str, ready: threading.Event) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        sock = self.ctx.socket(zmq.PAIR)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(addr)
+            ready.set()
+            while True:
+                if sock.poll(200, zmq.POLLIN):
+                    ev = parse_monitor_message(sock.recv_multipart())
+                    if ev["event"] == zmq.EVENT_MONITOR_STOPPED:
+                        break
+                    self._count_handshake(ev["event"], ev["value"])
+                elif self._monitor_stop.is_set():
+                    break
+        except Exception:  # never let the monitor take the peer down; counting is best effort
+            pass
+        finally:
+            ready.set()
+            sock.close(linger=0)
+
+    def _count_handshake(self, event: int, value: int) -> None:
+        kind = HANDSHAKE_EVENTS.get(event)
+        if kind is None:
+            return
+        with self._ctr_lock:
+            self.rejected_handshakes += 1
+            self.handshake_failures[kind] = self.handshake_failures.get(kind, 0) + 1
+            first = self.rejected_handshakes == 1
+        if first and self.log is not None:
+            if kind == "auth":
+                key = self._allow.last_denied if self._allow is not None else None
+                why = f"the client's CURVE key {key.decode('ascii', 'replace') if key else ''} is not in the " \
+                      f"bootstrap file (ZAP status {value})"
+            elif kind == "protocol":
+                why = _PROTOCOL_ERRORS.get(value, f"ZMTP protocol error {value:#x}")
+            else:
+                why = "the connection failed before the handshake completed"
+            try:
+                self.log(f"refused a connection to {self.endpoint}: {' '.join(why.split())}; every refused handshake "
+                         f"is counted in the metrics (rejected_handshakes)")
+            except Exception:
+                pass
+
+    def _stop_monitor(self, router: zmq.Socket | None) -> None:
+        thread, self._monitor = self._monitor, None
+        if thread is None:
+            return
+        if router is not None:
+            try:
+                router.disable_monitor()  # sends EVENT_MONITOR_STOPPED: the thread ends
+            except zmq.ZMQError:
+                pass
+        self._monitor_stop.set()
+        thread.join(2.0)
+
     def _stop_auth(self) -> None:
         auth, self._auth = self._auth, None
         if auth is not None:
@@ -660,6 +756,7 @@ class Transport:
                     link.thread.join(max(0.0, deadline - time.monotonic()) + 2.0)
                     stuck |= link.thread.is_alive()
             if self._router is not None:
+                self._stop_monitor(self._router)
                 self._router.close(linger=0)
                 self._router = None
             self._stop_auth()
@@ -850,13 +947,15 @@ class Transport:
         received and (b) one of our hellos has been accepted by zmq on the link to it (with
         ``IMMEDIATE=1`` that means the neighbour's ROUTER is up, so it will read our hello).
         Hellos are re-sent every ``HELLO_INTERVAL_S`` to neighbours not yet done, and each
-        received hello is answered once.  Non-hello messages received meanwhile are kept for
-        ``recv``.  Raises TransportError naming the missing peers after ``timeout_s``.
+        received hello is answered once.  Non-hello messages and position hellos (``stats.seq``)
+        received meanwhile are kept for ``recv``.  Raises TransportError naming the missing peers
+        after ``timeout_s``.
 
         With a configuration fingerprint (``hello_cfg``), (a) needs a hello carrying the neighbour's
         fingerprint (other messages are kept, but do not count), and a fingerprint that differs from ours
         in a field that must agree raises TransportError at once, naming the neighbour and the first such
-        field; our answer to its hello is queued first, so the neighbour fails the same way.
+        field; our answer to its hello is queued first, so the neighbour fails the same way.  So does a
+        message of another protocol version from a neighbour.
         """
         self._check_open()
         w = _wire()
@@ -893,7 +992,10 @@ class Transport:
                 continue  # not a neighbour: nothing to keep (and a flood of them must not fill memory)
             try:
                 msg = w.decode(frames)
-            except w.WireError:
+            except w.WireError as e:
+                if e.reason == "version" and self.hello_cfg is not None:
+                    # a neighbour of another protocol version would only time out here: say so at once
+                    raise TransportError(f"neighbour {src} speaks another protocol version ({e.message})") from None
                 self._keep(r)  # the caller counts it as a bad message
                 continue
             if msg.src == src:
@@ -901,11 +1003,13 @@ class Transport:
                     self._answer(src, msg.inc)
                     if self.hello_cfg is None:
                         heard.add(src)
-                    elif msg.cfg is not None:  # a hello without one (a position hello) does not count
+                    elif msg.cfg is not None:  # a hello without one does not count
                         diff = self._cfg_difference(src, msg.cfg)
                         if diff is not None:
                             raise TransportError(diff)
                         heard.add(src)
+                    if "seq" in msg.stats:  # a position hello (a neighbour telling a restarted peer where the
+                        self._keep(r)       # network is): the rejoin (gossip.catch_up) needs it after the barrier
                     continue
                 if self.hello_cfg is None:
                     heard.add(src)

@@ -1,4 +1,4 @@
-"""Wire protocol v1: message schema, encode/decode/validation and payload codecs.
+"""Wire protocol v2 (PROTOCOL.md): message schema, encode/decode/validation and payload codecs.
 
 Pure module: no sockets, no threads, nothing of the project's networking (see DESIGN.md §5–6).
 
@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 if sys.byteorder != "little":  # pragma: no cover - x86 and arm64 are little-endian
-    raise ImportError("deca_p2p.wire: protocol v1 payloads are little-endian; big-endian hosts are unsupported")
+    raise ImportError("deca_p2p.wire: protocol payloads are little-endian; big-endian hosts are unsupported")
 
 __all__ = [
     "VERSION",
@@ -90,7 +90,7 @@ __all__ = [
     "PublicCopy",
 ]
 
-VERSION = 1
+VERSION = 2  # PROTOCOL.md; v1 differed in the `random` block order and the fingerprint hashes (its "Changes")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 4096  # tensors per message (a decoder layer has ~10–20)
 MAX_NAME_LEN = 512  # characters in a tensor name
@@ -145,7 +145,7 @@ _TENSOR_KEYS = frozenset({"name", "dtype", "shape", "nbytes"})
 
 
 class WireError(ValueError):
-    """A message (or message-to-be) violates protocol v1.
+    """A message (or message-to-be) violates the protocol (PROTOCOL.md).
 
     ``reason`` is a short stable slug from REASONS, for metrics; ``str(err)`` is a one-line message.
     """

@@ -1,9 +1,13 @@
 """Partitioning Hugging Face causal LMs into blocks, block order, activation and fp32 master copies."""
+import hashlib
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from deca_p2p.blocks import ActiveBlock, block_order, partition, whole_model_block
+from deca_p2p.blocks import ActiveBlock, block_order, order_key, partition, whole_model_block
 
 
 def _llama(dtype=torch.float32):
@@ -46,6 +50,37 @@ def test_block_orders():
     assert any(block_order(10, "random", r, seed=7) != a for r in range(3, 8))
     with pytest.raises(ValueError, match="block order"):
         block_order(3, "sideways", 0, 0)
+
+
+# PROTOCOL.md §7.3 and Appendix C: the `random` order of protocol version 2, pinned (every implementation, in any
+# language, must reproduce these; the in-process simulator and real peers share blocks.block_order)
+RANDOM_ORDER_VECTORS = [
+    (6, 0, 0, [5, 0, 4, 1, 2, 3]),
+    (6, 0, 1, [5, 1, 4, 0, 2, 3]),
+    (6, 0, 2, [1, 3, 4, 2, 0, 5]),
+    (6, 1, 0, [0, 4, 1, 5, 3, 2]),
+    (6, 42, 0, [4, 1, 5, 0, 3, 2]),
+    (6, 42, 3, [5, 0, 4, 1, 2, 3]),
+    (6, -3, 0, [1, 2, 3, 5, 0, 4]),
+    (12, 42, 0, [6, 9, 7, 4, 1, 5, 8, 11, 10, 0, 3, 2]),
+]
+
+
+@pytest.mark.parametrize("n, seed, rnd, want", RANDOM_ORDER_VECTORS)
+def test_random_order_test_vectors(n, seed, rnd, want):
+    assert block_order(n, "random", rnd, seed) == want
+
+
+def test_random_order_is_the_sha256_sort_of_protocol_md():
+    assert order_key(0, 0, 0).hex() == "4e33b84e7697018094bb83f06881903995021ea1d4c0cc644cc30025dbadbd6f"
+    for n, seed, rnd, want in RANDOM_ORDER_VECTORS:
+        keys = {i: hashlib.sha256(f"deca-p2p/order/{seed}/{rnd}/{i}".encode()).digest() for i in range(n)}
+        assert sorted(range(n), key=keys.__getitem__) == want
+    # the table in PROTOCOL.md's Appendix C is this one
+    text = (Path(__file__).resolve().parents[1] / "PROTOCOL.md").read_text()
+    appendix = text[text.index("## Appendix C"):]
+    rows = re.findall(r"^\| (\d+) \| (-?\d+) \| (\d+) \| \[([\d, ]+)\] \|$", appendix, re.M)
+    assert [(int(b), int(s), int(r), [int(x) for x in o.split(",")]) for b, s, r, o in rows] == RANDOM_ORDER_VECTORS
 
 
 def test_activation_freezes_everything_else_and_trains_only_the_block():

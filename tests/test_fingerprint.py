@@ -96,6 +96,36 @@ def test_model_topology_and_blocks_are_detected(base):
     assert fingerprint.first_difference(a, {**a, "tokenizer": "x"}) == ("tokenizer", "absent", "x")
 
 
+RING4_CANONICAL = ('[[0,1,2,3],[[0,1],[0,3],[1,2],[2,3]],{'
+                   '"0":{"0":"0.333333333333","1":"0.333333333333","3":"0.333333333333"},'
+                   '"1":{"0":"0.333333333333","1":"0.333333333333","2":"0.333333333333"},'
+                   '"2":{"1":"0.333333333333","2":"0.333333333333","3":"0.333333333333"},'
+                   '"3":{"0":"0.333333333333","2":"0.333333333333","3":"0.333333333333"}}]')
+
+
+def test_the_hashes_are_the_ones_protocol_md_specifies(deca_cache):
+    """PROTOCOL.md §6.1.1 says exactly what each hash covers, with these test vectors (ring4, the embedded model), so
+    that a peer in another language computes the same fingerprint (tests/conformance_peer.py does, from the text)."""
+    import hashlib
+
+    from deca_p2p.models import default_model_path, load_model
+    from deca_p2p.topology import load
+
+    assert fingerprint.canonical_json([[0, 1], {"b": "é", "a": 1}]) == b'[[0,1],{"a":1,"b":"\\u00e9"}]'
+    model, _ = load_model(default_model_path())
+    cfg = make_config(None, {"rounds": 2, "inner_steps": 3, "gossip_every": 2, "block_order": "random", "seed": 11})
+    fp = fingerprint.build(cfg, model, make_blocks(model, cfg), load(REPO / "topologies" / "ring4.json"))
+    assert fp["topology"] == "4 nodes, 4 edges #" + hashlib.sha256(RING4_CANONICAL.encode()).hexdigest()[:12]
+    assert fp["topology"] == "4 nodes, 4 edges #72d080645c1d"
+    assert fp["model"] == "llama, 4 layers, hidden 128, 878,976 params #b8666f001eb1"
+    assert fp["blocks"] == "4 blocks, 852,992 params #4cc79b6b7203"
+    assert fp["protocol"] == str(wire.VERSION) == "2"
+    assert fp["digest"] == "9678f7b40678236a"
+    text = (REPO / "PROTOCOL.md").read_text()
+    for v in (RING4_CANONICAL, fp["topology"], fp["model"], fp["blocks"], fp["digest"]):
+        assert v in text, v
+
+
 def test_per_peer_settings_may_differ_and_are_reported(base):
     a = _fp(base, lr=1e-3)
     b = _fp(base, lr=3e-4, weight_decay=0.1, max_grad_norm=1.0, codec="int8", dtype="bfloat16", batch_size=4,

@@ -91,3 +91,48 @@ def test_garbage_and_spoofed_messages_are_dropped_and_counted(pair):
             g._handle(*got)
     assert sum(g.dropped.values()) >= 3, g.dropped
     assert g.dropped["spoofed_src"] == 1
+
+
+def test_a_resync_gets_a_full_block_on_that_link_only():
+    """PROTOCOL.md §8.2: after a resync from 1, peer 0 sends 1 its new public copy in full (raw float32) and 2 the
+    delta (int8 here); all three copies of 0's block stay bit-identical, and 2's chain is not disturbed."""
+    import msgpack
+
+    from deca_p2p import wire
+
+    base = free_base_port(3)
+    eps = {i: f"tcp://127.0.0.1:{base + i}" for i in range(3)}
+    trs = [Transport(i, eps, [j for j in range(3) if j != i], send_timeout_s=1.0) for i in range(3)]
+    for t in trs:
+        t.start()
+    try:
+        sched = Schedule(n_blocks=1, rounds=1, inner_steps=4, order="ascending", seed=0)
+        gs = [Gossip(trs[i], i, ring(3), sched, NAMES, block_shapes=SHAPES, timeout_s=5.0, inc=100 + i,
+                     codec="int8" if i == 0 else "raw") for i in range(3)]
+        for g in gs:
+            g.begin_activation(0, 0)
+        sent = []
+        send0 = trs[0].send
+        trs[0].send = lambda dst, frames: (sent.append((dst, msgpack.unpackb(bytes(frames[0])))), send0(dst, frames))
+        blocks = [_block(i) for i in range(3)]
+        trs[1].send(0, wire.encode(wire.Message("resync", src=1, inc=101)))  # read by 0 during exchange 0
+        for step in range(3):
+            for b in blocks:
+                b["w"] += 0.1
+            ths = [threading.Thread(target=gs[i].exchange, args=(0, 0, step, blocks[i])) for i in (1, 2)]
+            for th in ths:
+                th.start()
+            r = gs[0].exchange(0, 0, step, blocks[0])
+            for th in ths:
+                th.join()
+            assert r.missing == []
+        blocks_sent = [(dst, h["step"], h["full"], h["codec"]) for dst, h in sent if h["kind"] == "block"]
+        assert sorted(blocks_sent) == [(1, 0, True, "int8"), (1, 1, True, "raw"), (1, 2, False, "int8"),
+                                       (2, 0, True, "int8"), (2, 1, False, "int8"), (2, 2, False, "int8")]
+        for k in ("w", "b"):
+            assert torch.equal(gs[1].copies[0].tensors[k], gs[0].own.tensors[k])
+            assert torch.equal(gs[2].copies[0].tensors[k], gs[0].own.tensors[k])
+        assert all(not g.dropped for g in gs), [g.dropped for g in gs]
+    finally:
+        for t in trs:
+            t.close(send_bye=False)

@@ -105,12 +105,14 @@ def test_secure_peers_exchange_and_are_identified_by_key(net):
     assert src == 1
     assert frames[0].get("User-Id") == keys[1][0].decode()  # ZAP's User-Id is the client's z85 key
     assert t0.counters()[1].msgs_recv == 1 and t0.spoofed_routing_ids == 0 and t0.rejected_keys == 0
+    assert t0.rejected_handshakes == 0 and t1.rejected_handshakes == 0  # allowed peers are never counted
     assert t1.counters()[0].msgs_sent == 1
 
 
 def test_no_message_from_a_process_without_an_allowed_key_is_accepted(net):
     make, dealer, keys, _ = net
-    t0 = make(0, [1, 2])
+    notes: list[str] = []
+    t0 = make(0, [1, 2], log=notes.append)
     hello1 = _frames(wire.Message("hello", src=1, inc=1))
     outsiders = [
         dealer(b"peer-1"),                                              # plain ZeroMQ, no CURVE
@@ -134,6 +136,15 @@ def test_no_message_from_a_process_without_an_allowed_key_is_accepted(net):
     assert all(c.msgs_recv == 0 for c in t0.counters().values())
     assert t0.unknown_msgs_recv == 0
     assert t0.rejected_keys >= 1  # the keyed outsider reached the ZAP handler and was refused
+    # every refused handshake is counted (PROTOCOL.md §12.2): the unknown key by ZAP (auth), the clients without
+    # CURVE (mechanism mismatch) and the stolen public key without its secret (cryptographic) by the protocol
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not {"auth", "protocol"} <= set(t0.handshake_failures):
+        time.sleep(0.1)
+    assert t0.handshake_failures.get("auth", 0) >= 1 and t0.handshake_failures.get("protocol", 0) >= 1, \
+        t0.handshake_failures
+    assert t0.rejected_handshakes == sum(t0.handshake_failures.values()) >= 2
+    assert len(notes) == 1 and notes[0].startswith("refused a connection to ") and "rejected_handshakes" in notes[0]
 
 
 def test_a_peer_with_a_valid_key_cannot_pretend_to_be_another_peer(net):
@@ -298,17 +309,50 @@ def test_secure_network_of_real_peers(deca_cache, tmp_path):
                                             "--threads", 1, "--set", "train_per_task=100", "--set", "eval_per_task=3"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
              for i in range(3)]
+    # meanwhile an outsider with a keypair of its own (not in the bootstrap file) keeps knocking on peer 0
+    peer0 = json.loads(boot.read_text())["peers"]["0"]
+    stop = threading.Event()
+
+    def outsider():
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        pub, sec = zmq.curve_keypair()
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.CURVE_PUBLICKEY, pub)
+        s.setsockopt(zmq.CURVE_SECRETKEY, sec)
+        s.setsockopt(zmq.CURVE_SERVERKEY, peer0["public_key"].encode())
+        s.setsockopt(zmq.ROUTING_ID, b"peer-1")
+        s.connect(peer0["endpoint"])
+        hello = _frames(wire.Message("hello", src=1, inc=1))
+        while not stop.wait(0.5):
+            try:
+                s.send_multipart(hello, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        s.close(linger=0)
+        ctx.term()
+
+    knock = threading.Thread(target=outsider, daemon=True)
+    knock.start()
     outs = []
     try:
         for p in procs:
             out, _ = p.communicate(timeout=240)
             outs.append(out.decode(errors="replace"))
     finally:
+        stop.set()
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        knock.join(5)
     assert [p.returncode for p in procs] == [0] * 3, "\n".join(o[-2000:] for o in outs)
+    # peer 0 counted the outsider's refused handshakes, said so once, and ran to the end as if nothing happened
+    final0 = [json.loads(line) for line in (run_dir / "peer-0" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final0["event"] == "final" and final0["rejected_handshakes"] >= 1, final0
+    assert final0["handshake_failures"].get("auth", 0) >= 1 and not final0["dropped"], final0
+    assert outs[0].count("refused a connection to") == 1, outs[0][-3000:]
+    assert "not in the bootstrap file" in outs[0]
     secrets_ = _all_secrets(kdir)
     assert len(secrets_) == 3
     files = [f for f in run_dir.rglob("*") if f.is_file()]

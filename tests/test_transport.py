@@ -444,6 +444,44 @@ def test_barrier_keeps_non_hello_messages_and_bye_arrives(make):
     assert "bye" in kinds
 
 
+def test_barrier_keeps_position_hellos_for_the_rejoin(make):
+    """A neighbour's position hello (PROTOCOL.md §10.3) that reaches a restarted peer while it is still in its
+    barrier is passed on to recv (gossip.catch_up needs it), not consumed as one more hello."""
+    from deca_p2p import wire
+
+    eps = endpoints(2)
+    cfg = {"digest": "0" * 16, "protocol": "2"}
+    a = make(0, eps, [1], hello_cfg=cfg)
+    b = make(1, eps, [0], hello_cfg=cfg)
+    b.send(0, wire.encode(wire.Message("hello", src=1, inc=4, stats={"seq": 7.0}, cfg=cfg)))
+    assert b.flush(5.0)
+    a.barrier(9, 5.0)
+    r = a.recv(1.0)
+    assert r is not None and r[0] == 1
+    msg = wire.decode(r[1])
+    assert (msg.kind, msg.stats) == ("hello", {"seq": 7.0})
+
+
+def test_barrier_names_a_neighbour_of_another_protocol_version(make):
+    """A version-1 neighbour's hello is dropped as `version` (PROTOCOL.md §5.2): the barrier says so at once instead
+    of timing out."""
+    import msgpack
+
+    from deca_p2p import wire
+
+    eps = endpoints(2)
+    cfg = {"digest": "0" * 16, "protocol": "2"}
+    a = make(0, eps, [1], hello_cfg=cfg)
+    b = make(1, eps, [0])
+    old = msgpack.unpackb(wire.encode(wire.Message("hello", src=1, inc=4, cfg=cfg))[0])
+    b.send(0, [msgpack.packb({**old, "v": 1})])
+    t0 = time.monotonic()
+    with pytest.raises(TransportError, match=r"neighbour 1 speaks another protocol version \(protocol version 1, "
+                                             r"expected 2\)"):
+        a.barrier(9, 10.0)
+    assert time.monotonic() - t0 < 5
+
+
 def test_restarted_peer_takes_its_id_back_and_gets_answered():
     from deca_p2p import wire
 

@@ -423,9 +423,10 @@ HEADER_CASES = [
     *[(_del([k]), "schema") for k in ["v", "kind", "src", "inc", "round", "block", "step", "codec", "full", "tensors", "stats"]],
     (_set(["extra"], 1), "schema"),
     (_set([b"bytes-key"], 1), "schema"),
-    (_set(["v"], 2), "version"),
+    (_set(["v"], 1), "version"),  # protocol version 1 (another block order and fingerprint): refused
+    (_set(["v"], 3), "version"),
     (_set(["v"], 0), "version"),
-    (_set(["v"], "1"), "schema"),
+    (_set(["v"], "2"), "schema"),
     (_set(["v"], True), "schema"),  # bools are not ints
     (_set(["kind"], "gossip"), "kind"),
     (_set(["kind"], 1), "schema"),
