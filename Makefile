@@ -21,7 +21,8 @@ $(STAMP): setup.cfg pyproject.toml
 test: install
 	$(PY) -m pytest -q -m 'not integration' tests
 
-# Slower real-process tests (architecture matrix, own-data peers): run by .ci/run after `make test`.
+# Slower real-process tests (architecture matrix, own-data peers; as root also peers in network namespaces and a
+# single-node Slurm job: tests/test_netns.py, tests/test_slurm.py): run by .ci/run after `make test`.
 test-integration: install
 	$(PY) -m pytest -q -m integration tests
 

@@ -55,6 +55,12 @@ def run(tmp: Path, name: str, latency: float, bw: float | None, steps: int, extr
             break
     if p.returncode != 0:
         raise SystemExit(f"{name}: cluster failed:\n{p.stdout[-3000:]}")
+    return {"name": name, **measure(run_dir, latency, bw), "n": n, "wall": time.time() - t0}
+
+
+def measure(run_dir: Path, latency: float, bw: float | None) -> dict:
+    """Goodput, step wall time, compute, waiting share and eval loss of a finished run from its peers' metrics
+    (``latency`` in ms and ``bw`` in Mbit/s: the configured link, for the expected step time and the goodput's L)."""
     data = read_metrics(run_dir)
     encode = {(pid, r["seq"]): r.get("encode_s") or 0.0 for pid, recs in data.items() for r in recs
               if r.get("event") == "step" and r.get("seq") is not None}
@@ -81,10 +87,10 @@ def run(tmp: Path, name: str, latency: float, bw: float | None, steps: int, extr
     S = statistics.median(sizes)
     c = statistics.median(compute)
     expected = c + latency / 1e3 + (S * 8 / (bw * 1e6) if bw else 0.0)
-    return {"name": name, "latency": latency, "bw": bw, "S": S, "goodput": statistics.median(goodput) if goodput else None,
+    return {"latency": latency, "bw": bw, "S": S, "goodput": statistics.median(goodput) if goodput else None,
             "n_goodput": len(goodput), "step_wall": statistics.median(step_wall), "compute": c, "expected": expected,
             "wait_share": waits / walls, "eval_loss": statistics.mean(f["eval_loss"] for f in finals),
-            "late_ms": statistics.mean(late) if late else None, "n": n, "wall": time.time() - t0}
+            "late_ms": statistics.mean(late) if late else None}
 
 
 TABLE_HEAD = ["| latency ms | bandwidth Mbit/s | S (MB) | goodput Mbit/s (median) | goodput / configured | messages | "

@@ -32,38 +32,20 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, machine_facts, spawn
+from common import CACHE, RESULTS, ROOT, build_random_model, complete2_topology, machine_facts, spawn, step_split
 
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
                   rope_theta=1_000_000.0, rms_norm_eps=1e-6, hidden_act="silu")
 QUICK_CFG = dict(QWEN25_05B, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=8000)
-CACHE = ROOT / ".deca-cache" / "bench-models"
 GiB = 1 << 30
 
 
 def build_model(quick: bool) -> Path:
     """The random-weight model directory (bf16), built once and kept in .deca-cache (git-ignored)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from deca_p2p.models import _build_tokenizer
-
-    path = CACHE / ("qwen2.5-0.5b-arch-quick" if quick else "qwen2.5-0.5b-arch")
-    if (path / "config.json").is_file():
-        return path
-    tok = _build_tokenizer()
-    cfg = Qwen2Config(**(QUICK_CFG if quick else QWEN25_05B), bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, path)
-    return path
+    return build_random_model("qwen2.5-0.5b-arch-quick" if quick else "qwen2.5-0.5b-arch",
+                              dict(QUICK_CFG if quick else QWEN25_05B, model_type="qwen2"), dtype="bfloat16")
 
 
 def write_data(root: Path) -> Path:
@@ -89,10 +71,8 @@ def dadam_estimate_gib(n_params: int) -> float:
 
 def run_cluster(method: str, model: Path, data: Path, work: Path, steps: int, rounds: int) -> dict:
     from deca_p2p.bootstrap import free_base_port
-    from deca_p2p.metrics import records
 
-    topo = work / "c2.json"
-    topo.write_text(json.dumps({"name": "complete2", "nodes": [0, 1], "edges": [[0, 1]], "weights": "metropolis"}))
+    topo = complete2_topology(work / "c2.json")
     run = work / f"run-{method}"
     cmd = [sys.executable, "-m", "deca_p2p.cli", "cluster", "--topology", str(topo), "--model", str(model),
            "--data-dir", str(data), "--run-dir", str(run), "--no-live", "--no-average", "--dtype", "bfloat16",
@@ -105,17 +85,9 @@ def run_cluster(method: str, model: Path, data: Path, work: Path, steps: int, ro
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         return {"error": (p.stdout + p.stderr).strip().splitlines()[-1][:300], "wall_s": wall}
-    steps_recs = [r for i in (0, 1) for r in records(run, i, "step") if r.get("wait_s") is not None]
-    finals = [records(run, i, "final")[0] for i in (0, 1)]
-    links = [v[0] for r in steps_recs for v in r["links"].values() if v and v[0]]
-
-    def mean(key):
-        return statistics.mean(r.get(key) or 0.0 for r in steps_recs)
-
-    wait, enc, mix = mean("wait_s"), mean("encode_s"), mean("mix_s")
-    return {"peers": 2, "steps": len(steps_recs) // 2, "bytes_per_exchange": statistics.mean(links) if links else 0,
-            "compute_s": mean("compute_s"), "encode_s": enc, "wire_s": max(0.0, wait - enc - mix), "mix_s": mix,
-            "apply_s": mean("apply_s"), "peak_rss_mb": max(f["peak_rss_mb"] for f in finals), "wall_s": wall}
+    split = step_split(run, (0, 1))
+    finals = split.pop("finals")
+    return {**split, "peak_rss_mb": max(f["peak_rss_mb"] for f in finals), "wall_s": wall}
 
 
 def alone_child(method: str, model: str, data: str) -> None:

@@ -107,6 +107,11 @@ def _train_options(f):
                      help="Mixing robust to a bad neighbour: clip (self-centred clipping), trim (trimmed mean)."),
         click.option("--robust-tau", type=float,
                      help="clip radius as a share of the peer's own block norm (0: automatic, the default)."),
+        click.option("--dp-clip", type=float,
+                     help="Differential privacy: clip each release's block change to this L2 norm C (0: off)."),
+        click.option("--dp-noise", type=float,
+                     help="Differential privacy: Gaussian noise of std SIGMA x C on each released block (needs --dp-clip)."),
+        click.option("--dp-delta", type=float, help="δ of the reported privacy spent (ε, δ) (default 1e-5)."),
         click.option("--secure", is_flag=True, default=None,
                      help="ZeroMQ CURVE: encrypted links, only the bootstrap file's keys may connect (see `deca-peer keys`)."),
         click.option("--keys-dir", help="Directory of the peers' secret keys for --secure (default keys)."),
@@ -170,7 +175,7 @@ def simulate(topology_file: str, run_dir: str | None, save: bool, **kw) -> None:
     """Run the whole network in this one process (the reference the real peers must match)."""
     import time as _time
 
-    from deca_p2p.report import print_eval_table
+    from deca_p2p.report import epsilon_cell, print_eval_table
     from deca_p2p.simulate import simulate as run_simulation
     from deca_p2p.trainer import TrainingDiverged
 
@@ -189,6 +194,7 @@ def simulate(topology_file: str, run_dir: str | None, save: bool, **kw) -> None:
     except TrainingDiverged as e:
         _fail(str(e), code=3)
     print_eval_table(res.per_peer, initial=res.initial, average_model=res.average_model, labels=res.labels,
+                     extra={i: {"ε": epsilon_cell(p)} for i, p in res.privacy.items()},
                      title=f"simulate {topo.name}: {cfg.algo}/{cfg.discrepancy}, comm={cfg.comm}, {res.wall_s:.0f} s")
     if save:
         click.echo(f"checkpoints: {run_dir}/peer-<id>/checkpoint/latest")
@@ -499,6 +505,87 @@ def bootstrap_cmd(topology_file, hosts, base_port, bootstrap_file, set_keys, set
     except bootstrap.BootstrapError as e:
         _fail(str(e))
     click.echo(json.dumps(doc, indent=2))
+
+
+@main.command("plan")
+@click.option("--model", "model_spec", required=True,
+              help="A preset (llama-3-8b, llama-3.2-1b, qwen2.5-0.5b, ...) or an HF config.json / model directory.")
+@click.option("--topology", "topology_file", required=True, type=click.Path(dir_okay=False),
+              help="Topology JSON with its links (latency_ms, bandwidth_mbps).")
+@click.option("--algo", "method", default="deca", show_default=True,
+              help="Method of the per-peer table: deca, dadam or declora (all three are compared).")
+@click.option("--codec", default="raw", show_default=True, help="raw, bf16, fp16 or int8.")
+@click.option("--inner-steps", default="8", show_default=True, help="R: local steps per block activation.")
+@click.option("--rounds", default="24", show_default=True, help="T: rounds over all blocks.")
+@click.option("--batch-size", default="16", show_default=True, help="Sequences per local step.")
+@click.option("--seq-len", default="512", show_default=True, help="Tokens per sequence.")
+@click.option("--dtype", default=None, help="Working dtype (default: bfloat16 on a GPU, float32 on a CPU).")
+@click.option("--gossip-every", default="1", show_default=True, help="Exchange after every c-th inner step.")
+@click.option("--layers-per-block", default="1", show_default=True)
+@click.option("--lora-rank", default="8", show_default=True, help="Dec-LoRA's rank.")
+@click.option("--embeddings-block", is_flag=True, help="Train the embeddings as an extra DECA block.")
+@click.option("--head-block", is_flag=True, help="Train the final norm + LM head as an extra DECA block.")
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--shared-uplink", is_flag=True,
+              help="A peer's links share one access link (degree x bytes / bandwidth); default: independent links, "
+                   "as the emulator runs them.")
+@click.option("--device", "device_class", default="gpu", show_default=True,
+              help="Default speeds of a device class: cpu, gpu (H100/H200), consumer-gpu (RTX 3090/4090).")
+@click.option("--calibrate", is_flag=True, help="Measure FLOP/s and memory bandwidth on this machine (auto: cuda or cpu).")
+@click.option("--flops", default=None, help="Effective FLOP/s of a training step (overrides the device class).")
+@click.option("--mem-bw", default=None, help="Memory bandwidth in bytes/s (overrides the device class).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole prediction as JSON.")
+def plan_cmd(model_spec, topology_file, method, codec, inner_steps, rounds, batch_size, seq_len, dtype, gossip_every,
+             layers_per_block, lora_rank, embeddings_block, head_block, gradient_checkpointing, shared_uplink,
+             device_class, calibrate, flops, mem_bw, as_json) -> None:
+    """Predict what a run costs: time per step / round / run, traffic and memory per peer (a model, not a run).
+
+    \b
+    deca-peer plan --model llama-3-8b --topology topologies/exp16.json --codec bf16 --flops 4e14
+    deca-peer plan --model /models/my-llama/config.json --topology ring8.json --calibrate --json
+    """
+    import dataclasses
+    import json
+
+    from deca_p2p import plan
+
+    def number(name: str, value, kind=int):
+        try:
+            v = kind(value)
+        except (TypeError, ValueError):
+            _fail(f"--{name} must be a {'positive integer' if kind is int else 'positive number'}, got {value!r}")
+        if not (v > 0) or (kind is float and v == float("inf")):
+            _fail(f"--{name} must be {'a positive integer' if kind is int else 'a positive finite number'}, got {value!r}")
+        return v
+
+    ints = {k: number(k.replace("_", "-"), v) for k, v in
+            (("inner_steps", inner_steps), ("rounds", rounds), ("batch_size", batch_size), ("seq_len", seq_len),
+             ("gossip_every", gossip_every), ("layers_per_block", layers_per_block), ("lora_rank", lora_rank))}
+    if calibrate and flops is not None:
+        _fail("give --calibrate (measure here) or --flops X (a given speed), not both")
+    topo = _load_topology(topology_file)
+    try:
+        arch = plan.load_arch(model_spec)
+        if calibrate:
+            device = plan.calibrate("auto")
+        else:
+            if device_class not in plan.DEVICES:
+                _fail(f"--device must be one of {', '.join(plan.DEVICES)}, got {device_class!r}")
+            device = plan.DEVICES[device_class]
+        if flops is not None:
+            device = dataclasses.replace(device, flops=number("flops", flops, float), kind=f"given: {device.kind}")
+        if mem_bw is not None:
+            device = dataclasses.replace(device, mem_bw=number("mem-bw", mem_bw, float))
+        inp = plan.PlanInputs(method=method, codec=codec, dtype=dtype or ("bfloat16" if device.on_gpu else "float32"),
+                              embeddings_block=embeddings_block, head_block=head_block,
+                              gradient_checkpointing=gradient_checkpointing, shared_uplink=shared_uplink, **ints)
+        result = plan.make_plan(arch, topo, inp, device)
+    except plan.PlanError as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        plan.render(result)
 
 
 @main.command()

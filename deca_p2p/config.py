@@ -78,6 +78,13 @@ class TrainConfig:
     # TEST/BENCHMARK HOOK ONLY (deca_p2p/attacks.py), never for real use: "KIND@ID[,ID...]" makes those peers
     # publish a corrupted block (x10, x1000, constant, signflip, gaussian, dissensus); "" (default): nobody does
     attack: str = ""
+    # differential privacy of the shared blocks (deca_p2p/privacy.py): at every exchange the change of the block
+    # since the last release is clipped to L2 norm dp_clip and N(0, (dp_noise * dp_clip)^2) noise is added;
+    # 0 / 0: off. dp_clip alone clips without noise (epsilon infinite); dp_noise needs dp_clip.
+    dp_noise: float = 0.0             # sigma, the noise multiplier (noise std / clip radius)
+    dp_clip: float = 0.0              # C, the clip radius of the block change
+    dp_delta: float = 1e-5            # delta of the reported (epsilon, delta)
+    dp_seed: int | None = None        # None: noise from OS randomness; an int makes it reproducible (tests only)
     hello_timeout_s: float = 60.0
     base_port: int = 5550             # peer i listens on tcp://127.0.0.1:(base_port + i) without a bootstrap file
     # runtime
@@ -138,6 +145,16 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be a finite number >= 0, got {v}")
         if not (math.isfinite(self.robust_tau) and self.robust_tau >= 0):
             raise ConfigError(f"robust_tau must be a finite number >= 0 (0: automatic), got {self.robust_tau}")
+        for key in ("dp_noise", "dp_clip"):
+            v = getattr(self, key)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{key} must be a finite number >= 0 (0: off), got {v}")
+        if self.dp_noise > 0 and self.dp_clip == 0:
+            raise ConfigError("dp_noise needs dp_clip > 0 (the noise is dp_noise x dp_clip): give --dp-clip too")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp_seed is not None and (isinstance(self.dp_seed, bool) or not isinstance(self.dp_seed, int)):
+            raise ConfigError(f"dp_seed must be an integer (or absent), got {self.dp_seed!r}")
         if self.robust_trim < 1:
             raise ConfigError(f"robust_trim must be at least 1, got {self.robust_trim}")
         if self.robust_exclude:
@@ -162,9 +179,18 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+OPTIONAL_INTS = ("dp_seed",)  # default None; a value is an int ("none" on the command line: back to None)
+
+
 def _coerce(key: str, value: Any) -> Any:
     default = getattr(TrainConfig(), key)
     try:
+        if key in OPTIONAL_INTS:
+            if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+                return None
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
         if isinstance(default, bool):
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):

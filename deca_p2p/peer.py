@@ -29,7 +29,8 @@ from .checkpoint import latest, save_atomic
 from .config import TrainConfig
 from .attacks import make_attack
 from .gossip import Gossip
-from .metrics import METRICS_FILE, MetricsLog, peer_dir
+from .metrics import METRICS_FILE, MetricsLog, peer_dir, records
+from .privacy import public_stats
 from .robust import make_mixer
 from .runtime import PeerData, embedded_data, evaluate_run, label_counts, load, make_batcher, own_data, set_threads
 from .trainer import PeerTrainer
@@ -100,14 +101,15 @@ def run_peer(args: PeerArgs, stop: threading.Event | None = None) -> None:
         set_threads(cfg.threads)
     data = _peer_data(args, topo)
     lm = load(cfg, args.model_path)
-    trainer = PeerTrainer(lm.model, make_batcher(cfg, lm, me, data), cfg)
+    trainer = PeerTrainer(lm.model, make_batcher(cfg, lm, me, data), cfg, peer_id=me)
     inputs = PeerInputs(lm.tokenizer, lm.max_len, data)
     nbrs = topo.neighbors(me)
     transport = Transport(me, endpoints, nbrs, {j: topo.link(me, j) for j in nbrs},
                           max_message_bytes=trainer.max_block_bytes() + (1 << 20),  # nothing bigger is legitimate
                           send_timeout_s=min(10.0, cfg.exchange_timeout_s), seed=cfg.seed,
                           # what every neighbour must agree on: a mismatch fails both at the hello barrier (exit 2)
-                          hello_cfg=fingerprint.build(cfg, trainer.model, trainer.blocks, topo), **security)
+                          hello_cfg=fingerprint.build(cfg, trainer.model, trainer.blocks, topo),
+                          log=lambda msg: print(f"peer {me}: {msg}", flush=True), **security)
     transport.start()
     restarted = (peer_dir(args.run_dir, me) / METRICS_FILE).is_file()  # this peer ran here before: a rejoin
     log = MetricsLog(args.run_dir, me)
@@ -167,6 +169,13 @@ def _checkpoint(trainer: PeerTrainer, tokenizer, ckpt_root: Path, a: int, rnd: i
                 extra_files={"deca_state.json": json.dumps(state), **trainer.checkpoint_files()})
 
 
+def _released_before(run_dir: str, me: int) -> int:
+    """DP releases this peer made before a restart: the last count it logged, plus one it may have sent before a
+    crash kept it from logging it (privacy accounting must not undercount; re-done steps count again)."""
+    counts = [r.get("dp_releases") or 0 for r in records(run_dir, me, "step")]
+    return max(counts, default=0) + 1
+
+
 def _neighbour_settings(me: int, transport: Transport) -> dict[str, dict[str, list[str]]]:
     """Each neighbour's own settings that differ from ours (learning rate, codec, ...; fingerprint.LOCAL_KEYS): legal,
     but they change what the network computes, so they are said once on the console and kept in the ready record."""
@@ -198,6 +207,8 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     acts = sched.activations()
     ckpt_root = peer_dir(args.run_dir, me) / "checkpoint"
     first = _resume(trainer, ckpt_root, log) if cfg.resume else 0
+    if restarted and trainer.privacy is not None:
+        trainer.privacy.releases = _released_before(args.run_dir, me)
     inc = time.time_ns() & 0x7FFFFFFF  # incarnation: changes whenever the process restarts
     data = inputs.data
     labels = label_counts(data.train)
@@ -248,9 +259,13 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
             if cfg.comm == "none" or not sched.is_exchange(step):
                 mixed = [t.clone() for t in trainer.block().values()]
             else:
-                res = gossip.exchange(rnd, blk, step, trainer.block(), stats)
+                # with DP, only data-independent numbers go out beside the (noised) block
+                res = gossip.exchange(rnd, blk, step, trainer.block(),
+                                      stats if trainer.privacy is None else public_stats(stats))
                 mixed = res.mixed
-                extra = {"wait_s": res.wait_s, "missing": res.missing, "disagreement": res.disagreement,
+                extra = {"wait_s": res.wait_s, "missing": res.missing,
+                         "mixed": res.arrived if res.robust is None else list(res.robust.mixed),
+                         "disagreement": res.disagreement,
                          "encode_s": gossip.encode_s, "mix_s": res.mix_s,
                          "links": {str(j): [st.get("nbytes"), st.get("one_way_s"), st.get("read_after_s")]
                                    for j, st in res.neighbour_stats.items()}, **gossip.robust.record()}
@@ -265,7 +280,8 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
             sent, recv = _bytes(transport)
             log.write("step", round=rnd, block=blk, step=step, istep=sched.step_index(rnd, blk, step),
                       seq=sched.seq(rnd, blk, step), bytes_sent=sent, bytes_recv=recv,
-                      dropped=sum(gossip.dropped.values()), **stats, **extra)
+                      dropped=sum(gossip.dropped.values()), rejected_handshakes=transport.rejected_handshakes,
+                      **stats, **extra)
             if stop.is_set():
                 break
         peak_rss = max(peak_rss, proc.memory_info().rss)
@@ -284,4 +300,9 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
               handoff_late_ms=1e3 * sum(c.handoff_late_s for c in cs) / max(1, sum(c.data_sent for c in cs)),
               handoff_late_max_ms=1e3 * max((c.handoff_late_max_s for c in cs), default=0.0),
               dropped=dict(gossip.dropped), late=gossip.late, alone_exchanges=alone_exchanges,
-              nonfinite_stats=gossip.nonfinite_stats, **gossip.robust.final_record(), **final)
+              # what the transport refused or lost before gossip saw it (PROTOCOL.md §5.6, §12.2)
+              rejected_handshakes=transport.rejected_handshakes, handshake_failures=dict(transport.handshake_failures),
+              spoofed_routing_ids=transport.spoofed_routing_ids, unknown_msgs_recv=transport.unknown_msgs_recv,
+              send_failures=sum(c.send_failures for c in transport.counters().values()),
+              nonfinite_stats=gossip.nonfinite_stats, **gossip.robust.final_record(),
+              **(trainer.privacy.final_record() if trainer.privacy is not None else {}), **final)

@@ -100,6 +100,12 @@ def final_evals(run_dir: str | Path) -> dict[int, dict]:
     return out
 
 
+def epsilon_cell(final: dict) -> str:
+    """The ε column of a peer with DP on (its final record): "∞" for clipping without noise (JSON null)."""
+    eps = final.get("dp_epsilon")
+    return "∞" if eps is None or eps == float("inf") else f"{eps:.3g}"
+
+
 def traffic_and_time(run_dir: str | Path) -> dict[int, dict]:
     """Per peer: MB sent/received, seconds computing vs waiting on the network, steps done."""
     out = {}
@@ -114,6 +120,8 @@ def traffic_and_time(run_dir: str | Path) -> dict[int, dict]:
             "wait s": f"{sum(r.get('wait_s') or 0 for r in steps):.0f}",
         }
         final = next((r for r in reversed(recs) if r.get("event") == "final"), {})
+        if "dp_releases" in final:  # differential privacy (privacy.py): the ε spent at the run's δ
+            out[pid]["ε"] = epsilon_cell(final)
         if final.get("flagged"):  # robust mixing: the neighbours this peer flagged (robust.py)
             out[pid]["flagged"] = ",".join(sorted(final["flagged"], key=int))
     return out

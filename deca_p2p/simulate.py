@@ -57,6 +57,7 @@ class SimResult:
     models: dict[int, torch.nn.Module] = field(repr=False, default_factory=dict)
     labels: dict[int, dict[str, int]] = field(default_factory=dict)  # each peer's training records per label
     flagged: dict[int, dict] = field(default_factory=dict)  # robust mixing: peer -> its final flag counts
+    privacy: dict[int, dict] = field(default_factory=dict)  # with --dp-clip: peer -> its final epsilon, releases, ...
 
 
 def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=None, data_dir=None, run_dir=None,
@@ -69,7 +70,7 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
     trainers: dict[int, PeerTrainer] = {}
     logs: dict[int, MetricsLog] = {}
     for i in topo.nodes:
-        trainers[i] = PeerTrainer(copy.deepcopy(lm.model), make_batcher(cfg, lm, i, data[i]), cfg)
+        trainers[i] = PeerTrainer(copy.deepcopy(lm.model), make_batcher(cfg, lm, i, data[i]), cfg, peer_id=i)
         if run_dir is not None:
             logs[i] = MetricsLog(run_dir, i)
             logs[i].write("start", labels=label_counts(data[i].train), train_examples=len(data[i].train), eval_examples=len(data[i].evals),
@@ -82,8 +83,8 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
         return evaluate_run(cfg, model, lm.tokenizer, data[i].evals, lm.max_len)
 
     common_eval = all(d.evals is data[topo.nodes[0]].evals for d in data.values())
-    first = topo.nodes[0]
-    initial = ev(lm.model, first) if common_eval else None
+    peer0 = topo.nodes[0]  # any peer's data holds the common eval set
+    initial = ev(lm.model, peer0) if common_eval else None
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -127,16 +128,17 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
     per_peer = {i: ev(t.model, i) for i, t in trainers.items()}
     avg = average_models([t.export_model() for t in trainers.values()])  # declora: the mean of the merged models
     # the averaged model is scored on the common eval set, or on the union of the peers' own ones
-    avg_eval = ev(avg, first) if common_eval else evaluate_run(
+    avg_eval = ev(avg, peer0) if common_eval else evaluate_run(
         cfg, avg, lm.tokenizer, [e for d in data.values() for e in d.evals], lm.max_len)
     result = SimResult(per_peer, avg_eval, initial, time.perf_counter() - t0, {i: t.model for i, t in trainers.items()},
                        {i: label_counts(d.train) for i, d in data.items()},
-                       {i: m.final_record() for i, m in mixers.items()})
+                       {i: m.final_record() for i, m in mixers.items()},
+                       {i: t.privacy.final_record() for i, t in trainers.items() if t.privacy is not None})
     if save:
         for i, t in trainers.items():
             save_atomic(t.export_model(), lm.tokenizer, Path(run_dir) / f"peer-{i}" / "checkpoint", tag="final",
                         extra_files=t.checkpoint_files())
     for i, log in logs.items():
-        log.write("final", **per_peer[i], **mixers[i].final_record())
+        log.write("final", **per_peer[i], **mixers[i].final_record(), **result.privacy.get(i, {}))
         log.close()
     return result

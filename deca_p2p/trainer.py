@@ -6,6 +6,7 @@ The training loop of a peer, top to bottom (DESIGN §2):
         trainer.activate(block)                 # freeze the rest, fresh moments
         for step in range(R):
             stats = trainer.local_step()        # minibatch gradient on the block, local Adam step -> θ½
+                                                # (with DP, at an exchange step: clip + noise, privacy.py)
             mixed = exchange(trainer.block())   # gossip θ½ with the neighbours: Σ_j w_ij θ½_j
             trainer.apply_mix(mixed)            # θ_{r+1}, and BMA folds h_r into the moments
 """
@@ -23,6 +24,7 @@ from .blocks import ActiveBlock, Block, block_order, partition, whole_model_bloc
 from .config import ConfigError, TrainConfig
 from .encoding import Batcher
 from .optim import GossipOptimizer, make_optimizer
+from .privacy import make_privacy
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ def lr_factors(cfg: TrainConfig, total_steps: int):
 
 
 class PeerTrainer:
-    def __init__(self, model: nn.Module, batcher: Batcher, cfg: TrainConfig):
+    def __init__(self, model: nn.Module, batcher: Batcher, cfg: TrainConfig, peer_id: int = 0):
         if cfg.algo == "declora":
             model = lora.wrap(model, cfg)  # in place; the same adapters on every peer (seeded by cfg.seed)
         self.model = model
@@ -152,6 +154,8 @@ class PeerTrainer:
         self.lr_factor = lr_factors(cfg, self.schedule.rounds * self.schedule.n_blocks * self.schedule.inner_steps)
         self.active: ActiveBlock | None = None
         self.opt: GossipOptimizer | None = None
+        self.privacy = make_privacy(cfg, peer_id)  # None unless --dp-clip; peer_id seeds a test-only dp_seed
+        self._released = False  # the last local step was a release: its mix sets the next DP reference
         self.device = next(model.parameters()).device
         if cfg.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
@@ -179,6 +183,8 @@ class PeerTrainer:
         c = self.cfg
         self.opt = make_optimizer(c.algo, self.active.params, c.lr, alphas=c.alphas, betas=c.betas, eps=c.eps,
                                   discrepancy=c.discrepancy, weight_decay=c.weight_decay)
+        if self.privacy is not None:
+            self.privacy.set_reference(self.active.params)
 
     def local_step(self, istep: int = 0) -> dict[str, float]:
         """One local step at position `istep` of the run (what the learning-rate schedule reads)."""
@@ -209,6 +215,11 @@ class PeerTrainer:
         self.opt.local_step()
         stats["lr"] = self.opt.lr
         stats.update(self.opt.last_stats)
+        if self.privacy is not None:
+            # the release steps are the schedule's exchange steps, read here from the step's position so that the
+            # in-process network and a real peer noise exactly the same steps (and with comm none, the final model)
+            self._released = self.schedule.is_exchange(istep % self.schedule.inner_steps)
+            stats.update(self.privacy.release(self.active.params) if self._released else self.privacy.record())
         stats["compute_s"] = time.perf_counter() - t0
         return stats
 
@@ -220,6 +231,9 @@ class PeerTrainer:
         self.opt.mix(mixed)
         self.active.master_to_model()
         self.active.zero_grad()
+        if self._released:  # the next release's change is measured from this mixed (post-processed) value
+            self.privacy.set_reference(self.active.params)
+            self._released = False
         return {k: self.opt.last_stats[k] for k in ("h_norm", "m_norm", "v_mean") if k in self.opt.last_stats}
 
     # ---- checkpoints: the plain HF model others load, and what a restart of this peer needs

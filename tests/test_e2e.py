@@ -5,11 +5,8 @@ import subprocess
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, deca_peer_cmd, free_base_port
+from conftest import REPO, deca_peer_cmd, free_base_port, max_diff_to_simulation
 from deca_p2p.checkpoint import latest
-from deca_p2p.config import make_config
-from deca_p2p.simulate import simulate
-from deca_p2p.topology import load as load_topology
 
 SMALL = {"rounds": 1, "inner_steps": 3, "batch_size": 8, "train_per_task": 100, "eval_per_task": 3,
          "threads": 1, "seed": 3, "lr": 3e-3, "codec": "raw"}
@@ -44,16 +41,7 @@ def test_network_reproduces_in_process_simulation(deca_cache, tmp_path):
         outs.append(out.decode(errors="replace"))
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(o[-2000:] for o in outs)
 
-    res = simulate(load_topology(topo_path), make_config(None, SMALL))
-    worst = 0.0
-    for i in range(4):
-        ckpt = latest(run_dir / f"peer-{i}" / "checkpoint")
-        assert ckpt is not None
-        net = load_file(ckpt / "model.safetensors")
-        ref = dict(res.models[i].named_parameters())
-        assert set(net) <= set(ref)
-        for name, t in net.items():
-            worst = max(worst, float((t.float() - ref[name].detach().float()).abs().max()))
+    worst = max_diff_to_simulation(run_dir, topo_path, SMALL)
     assert worst <= 1e-6, worst
     # the network moved the weights: peers differ from the initial model and from each other
     a = load_file(latest(run_dir / "peer-0" / "checkpoint") / "model.safetensors")

@@ -1,0 +1,221 @@
+"""Validate `deca-peer plan` (deca_p2p/plan.py) against what was measured on this machine, and print what it predicts
+at internet scale.
+
+Reads the committed measurements -- nothing heavy is rerun:
+
+* benchmarks/results/bandwidth_latency.md: message size S, per-message transfer time at the configured bandwidth
+  (S / goodput) and inner-step wall time of real peers on ring8 (8 peers on 2 cores) and on a ring of 2 (one core
+  each), under emulated latency and bandwidth;
+* benchmarks/results/memory.md: peak RSS of one DECA and one decentralized-Adam peer (a 68.9 M-parameter Llama,
+  float32, CPU), self-mix and ring peer.
+
+For each it writes the plan's prediction, the measurement, their ratio and whether it is within 15%
+(benchmarks/results/plan_validation.md), then the plan's predictions for two internet-scale settings (the README's
+table). The step-time rows take the compute time from the measurement (the runs did not record their tokens per
+step, so the plan's FLOP model cannot be checked against them); what is predicted there is communication and the
+exchange's local overhead.
+
+    .venv/bin/python benchmarks/plan_validation.py
+"""
+from __future__ import annotations
+
+import re
+import sys
+
+from common import RESULTS, ROOT
+
+sys.path.insert(0, str(ROOT))
+from deca_p2p import plan  # noqa: E402
+from deca_p2p.topology import generate  # noqa: E402
+
+MiB = 1 << 20
+TOL = 0.15
+
+
+def table_rows(text: str, first_cell: str) -> list[list[list[str]]]:
+    """Every Markdown table whose header starts with `first_cell`, as lists of rows of cells (header excluded)."""
+    tables, cur = [], None
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if cur is None:
+                cur = [] if cells[0] == first_cell else None
+                if cur is not None:
+                    tables.append(cur)
+                continue
+            if set(line.replace("|", "").strip()) <= set("-: "):
+                continue
+            cur.append(cells)
+        else:
+            cur = None
+    return tables
+
+
+def verdict(pred: float, meas: float) -> tuple[str, str]:
+    r = pred / meas
+    return f"{r:.2f}", "yes" if abs(r - 1) <= TOL else "**no**"
+
+
+def bandwidth_latency(lines: list[str]) -> list[tuple]:
+    text = (RESULTS / "bandwidth_latency.md").read_text()
+    ring8, control = table_rows(text, "latency ms")[:2]
+    arch = plan.load_arch(str(ROOT / "deca_p2p" / "base_model"))
+    layer = plan.make_blocks(arch, "deca")[0]
+    s_pred = plan.message_bytes(layer, "raw")
+    cpu = plan.DEVICES["cpu"]
+    out = []
+    lines += ["## Communication: `bandwidth_latency.md` (embedded model, one decoder layer per message, raw codec)", "",
+              "Predicted step = measured compute + max over links (L + S/R) + the exchange's local overhead "
+              f"({plan.OVERHEAD_BYTES[0]} + {plan.OVERHEAD_BYTES[1]} x (degree + 1) bytes per block parameter at the "
+              f"`cpu` class's {cpu.host_bw / 1e9:g} GB/s); measured compute = the table's `compute + L + S/R` minus "
+              "L + S/R. Transfer = S/R predicted against S / goodput measured.", "",
+              "| run | latency ms | Mbit/s | quantity | predicted | measured | ratio | within 15% |",
+              "|---|---:|---:|---|---:|---:|---:|---|"]
+    s_meas = float(ring8[0][2]) * 1e6
+    r, ok = verdict(s_pred, s_meas)
+    lines.append(f"| all | | | message size S (MB) | {s_pred / 1e6:.4f} | {s_meas / 1e6:.3f} | {r} | {ok} |")
+    out.append(("message size S", s_pred, s_meas))
+    for name, rows, degree in (("ring8 (8 peers, 2 cores)", ring8, 2), ("ring of 2 (a core each)", control, 1)):
+        for row in rows:
+            lat, bw = float(row[0]), None if row[1] == "unlimited" else float(row[1])
+            goodput, step_wall, expected = float(row[3]), float(row[7]), float(row[8])
+            s = float(row[2]) * 1e6
+            compute = expected - lat / 1e3 - (s * 8 / (bw * 1e6) if bw else 0.0)
+            topo = generate("ring", 8 if degree == 2 else 2, link={"latency_ms": lat, "bandwidth_mbps": bw})
+            lat_s, tx = plan._link_seconds(topo.link(0, 1), s_pred)
+            local = (plan.OVERHEAD_BYTES[0] + plan.OVERHEAD_BYTES[1] * (degree + 1)) * layer.params / cpu.host_bw
+            step_pred = compute + lat_s + tx + local
+            if bw:
+                t_meas = s * 8 / (goodput * 1e6)
+                r, ok = verdict(tx, t_meas)
+                lines.append(f"| {name} | {lat:g} | {bw:g} | transfer S/R (ms) | {tx * 1e3:.2f} | {t_meas * 1e3:.2f} | "
+                             f"{r} | {ok} |")
+                out.append((f"{name} {lat:g} ms {bw:g} Mbit/s transfer", tx, t_meas))
+            r, ok = verdict(step_pred, step_wall)
+            lines.append(f"| {name} | {lat:g} | {f'{bw:g}' if bw else 'unlimited'} | step wall (s) | {step_pred:.3f} | {step_wall:.3f} | "
+                         f"{r} | {ok} |")
+            out.append((f"{name} {lat:g} ms {bw} step", step_pred, step_wall))
+    return out
+
+
+def memory_rows(lines: list[str]) -> list[tuple]:
+    text = (RESULTS / "memory.md").read_text()
+    (rows,) = table_rows(text, "algorithm")[:1]
+    m = re.search(r"hidden (\d+), intermediate (\d+), (\d+) layers, (\d+) heads, vocab (\d+)", text)
+    h, i, n_layers, heads, vocab = map(int, m.groups())
+    m = re.search(r"Batch (\d+) x (\d+) tokens", text)
+    tokens = int(m.group(1)) * int(m.group(2))
+    arch = plan.arch_from_config(dict(model_type="llama", hidden_size=h, intermediate_size=i, num_hidden_layers=n_layers,
+                                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                                      tie_word_embeddings=False), "memory.md's Llama")
+    runtime = plan.DEVICES["cpu"].runtime_bytes
+    lines += ["", "## Memory: `memory.md` (68.9 M-parameter Llama, float32, CPU; one peer)", "",
+              f"The benchmark's partition (embeddings, {n_layers} layers, head: {n_layers + 2} blocks), batch "
+              f"{tokens} tokens, its harness drops each mix result after applying it (`holds_previous_mix=False`). "
+              "`above baseline` = peak RSS minus the RSS with the model loaded (what training adds); `total` adds the "
+              f"model (4 B/parameter) and the plan's fixed CPU runtime ({runtime / MiB:.0f} MiB; measured there: "
+              "335 MiB).", "",
+              "| algorithm | mix | quantity | predicted MiB | measured MiB | ratio | within 15% | predicted peak at |",
+              "|---|---|---|---:|---:|---:|---|---|"]
+    out = []
+    for row in rows:
+        method = "deca" if row[0].startswith("DECA") else "dadam"
+        degree = 0 if row[1] == "self-mix" else 2
+        base, peak = float(row[3]), float(row[4])
+        blocks = plan.make_blocks(arch, method, embeddings_block=True, head_block=True)
+        mem = plan.memory(arch, method, blocks, degree, tokens, "float32", False, runtime, holds_previous_mix=False)
+        above = mem.device_bytes - mem.parts["weights"] - runtime
+        for q, pred, meas in (("above baseline", above / MiB, peak - base), ("total peak", mem.device_bytes / MiB, peak)):
+            r, ok = verdict(pred, meas)
+            lines.append(f"| {row[0]} | {row[1]} | {q} | {pred:.0f} | {meas:.0f} | {r} | {ok} | "
+                         f"{mem.parts['block']}, {mem.parts['peak_phase']} |")
+            out.append((f"{method} {row[1]} {q}", pred, meas))
+    per_act = re.search(r"Peak RSS per DECA activation \(self-mix\), MiB: (.*)", text)
+    if per_act:
+        base = float(rows[0][3])
+        measured = {k: float(v) for k, v in (x.strip().rsplit(" ", 1) for x in per_act.group(1).split(","))}
+        lines += ["", "Per DECA activation (self-mix), peak above baseline, MiB (the measured value is the running "
+                  "high-water mark of RSS since the previous activation, so it never falls far: freed memory stays "
+                  "with the allocator):", "", "| block | predicted | measured | ratio |", "|---|---:|---:|---:|"]
+        blocks = plan.make_blocks(arch, "deca", embeddings_block=True, head_block=True)
+        for b in blocks:
+            mem = plan.memory(arch, "deca", [b], 0, tokens, "float32", False, runtime, holds_previous_mix=False)
+            pred = (mem.device_bytes - mem.parts["weights"] - runtime) / MiB
+            meas = measured[b.name] - base
+            lines.append(f"| {b.name} | {pred:.0f} | {meas:.0f} | {pred / meas:.2f} |")
+    return out
+
+
+SCENARIOS = [
+    ("Llama-3-8B, 16 peers (ring16, degree 2), 1 Gbit/s, 50 ms", "llama-3-8b", ("ring", 16), 50, 1000, "gpu", False),
+    ("Llama-3-8B, 16 peers (exp16, degree 7), 1 Gbit/s, 50 ms", "llama-3-8b", ("exp", 16), 50, 1000, "gpu", False),
+    ("Qwen2.5-0.5B, 8 peers (ring8), home links 100 Mbit/s up (shared by both neighbours), 20 ms", "qwen2.5-0.5b",
+     ("ring", 8), 20, 100, "consumer-gpu", True),
+]
+
+
+def internet(lines: list[str]) -> None:
+    lines += ["", "## Internet scale: model predictions (not measured)", "",
+              "R = 8, T = 24 (every block 24 times), batch 8 x 512 tokens, gradient checkpointing, bf16 working dtype, "
+              "default device classes "
+              "(`gpu`: 400 TFLOP/s effective; `consumer-gpu`: 60 TFLOP/s), raw and bf16 codecs. Network = slowest "
+              "peer. 'overlap' = compute and exchange pipelined (the code today runs them one after the other). "
+              "Traffic = bytes sent by one peer over the run; methods at the same number of local steps.", "",
+              "| setting | codec | method | bytes / exchange / link | compute s | comm s | step s | step s (overlap) | "
+              "run | run (overlap) | sent / peer | peak memory / peer |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for title, model, (kind, n), lat, bw, dev, shared in SCENARIOS:
+        topo = generate(kind, n, link={"latency_ms": lat, "bandwidth_mbps": bw})
+        for codec in ("raw", "bf16"):
+            inp = plan.PlanInputs(codec=codec, inner_steps=8, rounds=24, batch_size=8, seq_len=512, dtype="bfloat16",
+                                  shared_uplink=shared, gradient_checkpointing=True)
+            p = plan.make_plan(plan.load_arch(model), topo, inp, plan.DEVICES[dev])
+            for method, c in p["methods"].items():
+                peer = max(c["peers"], key=lambda q: q["round_s"])
+                nw = c["network"]
+                mem = plan.fmt_bytes(nw["max_memory_device_bytes"])
+                lines.append(f"| {title} | {codec} | {method} | {plan.fmt_bytes(peer['bytes_per_exchange_per_link'])} | "
+                             f"{peer['compute_s']:.3g} | {peer['comm_s']:.3g} | {nw['step_s']:.3g} | "
+                             f"{nw['step_overlap_s']:.3g} | {plan.fmt_s(nw['run_s'])} | {plan.fmt_s(nw['run_overlap_s'])} | "
+                             f"{plan.fmt_bytes(peer['sent_bytes_run'])} | {mem} |")
+    lines += ["", "Commands: `deca-peer plan --model llama-3-8b --topology T --codec bf16 --batch-size 8 "
+              "--gradient-checkpointing` with T from `deca-peer topology gen ring 16 --latency-ms 50 --bandwidth-mbps "
+              "1000` (or `exp 16`); `deca-peer plan --model qwen2.5-0.5b --topology T --device consumer-gpu "
+              "--shared-uplink --codec bf16 --batch-size 8 --gradient-checkpointing` with T from `deca-peer topology "
+              "gen ring 8 --latency-ms 20 --bandwidth-mbps 100`."]
+
+
+def main() -> None:
+    lines = ["# `deca-peer plan` against this machine's measurements", "",
+             "`.venv/bin/python benchmarks/plan_validation.py`: the cost model's predictions (deca_p2p/plan.py) "
+             "against the committed measurements of `bandwidth_latency.md` and `memory.md`; nothing is rerun. "
+             f"Ratio = predicted / measured; within 15% = |ratio - 1| <= {TOL}.", ""]
+    comm = bandwidth_latency(lines)
+    mem = memory_rows(lines)
+    allr = comm + mem
+    good = sum(abs(p / m - 1) <= TOL for _, p, m in allr)
+    lines += ["", f"**{good} of {len(allr)} predictions within 15%** (communication {sum(abs(p / m - 1) <= TOL for _, p, m in comm)}"
+              f"/{len(comm)}, memory {sum(abs(p / m - 1) <= TOL for _, p, m in mem)}/{len(mem)}).", ""]
+    lines += WHY
+    internet(lines)
+    (RESULTS / "plan_validation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"HEADLINE plan vs measured: {good}/{len(allr)} within 15%")
+
+
+WHY = ["Where it is not within 15%, and why:", "",
+       "- **Step wall on ring8** (8 peers on 2 cores): the measured steps run 1.2-1.5x the simple sum. Each peer "
+       "waits for its slowest neighbour (synchronous gossip): four compute-bound peers share each core, so a "
+       "neighbour's compute, its link thread and the ZeroMQ I/O threads wait for a CPU; the plan has no model of "
+       "CPU contention. With a core per peer (ring of 2) the same sum lands within 15%.",
+       "- **Transfer at 1 Gbit/s**: the emulated link itself is CPU-bound here (goodput 0.40-0.52 of configured "
+       "on ring8, 0.83 with a core per peer); the plan assumes the configured rate.",
+       "- **Memory**: the prediction counts the tensors the code holds (and, on a CPU, the activations' memory that "
+       "glibc keeps after backward); the measured RSS also keeps what the allocator does not return later (freed "
+       "blocks under its mmap threshold, which grows up to 32 MiB, stay in the heap), so the per-activation "
+       "high-water marks drift upwards over a run: the DECA peak is the *last* activation (the head, one 6.1 M "
+       "tensor), 1.6x what that activation itself holds.", ""]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,674 @@
+"""`deca-peer plan`: what a run costs before it runs -- a pure cost model (no sockets; no torch but for --calibrate).
+
+Given a model (a preset or an HF ``config.json``), a topology with its links, a codec, R, T, a batch and a compute
+speed, it predicts per peer: parameters and bytes per block, bytes per exchange per link, compute /
+communication / local-overhead seconds per step (sequential, as the code runs today, and overlapped, as a pipelined
+exchange could), time per round and per run, traffic, and peak memory for DECA, decentralized Adam and Dec-LoRA.
+
+What the model mirrors in the code (and where it is approximate):
+
+* **Parameters** from the architecture numbers (Llama-family decoder: embeddings; per layer q/k/v/o with
+  grouped-query attention (``num_key_value_heads``), a gated MLP of three matrices, two RMSNorms, Qwen2's q/k/v
+  biases, Qwen3's q/k norms; final norm; an LM head unless tied). Exact for llama / mistral / qwen2 / qwen3
+  (tests compare with transformers); other ``model_type`` values are read with the same formula (an estimate).
+* **Blocks** as ``blocks.partition``: one block per ``layers_per_block`` decoder layers, plus the embeddings and the
+  head blocks when they are trained (``embeddings_block`` / ``head_block``, off by default; a tied head belongs to
+  the embeddings block). Decentralized Adam: one block of every parameter; Dec-LoRA: one block of the adapters
+  (rank r on every linear layer but the head, peft's ``all-linear``).
+* **Bytes per message** as ``wire``: payload 4 B/parameter (raw: float32), 2 B (bf16, fp16), 1 B + a per-tensor
+  scale (int8); plus a msgpack header (an estimate per tensor). Every message of an activation has the same size
+  (full or delta).
+* **Communication** as ``transport`` + ``gossip``: a peer sends its block to every neighbour at once, each link on
+  its own sender thread with its own emulated rate, then waits for every neighbour's block; so one exchange costs
+  the slowest link, max_j (L_ij + S / R_ij) (``shared_uplink``: the links share one access link, L + degree x S / R).
+  The network is synchronous (each step waits for the neighbours), so the slowest peer sets everyone's pace.
+* **Compute** = FLOPs / speed + optimizer memory traffic / memory bandwidth. Forward: 2 x matmul parameters x tokens
+  (+ attention scores, 4 x tokens x seq x q-width per layer). Backward: DECA computes input gradients only through
+  the layers above the active block (1x their forward) and weight gradients only for the active block (counted
+  2x its forward, a small overcount): on average about half a forward, so a DECA step costs ~1.5 forwards against
+  3 for decentralized Adam (6 x P x tokens); Dec-LoRA computes input gradients through every layer (~2 forwards). Gradient checkpointing adds one forward.
+* **Local overhead** per exchange: encode (copy to host, delta against the public copy), mix (float64 accumulator
+  over self + neighbours) and apply (BMA, copy back), as bytes touched per active parameter / host memory bandwidth.
+* **Memory** per peer, as held by ``blocks.ActiveBlock``, ``optim.DECA``, ``optim.MixAccumulator``,
+  ``wire.PublicCopy`` and ``gossip``: the whole model in its working dtype; per *active* parameter, at the mix, a
+  float32 master copy (when the working dtype is not float32), the float32 gradient, m and v, θ_r kept between
+  local step and mix, the float64 mix accumulator and its float32 result (28 B, +4 B master, +4 B for the previous
+  step's result a peer still holds); the peer's own public copy, the outgoing delta and one public copy per
+  neighbour (8 + 4 x degree B, in host memory); float64 temporaries of the largest tensor; in backward, the
+  activations (saved tensors per layer and token, the logits with their float32 loss copy and gradient). The peak
+  is the largest of the phases (see `memory`). On a GPU the device holds the model, the optimizer state, the mix
+  and the activations; the public copies live in host memory.
+
+Every number is a model prediction; `benchmarks/plan_validation.py` checks it against this machine's measurements.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("deca", "dadam", "declora")
+CODEC_BYTES = {"raw": 4, "bf16": 2, "fp16": 2, "int8": 1}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+HEADER_BASE_BYTES = 150        # msgpack header: fixed keys and stats (estimate, see tests/test_plan.py)
+HEADER_TENSOR_BYTES = 85       # per tensor: name (~40 chars), dtype, shape, nbytes (int8: + 10 for its scale)
+GiB = 1 << 30
+
+
+class PlanError(ValueError):
+    """Bad input to the planner (unknown preset, unreadable config, bad numbers): one line."""
+
+
+# ------------------------------------------------------------------------------------------------ architectures
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool = False       # Qwen2: biases on q, k, v
+    o_bias: bool = False         # Llama's attention_bias puts a bias on o_proj too
+    mlp_bias: bool = False
+    qk_norm: bool = False        # Qwen3: RMSNorm over each head's q and k
+    exact: bool = True           # False: a model_type this formula is not checked against
+
+
+# Published configurations (the models' config.json on the Hugging Face hub).
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                         tie_word_embeddings=True),
+    "llama-3.2-3b": dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                         tie_word_embeddings=True),
+    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+EXACT_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def arch_from_config(cfg: dict[str, Any], name: str) -> Arch:
+    """An Arch from an HF config dict (Llama-family keys)."""
+    need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [k for k in need if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool)]
+    if missing:
+        raise PlanError(f"{name}: config lacks integer {', '.join(missing)} (the planner reads Llama-family "
+                        f"decoder configs: llama, mistral, qwen2, qwen3)")
+    mt = str(cfg.get("model_type", "llama"))
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    vals = dict(hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"], layers=cfg["num_hidden_layers"],
+                heads=heads, kv_heads=kv, head_dim=hd, vocab=cfg["vocab_size"])
+    for k, v in vals.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise PlanError(f"{name}: {k} must be a positive integer, got {v!r}")
+    if heads % kv:
+        raise PlanError(f"{name}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    attn_bias = bool(cfg.get("attention_bias", False))
+    return Arch(name=name, model_type=mt, tied=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=mt == "qwen2" or attn_bias, o_bias=attn_bias and mt != "qwen2",
+                mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=mt == "qwen3", exact=mt in EXACT_TYPES, **vals)
+
+
+def load_arch(spec: str) -> Arch:
+    """A preset name (case-insensitive), a config.json, or a model directory holding one."""
+    key = spec.strip().lower()
+    if key in PRESETS:
+        return arch_from_config(PRESETS[key], key)
+    p = Path(spec)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        if p.suffix != ".json" and "/" not in spec:
+            raise PlanError(f"unknown model {spec!r}: give a preset ({', '.join(PRESETS)}) or a path to an HF "
+                            "config.json (or a model directory)")
+        raise PlanError(f"model config {p} does not exist")
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlanError(f"{p}: not a readable JSON config ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise PlanError(f"{p}: expected a JSON object")
+    cfg = dict(cfg.get("text_config") or {}, **{k: v for k, v in cfg.items() if k != "text_config"}) \
+        if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict) else cfg
+    return arch_from_config(cfg, str(spec))
+
+
+# ------------------------------------------------------------------------------------------------ parameter counts
+
+def _linears(a: Arch) -> list[tuple[str, int, int, bool]]:
+    """(name, in, out, has_bias) of one decoder layer's linear layers."""
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    return [("q_proj", a.hidden, q, a.qkv_bias), ("k_proj", a.hidden, kv, a.qkv_bias),
+            ("v_proj", a.hidden, kv, a.qkv_bias), ("o_proj", q, a.hidden, a.o_bias),
+            ("gate_proj", a.hidden, a.intermediate, a.mlp_bias), ("up_proj", a.hidden, a.intermediate, a.mlp_bias),
+            ("down_proj", a.intermediate, a.hidden, a.mlp_bias)]
+
+
+def layer_tensors(a: Arch) -> list[int]:
+    """Element counts of one decoder layer's parameter tensors."""
+    out = []
+    for _, i, o, bias in _linears(a):
+        out.append(i * o)
+        if bias:
+            out.append(o)
+    out += [a.hidden, a.hidden]  # input and post-attention RMSNorm
+    if a.qk_norm:
+        out += [a.head_dim, a.head_dim]
+    return out
+
+
+def layer_params(a: Arch) -> int:
+    return sum(layer_tensors(a))
+
+
+def embedding_params(a: Arch) -> int:
+    return a.vocab * a.hidden
+
+
+def head_params(a: Arch) -> int:
+    """Final norm + the LM head (0 for the head when tied: it is the embedding matrix)."""
+    return a.hidden + (0 if a.tied else a.vocab * a.hidden)
+
+
+def total_params(a: Arch) -> int:
+    return embedding_params(a) + a.layers * layer_params(a) + head_params(a)
+
+
+def lora_layer_params(a: Arch, rank: int) -> int:
+    """peft LoRA on every linear layer of a decoder layer: A (r x in) + B (out x r) each."""
+    return sum(rank * (i + o) for _, i, o, _ in _linears(a))
+
+
+@dataclass
+class BlockCost:
+    name: str
+    params: int
+    tensors: int
+    largest: int          # elements of its largest tensor
+    layers: tuple[int, int] | None = None  # decoder layers [first, last) it holds
+
+
+def make_blocks(a: Arch, method: str, *, embeddings_block: bool = False, head_block: bool = False,
+                layers_per_block: int = 1, lora_rank: int = 8) -> list[BlockCost]:
+    """The blocks a peer trains (frozen blocks are not listed), as blocks.partition / trainer.make_blocks."""
+    lt = layer_tensors(a)
+    if method == "dadam":
+        tensors = [embedding_params(a)] + lt * a.layers + [a.hidden] + ([] if a.tied else [a.vocab * a.hidden])
+        return [BlockCost("all", total_params(a), len(tensors), max(tensors), (0, a.layers))]
+    if method == "declora":
+        per = lora_layer_params(a, lora_rank)
+        largest = max(rank_t for _, i, o, _ in _linears(a) for rank_t in (lora_rank * i, lora_rank * o))
+        return [BlockCost("lora", per * a.layers, 14 * a.layers, largest, (0, a.layers))]
+    if method != "deca":
+        raise PlanError(f"unknown method {method!r}; choose {', '.join(METHODS)}")
+    if layers_per_block < 1:
+        raise PlanError(f"layers_per_block must be at least 1, got {layers_per_block}")
+    out = []
+    if embeddings_block:
+        out.append(BlockCost("embeddings", embedding_params(a), 1, embedding_params(a), None))
+    for i in range(0, a.layers, layers_per_block):
+        n = min(layers_per_block, a.layers - i)
+        name = f"layer.{i}" if layers_per_block == 1 else f"layers.{i}-{i + n - 1}"
+        out.append(BlockCost(name, n * layer_params(a), n * len(lt), max(lt), (i, i + n)))
+    if head_block:
+        hp = head_params(a)
+        out.append(BlockCost("head", hp, 1 if a.tied else 2, a.hidden if a.tied else a.vocab * a.hidden,
+                             (a.layers, a.layers)))
+    return out
+
+
+def message_bytes(block: BlockCost, codec: str) -> int:
+    """One block message on the wire: payload by codec + an estimated msgpack header."""
+    if codec not in CODEC_BYTES:
+        raise PlanError(f"unknown codec {codec!r}; choose {', '.join(CODEC_BYTES)}")
+    per_tensor = HEADER_TENSOR_BYTES + (10 if codec == "int8" else 0)
+    return block.params * CODEC_BYTES[codec] + HEADER_BASE_BYTES + block.tensors * per_tensor
+
+
+# ------------------------------------------------------------------------------------------------ compute
+
+def layer_forward_flops(a: Arch, tokens: int, seq: int) -> float:
+    """One decoder layer's forward FLOPs: 2 x weights x tokens, + QK^T and AV (4 x tokens x seq x q-width)."""
+    mats = sum(i * o for _, i, o, _ in _linears(a))
+    return 2.0 * mats * tokens + 4.0 * tokens * seq * a.heads * a.head_dim
+
+
+def head_forward_flops(a: Arch, tokens: int) -> float:
+    return 2.0 * a.vocab * a.hidden * tokens  # the LM head matmul, tied or not
+
+
+def step_flops(a: Arch, method: str, block: BlockCost, tokens: int, seq: int, *, lora_rank: int = 8,
+               checkpointing: bool = False) -> float:
+    """FLOPs of one local step (forward + backward) with `block` active."""
+    f_layer, f_head = layer_forward_flops(a, tokens, seq), head_forward_flops(a, tokens)
+    fwd = a.layers * f_layer + f_head
+    if method == "dadam":
+        bwd = 2 * fwd
+    elif method == "declora":
+        lora = 2.0 * lora_layer_params(a, lora_rank) * tokens * a.layers
+        fwd += lora
+        bwd = a.layers * f_layer + f_head + 2 * lora  # input gradients through every layer; adapters' own
+    else:
+        if block.layers is None:  # embeddings: input gradients through everything, weight gradient a scatter-add
+            bwd = fwd
+        else:
+            first, last = block.layers
+            above = (a.layers - last) * f_layer + f_head
+            # input gradients through the layers above and the active one (its lowest layer needs none below it
+            # but we count it: one layer's input gradient, a small overcount); weight gradients of the active block
+            bwd = above + (last - first) * f_layer * 2 if last > first else f_head  # head block: its weight grad
+    if checkpointing:
+        fwd *= 2
+    return fwd + bwd
+
+
+OPT_BYTES_PER_PARAM = 64     # Adam step: grad, m, v, p read/written, θ_r clone, float64 gradient norm temporaries
+OVERHEAD_BYTES = (40, 24)    # per active parameter and exchange: encode + apply, and per mixed source (self + each)
+
+
+@dataclass
+class Device:
+    kind: str                # cpu | gpu | consumer-gpu | calibrated: <what>
+    flops: float             # effective FLOP/s of a training step
+    mem_bw: float            # bytes/s of the optimizer's memory traffic (device)
+    host_bw: float           # bytes/s of the exchange's host-side passes (encode, public copies, mix)
+    runtime_bytes: int = 0   # fixed memory of the runtime (torch, transformers) beside the model
+    on_gpu: bool = False     # the public copies then live in host memory, the rest on the device
+
+
+DEVICES = {  # defaults per device class (effective, not peak: ~40% of peak FLOP/s for GPUs)
+    "cpu": Device("cpu", 5e10, 5e9, 5e9, int(0.35 * GiB)),
+    "gpu": Device("gpu (H100/H200 class)", 4e14, 2e12, 1e10, int(0.5 * GiB), True),
+    "consumer-gpu": Device("consumer-gpu (RTX 3090/4090 class)", 6e13, 7e11, 1e10, int(0.5 * GiB), True),
+}
+
+
+def calibrate(device: str = "auto", seconds: float = 3.0) -> Device:
+    """Time a scaled-down Llama's forward+backward and a large elementwise add on this machine's CPU or GPU."""
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - torch is a dependency
+        raise PlanError(f"--calibrate needs torch ({e})") from None
+    import time
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PlanError("--calibrate on cuda asked for, but torch sees no CUDA device")
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    h, i, n_layers, tokens = (2048, 8192, 4, 8192) if dev.type == "cuda" else (512, 1408, 2, 512)
+    torch.manual_seed(0)
+    ws = [torch.randn(h, i, device=dev, dtype=dtype, requires_grad=True) * 0.02 for _ in range(n_layers)]
+    ws = [w.detach().requires_grad_(True) for w in ws]
+    x = torch.randn(tokens, h, device=dev, dtype=dtype)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step():
+        y = x
+        for w in ws:
+            y = torch.nn.functional.silu(y @ w) @ w.t()
+        y.float().pow(2).mean().backward()
+
+    step()
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds / 2 or n < 2:
+        step()
+        n += 1
+    sync()
+    dt = (time.perf_counter() - t0) / n
+    flops = 3 * 2 * 2 * tokens * h * i * n_layers / dt  # forward 2 matmuls per layer, backward 2x
+    a = torch.ones(32 << 20 if dev.type == "cuda" else 8 << 20, device=dev)
+    b = torch.ones_like(a)
+    a.add_(b)
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds / 4 or n < 3:
+        a.add_(b)
+        n += 1
+    sync()
+    bw = 3 * a.numel() * 4 * n / (time.perf_counter() - t0)  # read a, read b, write a
+    host = bw if dev.type == "cpu" else DEVICES["gpu"].host_bw
+    base = DEVICES["cpu" if dev.type == "cpu" else "gpu"]
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    return Device(f"calibrated: {name}", flops, bw, host, base.runtime_bytes, dev.type == "cuda")
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+def activation_bytes(a: Arch, tokens: int, n_layers: int, wd: int, checkpointing: bool = False) -> float:
+    """Saved tensors for backward: per layer and token (norm inputs in float32; q, k, v, attention output, MLP
+    gate/up/product in the working dtype), and the logits (working dtype) with their float32 loss copy and gradient."""
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    per_layer = wd * (4 * a.hidden + 2 * q + 2 * kv + 3 * a.intermediate) + 4 * 2 * a.hidden
+    if checkpointing:
+        per_layer = wd * a.hidden  # only each layer's input is kept (+ one layer recomputed, below)
+        n_layers = n_layers + 1
+    logits = (wd + 8) * tokens * a.vocab
+    return per_layer * tokens * n_layers + logits
+
+
+@dataclass
+class Memory:
+    device_bytes: float      # weights + optimizer state + mix + activations (+ runtime on CPU)
+    host_bytes: float        # public copies (GPU peers; on CPU they are in device_bytes too)
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+def memory(a: Arch, method: str, blocks: list[BlockCost], degree: int, tokens: int, dtype: str, on_gpu: bool,
+           runtime_bytes: int = 0, lora_rank: int = 8, checkpointing: bool = False,
+           holds_previous_mix: bool = True) -> Memory:
+    """Peak memory of one peer: the maximum over its blocks and over the three phases of a step of what is held
+    (see the module doc). Per active parameter, with m = 4 B for a float32 master copy (working dtype not float32):
+
+    * backward:     m + m, v (8) + the working-dtype gradient + the activations;
+    * gradient norm (start of the Adam step): m + float32 gradient (4) + m, v (8) + 16 B x the largest tensor;
+    * mix:          m + gradient (4) + m, v (8) + θ_r (4) + float64 accumulator (8) + its float32 result (4)
+                    + 8 B x the largest tensor (a neighbour's tensor moved to the device, its distance in float64).
+
+    A real peer (`peer.py`) still holds the previous step's mixed result (4 B) in every phase
+    (`holds_previous_mix`; `benchmarks/memory.py` drops it). On a CPU the activations count in every phase (freed
+    activation memory stays with glibc's allocator: RSS does not fall after backward, measured in memory.md); on a
+    GPU the caching allocator reuses it, so only the backward phase has them. The public copies (own, outgoing delta, one per
+    neighbour: 8 + 4 x degree B) are in host memory on a GPU, beside the rest on a CPU.
+    """
+    wd = DTYPE_BYTES[dtype]
+    weights = wd * total_params(a)
+    if method == "declora":
+        weights += 4 * blocks[0].params  # peft keeps the adapters in float32
+    best = None
+    for b in blocks:
+        master = 4 if (wd != 4 and method != "declora") else 0
+        prev = 4 if holds_previous_mix else 0
+        if method == "deca" and b.layers is not None and b.layers[0] == b.layers[1] == a.layers:
+            saved = 0                                        # head block: the logits only
+        elif method == "deca" and b.layers is not None:
+            saved = a.layers - b.layers[0]                   # layers from the active block up
+        else:
+            saved = a.layers                                 # embeddings block, dadam, declora: every layer
+        act = activation_bytes(a, tokens, saved, wd, checkpointing)
+        # on a CPU the activations' memory stays with glibc's allocator after backward (RSS does not fall), so the
+        # later phases add to it; a GPU's caching allocator reuses it (max_memory_allocated counts live tensors)
+        kept = 0 if on_gpu else act
+        phases = {"backward": (master + 8 + prev + (wd if master else 0)) * b.params + act,
+                  "gradient norm": (master + 4 + 8 + prev) * b.params + 16 * b.largest + kept,
+                  "mix": (master + 28 + prev) * b.params + 8 * b.largest + kept}
+        phase = max(phases, key=phases.get)
+        # own public copy, outgoing delta, neighbours' copies (none without a neighbour: nothing is exchanged)
+        copies = (8 + 4 * degree) * b.params if degree else 0
+        dev = weights + phases[phase] + (0 if on_gpu else copies + runtime_bytes)
+        if best is None or dev > best.device_bytes:
+            best = Memory(dev, copies if on_gpu else 0.0,
+                          {"weights": weights, "peak_phase": phase, "phase_bytes": phases[phase],
+                           "optimizer_and_mix": (master + 28) * b.params, "activations": act,
+                           "public_copies": copies, "runtime": 0 if on_gpu else runtime_bytes, "block": b.name})
+    return best
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+@dataclass
+class PlanInputs:
+    method: str = "deca"
+    codec: str = "raw"
+    inner_steps: int = 8
+    rounds: int = 24
+    batch_size: int = 16
+    seq_len: int = 512
+    dtype: str = "bfloat16"
+    gossip_every: int = 1
+    embeddings_block: bool = False
+    head_block: bool = False
+    layers_per_block: int = 1
+    lora_rank: int = 8
+    gradient_checkpointing: bool = False
+    shared_uplink: bool = False
+
+    def check(self) -> "PlanInputs":
+        if self.method not in METHODS:
+            raise PlanError(f"unknown method {self.method!r}; choose {', '.join(METHODS)}")
+        if self.codec not in CODEC_BYTES:
+            raise PlanError(f"unknown codec {self.codec!r}; choose {', '.join(CODEC_BYTES)}")
+        if self.dtype not in DTYPE_BYTES:
+            raise PlanError(f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPE_BYTES)}")
+        for k in ("inner_steps", "rounds", "batch_size", "seq_len", "gossip_every", "layers_per_block", "lora_rank"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise PlanError(f"{k.replace('_', '-')} must be a positive integer, got {v!r}")
+        return self
+
+
+def _link_seconds(link, nbytes: int) -> tuple[float, float]:
+    lat = (link.latency_ms or 0.0) / 1e3 + (getattr(link, "jitter_ms", 0.0) or 0.0) / 2e3
+    tx = 0.0 if link.bandwidth_mbps is None else nbytes * 8 / (link.bandwidth_mbps * 1e6)
+    return lat, tx
+
+
+def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> dict[str, Any]:
+    """Per-peer and network costs of one method at DECA's step count (T x blocks x R local steps)."""
+    deca_blocks = make_blocks(a, "deca", embeddings_block=inp.embeddings_block, head_block=inp.head_block,
+                              layers_per_block=inp.layers_per_block)
+    blocks = make_blocks(a, method, embeddings_block=inp.embeddings_block, head_block=inp.head_block,
+                         layers_per_block=inp.layers_per_block, lora_rank=inp.lora_rank)
+    steps_per_round = len(deca_blocks) * inp.inner_steps
+    exchanges_per_act = sum(1 for s in range(inp.inner_steps)
+                            if (s + 1) % inp.gossip_every == 0 or s == inp.inner_steps - 1)
+    tokens = inp.batch_size * inp.seq_len
+    on_gpu = device.on_gpu
+    # per block: compute and local overhead per step (DECA cycles over its blocks; the others train one block)
+    per_block = []
+    for b in blocks:
+        fl = step_flops(a, method, b, tokens, inp.seq_len, lora_rank=inp.lora_rank,
+                        checkpointing=inp.gradient_checkpointing)
+        compute = fl / device.flops + OPT_BYTES_PER_PARAM * b.params / device.mem_bw
+        per_block.append((b, fl, compute))
+    if method == "deca":
+        weights = [1.0] * len(per_block)
+    else:
+        weights = [float(len(deca_blocks))]  # the same number of local steps per round as DECA
+    nb = sum(weights)
+    mean_compute = sum(w * c for w, (_, _, c) in zip(weights, per_block)) / nb
+    mean_flops = sum(w * f for w, (_, f, _) in zip(weights, per_block)) / nb
+    peers = []
+    for i in topo.nodes:
+        nbrs = topo.neighbors(i)
+        deg = len(nbrs)
+        step_comm, step_local, link_bytes, round_time_seq, round_time_ovl = [], [], [], 0.0, 0.0
+        sent_round = 0.0
+        for w, (b, _, compute) in zip(weights, per_block):
+            s = message_bytes(b, inp.codec)
+            links = [_link_seconds(topo.link(i, j), s) for j in nbrs]
+            if not links:
+                comm = 0.0
+            elif inp.shared_uplink:
+                comm = max(lat for lat, _ in links) + sum(tx for _, tx in links)
+            else:
+                comm = max(lat + tx for lat, tx in links)
+            local = (OVERHEAD_BYTES[0] + OVERHEAD_BYTES[1] * (deg + 1)) * b.params / device.host_bw if deg else 0.0
+            ex_share = exchanges_per_act / inp.inner_steps
+            step_seq = compute + ex_share * (comm + local)
+            step_ovl = max(compute, ex_share * comm) + ex_share * local
+            n_steps = w * inp.inner_steps
+            round_time_seq += n_steps * step_seq
+            round_time_ovl += n_steps * step_ovl
+            sent_round += w * exchanges_per_act * deg * s
+            step_comm.append((w, comm))
+            step_local.append((w, local))
+            link_bytes.append((w, s))
+        wavg = lambda xs: sum(w * x for w, x in xs) / nb  # noqa: E731
+        mem = memory(a, method, blocks, deg, tokens, inp.dtype, on_gpu, device.runtime_bytes, inp.lora_rank,
+                     inp.gradient_checkpointing)
+        slow = max(nbrs, key=lambda j: sum(_link_seconds(topo.link(i, j), 10**6)), default=None)
+        peers.append({
+            "peer": i, "degree": deg,
+            "slowest_link": None if slow is None else _fmt_link(topo.link(i, slow)),
+            "bytes_per_exchange_per_link": wavg(link_bytes),
+            "compute_s": mean_compute, "comm_s": wavg(step_comm), "local_s": wavg(step_local),
+            "step_s": round_time_seq / steps_per_round, "step_overlap_s": round_time_ovl / steps_per_round,
+            "round_s": round_time_seq, "round_overlap_s": round_time_ovl,
+            "run_s": round_time_seq * inp.rounds, "run_overlap_s": round_time_ovl * inp.rounds,
+            "sent_bytes_run": sent_round * inp.rounds,
+            "memory_device_bytes": mem.device_bytes, "memory_host_bytes": mem.host_bytes, "memory_parts": mem.parts,
+        })
+    slowest = max(peers, key=lambda p: p["round_s"])
+    slowest_ovl = max(peers, key=lambda p: p["round_overlap_s"])
+    return {
+        "method": method, "trainable_params_per_step": sum(w * b.params for w, (b, _, _) in zip(weights, per_block)) / nb,
+        "steps_per_round": steps_per_round, "flops_per_step": mean_flops,
+        "peers": peers,
+        "network": {"step_s": slowest["step_s"], "step_overlap_s": slowest_ovl["step_overlap_s"],
+                    "round_s": slowest["round_s"], "run_s": slowest["run_s"],
+                    "run_overlap_s": slowest_ovl["run_overlap_s"],
+                    "traffic_bytes_run": sum(p["sent_bytes_run"] for p in peers),
+                    "max_memory_device_bytes": max(p["memory_device_bytes"] for p in peers),
+                    "max_memory_host_bytes": max(p["memory_host_bytes"] for p in peers)},
+    }
+
+
+def _fmt_link(link) -> str:
+    bw = "unlimited" if link.bandwidth_mbps is None else f"{link.bandwidth_mbps:g} Mbit/s"
+    return f"{link.latency_ms:g} ms, {bw}"
+
+
+def make_plan(a: Arch, topo, inp: PlanInputs, device: Device) -> dict[str, Any]:
+    """The whole prediction as a JSON-able dict."""
+    inp.check()
+    blocks = make_blocks(a, inp.method, embeddings_block=inp.embeddings_block, head_block=inp.head_block,
+                         layers_per_block=inp.layers_per_block, lora_rank=inp.lora_rank)
+    return {
+        "model": {"name": a.name, "model_type": a.model_type, "params": total_params(a), "layers": a.layers,
+                  "hidden": a.hidden, "vocab": a.vocab, "tied": a.tied, "exact_formula": a.exact,
+                  "layer_params": layer_params(a), "embedding_params": embedding_params(a),
+                  "head_params": head_params(a)},
+        "topology": {"name": topo.name, "peers": len(topo.nodes), "edges": len(topo.edges)},
+        "inputs": asdict(inp),
+        "device": asdict(device),
+        "blocks": [{"name": b.name, "params": b.params, "bytes": {c: message_bytes(b, c) for c in CODEC_BYTES}}
+                   for b in blocks],
+        "methods": {m: method_cost(a, topo, inp, device, m) for m in METHODS},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+def fmt_bytes(x: float) -> str:
+    for unit, k in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(x) >= k:
+            return f"{x / k:.3g} {unit}"
+    return f"{x:.0f} B"
+
+
+def fmt_s(x: float) -> str:
+    if x >= 86400:
+        return f"{x / 86400:.3g} d"
+    if x >= 3600:
+        return f"{x / 3600:.3g} h"
+    if x >= 60:
+        return f"{x / 60:.3g} min"
+    if x >= 1:
+        return f"{x:.3g} s"
+    return f"{x * 1e3:.3g} ms"
+
+
+def _fmt_ids(ids: list[int]) -> str:
+    """0-3, 5, 7-9."""
+    out, run = [], [ids[0]]
+    for i in ids[1:] + [None]:
+        if i is not None and i == run[-1] + 1:
+            run.append(i)
+            continue
+        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+        if i is not None:
+            run = [i]
+    return ", ".join(out)
+
+
+def render(plan: dict[str, Any], console=None, max_peers: int = 16) -> None:
+    """Rich tables: the model and its blocks, each peer for the chosen method, and the three methods side by side."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = console or Console(width=max(140, Console().width))
+    m, inp, dev = plan["model"], plan["inputs"], plan["device"]
+    con.print(f"[bold]{m['name']}[/]: {m['params'] / 1e9:.3g} B parameters ({m['layers']} layers x "
+              f"{m['layer_params'] / 1e6:.4g} M, embeddings {m['embedding_params'] / 1e6:.4g} M, head "
+              f"{m['head_params'] / 1e6:.4g} M{', tied' if m['tied'] else ''})"
+              + ("" if m["exact_formula"] else f" [yellow](model_type {m['model_type']}: Llama formula, an estimate)[/]"))
+    con.print(f"topology {plan['topology']['name']}: {plan['topology']['peers']} peers; codec {inp['codec']}, "
+              f"R = {inp['inner_steps']}, T = {inp['rounds']}, batch {inp['batch_size']} x {inp['seq_len']} tokens, "
+              f"{inp['dtype']}; compute {dev['flops'] / 1e12:.3g} TFLOP/s, memory {dev['mem_bw'] / 1e9:.3g} GB/s "
+              f"({dev['kind']})")
+    blocks = plan["blocks"]
+    bt = Table(title=f"blocks ({inp['method']}): {len(blocks)}", show_lines=False)
+    for col in ("block", "params", *[f"bytes ({c})" for c in CODEC_BYTES]):
+        bt.add_column(col, justify="right" if col != "block" else "left")
+    shown = blocks if len(blocks) <= 6 else blocks[:3] + [None] + blocks[-2:]
+    for b in shown:
+        if b is None:
+            bt.add_row("...", *[""] * (1 + len(CODEC_BYTES)))
+            continue
+        bt.add_row(b["name"], f"{b['params'] / 1e6:.4g} M", *[fmt_bytes(b["bytes"][c]) for c in CODEC_BYTES])
+    con.print(bt)
+    cost = plan["methods"][inp["method"]]
+    pt = Table(title=f"per peer, {inp['method']} (model predictions; the code runs compute, then the exchange: "
+               "'overlap' is what a pipelined exchange could reach)")
+    for col in ("peers", "deg", "slowest link", "per exch/link", "compute s", "comm s", "local s", "step s",
+                "overlap s", "round", "run", "sent", "peak memory"):
+        pt.add_column(col, justify="right")
+    groups: dict[tuple, list[int]] = {}
+    for p in cost["peers"]:  # identical peers (same degree and links) on one row
+        key = tuple(round(p[k], 9) if isinstance(p[k], float) else p[k] for k in
+                    ("degree", "slowest_link", "bytes_per_exchange_per_link", "comm_s", "local_s", "step_s",
+                     "memory_device_bytes"))
+        groups.setdefault(key, []).append(p["peer"])
+    byid = {p["peer"]: p for p in cost["peers"]}
+    for k, (_, ids) in enumerate(groups.items()):
+        if k == max_peers:
+            pt.add_row(f"(+{len(groups) - max_peers} more)", *[""] * 12)
+            break
+        p = byid[ids[0]]
+        mem = fmt_bytes(p["memory_device_bytes"]) + (f" + host {fmt_bytes(p['memory_host_bytes'])}"
+                                                      if p["memory_host_bytes"] else "")
+        pt.add_row(_fmt_ids(ids), str(p["degree"]), p["slowest_link"] or "-", fmt_bytes(p["bytes_per_exchange_per_link"]),
+                   f"{p['compute_s']:.3g}", f"{p['comm_s']:.3g}", f"{p['local_s']:.3g}", f"{p['step_s']:.3g}",
+                   f"{p['step_overlap_s']:.3g}", fmt_s(p["round_s"]), fmt_s(p["run_s"]), fmt_bytes(p["sent_bytes_run"]),
+                   mem)
+    con.print(pt)
+    ct = Table(title=f"methods at the same number of local steps ({cost['steps_per_round']} per round x {inp['rounds']} "
+               "rounds); network = slowest peer (synchronous gossip)")
+    for col in ("method", "trained params/step", "bytes/exch/link", "step s", "step s overlap", "run", "run overlap",
+                "traffic (all peers)", "peak memory/peer"):
+        ct.add_column(col, justify="right" if col != "method" else "left")
+    for name, c in plan["methods"].items():
+        n = c["network"]
+        mem = fmt_bytes(n["max_memory_device_bytes"]) + (f" + host {fmt_bytes(n['max_memory_host_bytes'])}"
+                                                         if n["max_memory_host_bytes"] else "")
+        ct.add_row(name, f"{c['trainable_params_per_step'] / 1e6:.4g} M",
+                   fmt_bytes(max(p["bytes_per_exchange_per_link"] for p in c["peers"])),
+                   f"{n['step_s']:.3g}", f"{n['step_overlap_s']:.3g}", fmt_s(n["run_s"]), fmt_s(n["run_overlap_s"]),
+                   fmt_bytes(n["traffic_bytes_run"]), mem)
+    con.print(ct)
