@@ -66,6 +66,8 @@ from .link import (LinkCounters, LinkSpec, MAX_QUEUED_BYTES, MAX_QUEUED_DATA, _a
 from .transport_base import (HELLO_INTERVAL_S, RCVHWM, RECONNECT_IVL_MAX_MS, RECONNECT_IVL_MS,  # noqa: F401
                              SNDHWM, TransportError, _POLL_SLICE_S, _wire, _zmq_reason)
 
+REANSWER_S = 1.0                # a repeated hello of the same (neighbour, inc) is answered again at most this often
+
 __all__ = ["TransportError", "LinkSpec", "LinkCounters", "CurveConfig", "Transport"]
 
 _ROUTING_ID_RE = re.compile(rb"peer-(0|[1-9][0-9]{0,9})")
@@ -256,7 +258,7 @@ class Transport:
         self._router: zmq.Socket | None = None
         self.bound_endpoint: str | None = None
         self._pending: deque[tuple[int | None, list]] = deque()
-        self._answered: set[tuple[int, int]] = set()
+        self._answered: dict[tuple[int, int], float] = {}  # (neighbour, inc) -> when we last answered its hello
         self._inc = 0
         self._hello_frames: list | None = None
         # configuration handshake (fingerprint.py): our fingerprint, sent in every hello of ours; the one each
@@ -633,9 +635,14 @@ class Transport:
         return f"configuration differs from neighbour {src} in {describe(*diff)}"
 
     def _answer(self, src: int, inc: int) -> None:
-        key = (src, inc)
-        if key not in self._answered:
-            self._answered.add(key)
+        """Answer a neighbour's hello: the first one at once, a repeated one again at most every REANSWER_S.
+        An answer can be lost (our DEALER not yet connected within the send timeout on a slow start), and a
+        neighbour still in its barrier repeats its hello until it hears ours: answering only the first left it
+        waiting for its whole hello timeout (seen once in CI with the conformance peer)."""
+        key, now = (src, inc), time.monotonic()
+        last = self._answered.get(key)
+        if last is None or now - last >= REANSWER_S:
+            self._answered[key] = now
             self._hello()
             self._send_hello(src, timeout=self.send_timeout_s)
 
