@@ -8,9 +8,12 @@ then wait), measured in the same run, each with its sender and receiver in separ
                             (peer A) -> Transport.recv (peer B) -> wire.decode (validation, zero-copy view,
                             NaN/Inf scan). The headline;
 * ``ours + sender scan``    the same with wire.encode's default NaN/Inf check on the sender as well;
-* ``ours (peer exchange)``  what a peer does per inner step after the first: PublicCopy.encode_block of a
-                            delta (raw codec) -> Transport -> Transport.recv -> wire.decode -> the
-                            receiver's PublicCopy.apply;
+* ``ours (peer exchange)``  what a peer does per exchange with the raw codec (protocol v3): wire.encode_whole
+                            (a snapshot of θ½, sent whole) -> Transport -> Transport.recv -> wire.decode;
+                            the receiver mixes the decoded view and keeps nothing;
+* ``v2 delta exchange``     what a peer did before (protocol v2, kept for comparison): PublicCopy.encode_block
+                            of a raw delta (θ½ − θ̂ into a fresh tensor, θ̂ += delta) -> Transport ->
+                            wire.decode -> the receiver's PublicCopy.apply (θ̂ += delta);
 * ``raw pyzmq``             PUSH/PULL of the same bytes, send(buf, copy=False) / recv(copy=False);
 * ``memcpy``                np.copyto into a warm preallocated buffer (the physical limit), and into a
                             freshly allocated torch buffer (page faults included).
@@ -40,12 +43,13 @@ from deca_p2p.bootstrap import free_ports
 
 MiB = 1 << 20
 
-METHODS = ("raw", "ours", "ours_checked", "ours_peer")
+METHODS = ("raw", "ours", "ours_checked", "ours_peer", "ours_delta")
 LABELS = {
     "raw": "raw pyzmq",
     "ours": "ours",
     "ours_checked": "ours + sender scan",
     "ours_peer": "ours (peer exchange)",
+    "ours_delta": "v2 delta exchange",
     "copy_warm": "memcpy, warm dst",
     "copy_fresh": "memcpy, fresh torch dst",
 }
@@ -118,12 +122,14 @@ def child_send(a) -> None:
             pc = wire.PublicCopy()
             rows = []
             for rep in range(1 + reps_for(size, a.reps)):  # rep 0: warm-up (and the full message of a delta chain)
-                if method == "ours_peer":
+                if method in ("ours_peer", "ours_delta"):
                     data.add_(1e-3)  # θ½ moved since the last exchange (not timed; the last message was acked)
                 t0 = now()
                 if method == "raw":
                     frames = [b"hdr", memoryview(data.numpy()).cast("B")]
                 elif method == "ours_peer":
+                    frames = wire.encode_whole({"w": data}, src=0, step=rep, check_finite=False)
+                elif method == "ours_delta":
                     frames = pc.encode_block({"w": data}, src=0, codec="raw", full=rep == 0, step=rep,
                                              check_finite=False)
                 else:
@@ -208,7 +214,7 @@ def child_recv(a) -> None:
                     msg = wire.decode(got[1])
                     if msg.kind == "block":
                         break
-                if method == "ours_peer":
+                if method == "ours_delta":
                     theirs.apply(msg.tensors, msg.full)
                 t_dec = now()
                 msg = got = None
@@ -327,9 +333,11 @@ def write_report(a, results, sizes, reps, envs, wall, loads, runs) -> None:
          "view of the frame, the NaN/Inf check). Peers skip the sender-side scan: every receiver validates, and "
          "a peer's own divergence stops it at its loss (`TrainingDiverged`).",
          "- **ours + sender scan**: the same with `wire.encode`'s default NaN/Inf check on the sender too.",
-         "- **ours (peer exchange)**: one inner step after the first: `PublicCopy.encode_block` of a raw delta "
-         "(θ½ − θ̂ into a fresh tensor, θ̂ += delta) -> Transport -> `wire.decode` -> the receiver's "
-         "`PublicCopy.apply` (θ̂ += delta).",
+         "- **ours (peer exchange)**: what a peer does per exchange with the raw codec (protocol v3): "
+         "`wire.encode_whole` (a snapshot of θ½, sent whole) -> Transport -> `wire.decode`; the receiver mixes the "
+         "decoded view and keeps nothing per neighbour. Targets (issue 12): >= 0.8x raw pyzmq at 4-256 MiB, >= 0.5x at 1 MiB.",
+         "- **v2 delta exchange**: the path before (protocol v2): `PublicCopy.encode_block` of a raw delta (θ½ − θ̂ into "
+         "a fresh tensor, θ̂ += delta) -> Transport -> `wire.decode` -> the receiver's `PublicCopy.apply` (θ̂ += delta).",
          "- **memcpy**: `np.copyto` into a warm preallocated buffer (the physical limit) / into a fresh "
          "`torch.empty` buffer (page faults included).", ""]
     for env in envs:
@@ -368,6 +376,7 @@ def write_report(a, results, sizes, reps, envs, wall, loads, runs) -> None:
                 cells.append(f"{d:.2f} -> {h:.2f} (x{h / d:.2f})")
             L.append(f"| {s} | " + " | ".join(cells) + " |")
         L += ["", verdict(results, sizes), ""]
+    L += ["## Headline", "", headline(results, sizes, envs), ""]
     L += ["## Raw samples (GB/s per repetition)", ""]
     for env in envs:
         for m in METHODS:
@@ -423,10 +432,10 @@ def verdict(results, sizes) -> str:
 def headline(results, sizes, envs) -> str:
     parts = []
     for env in envs:
-        rs = [results[env]["ours"][s]["gbps"] / results[env]["raw"][s]["gbps"] for s in sizes]
-        parts.append(f"{env}: " + ", ".join(f"{s} MiB {x:.2f}x" for s, x in zip(sizes, rs)) +
-                     f" (median {statistics.median(rs):.2f}x)")
-    return ("HEADLINE ours (wire.encode + Transport + wire.decode) / raw pyzmq goodput [target >= 0.9]: " +
+        for m in ("ours", "ours_peer", "ours_delta"):
+            rs = [results[env][m][s]["gbps"] / results[env]["raw"][s]["gbps"] for s in sizes]
+            parts.append(f"{env} {LABELS[m]}: " + ", ".join(f"{s} MiB {x:.2f}x" for s, x in zip(sizes, rs)))
+    return ("HEADLINE goodput / raw pyzmq [peer exchange targets: >= 0.8x at 4-256 MiB, >= 0.5x at 1 MiB]: " +
             "; ".join(parts))
 
 
@@ -438,7 +447,7 @@ def plot(results, sizes, envs) -> None:
 
     fig, axes = plt.subplots(1, len(envs), figsize=(5.4 * len(envs), 5.0), sharey=True, squeeze=False)
     styles = {"raw": ("tab:blue", "o-"), "ours": ("tab:red", "s-"), "ours_checked": ("tab:purple", "s--"),
-              "ours_peer": ("tab:orange", "^-"), "copy_warm": ("black", "x-"), "copy_fresh": ("tab:green", "d-")}
+              "ours_peer": ("tab:orange", "^-"), "ours_delta": ("tab:brown", "v:"), "copy_warm": ("black", "x-"), "copy_fresh": ("tab:green", "d-")}
     for ax, env in zip(axes[0], envs):
         for m, (color, fmt) in styles.items():
             ax.plot(sizes, [results[env][m][s]["gbps"] for s in sizes], fmt, color=color, label=LABELS[m])

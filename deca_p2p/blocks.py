@@ -185,7 +185,7 @@ def _random_order(n_blocks: int, round_idx: int, seed: int) -> tuple[int, ...]:
 def block_order(n_blocks: int, order: str, round_idx: int, seed: int) -> list[int]:
     """The activation order of one round; identical on every peer that shares the seed.
 
-    ``random`` is language-independent (protocol version 2): the block indices sorted by `order_key`, a fresh
+    ``random`` is language-independent (since protocol version 2): the block indices sorted by `order_key`, a fresh
     permutation every round; no language's own random number generator is involved.
     """
     if order == "ascending":

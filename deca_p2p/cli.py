@@ -102,6 +102,8 @@ def _train_options(f):
         click.option("--device", type=click.Choice(["cpu", "cuda", "auto"])),
         click.option("--threads", type=int, help="torch threads per peer (0: cores / local peers)."),
         click.option("--gossip-every", type=int, help="Exchange after every c-th inner step (default 1)."),
+        click.option("--overlap/--no-overlap", default=None,
+                     help="Compute each step's gradient while its exchange is in flight (one-step-delayed gossip)."),
         click.option("--slowdown", type=float, help="Make this peer a straggler: each step takes FACTOR x longer."),
         click.option("--robust", type=click.Choice(["none", "clip", "trim"]),
                      help="Mixing robust to a bad neighbour: clip (self-centred clipping), trim (trimmed mean)."),

@@ -64,6 +64,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward (the model's gradient_checkpointing_enable)
     # communication
     comm: str = "gossip"              # gossip | none (local-only baseline)
+    # send θ at the start of a step and compute its gradient while the blocks travel; the mix's correction lands
+    # on θ½ (optim.overlap_correction): a step costs ~max(compute, exchange) instead of their sum
+    overlap: bool = False
     codec: str = "raw"                # raw | bf16 | fp16 | int8
     gossip_every: int = 1             # exchange after every c-th inner step (and the last of an activation)
     exchange_timeout_s: float = 60.0  # how long to wait for a neighbour's block before mixing without it
@@ -74,6 +77,9 @@ class TrainConfig:
     robust: str = "clip"
     robust_tau: float = 0.0           # clip radius as a share of the peer's own block norm; 0: automatic (robust.py)
     robust_trim: int = 1              # trim: values dropped per side and coordinate (needs 2b+1 <= degree+1, else clip)
+    # the mix's accumulator: float32 (the block's own dtype) or float64; float64 moved results by noise only and
+    # cost ~3x the time (benchmarks/results/mix_precision.md)
+    mix_dtype: str = "float32"
     robust_exclude: str = ""          # neighbour ids never mixed in ("3,5"), as if always missing: a manual quarantine
     # TEST/BENCHMARK HOOK ONLY (deca_p2p/attacks.py), never for real use: "KIND@ID[,ID...]" makes those peers
     # publish a corrupted block (x10, x1000, constant, signflip, gaussian, dissensus); "" (default): nobody does
@@ -107,7 +113,7 @@ class TrainConfig:
                    "block_order": ("ascending", "descending", "random"), "comm": ("gossip", "none"),
                    "codec": ("raw", "bf16", "fp16", "int8"), "dtype": ("float32", "bfloat16", "float16"),
                    "device": ("cpu", "cuda", "auto"), "lr_schedule": LR_SCHEDULES,
-                   "robust": ("none", "clip", "trim")}
+                   "robust": ("none", "clip", "trim"), "mix_dtype": ("float32", "float64")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
@@ -151,6 +157,9 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be a finite number >= 0 (0: off), got {v}")
         if self.dp_noise > 0 and self.dp_clip == 0:
             raise ConfigError("dp_noise needs dp_clip > 0 (the noise is dp_noise x dp_clip): give --dp-clip too")
+        if self.overlap and self.dp_clip > 0:
+            raise ConfigError("--overlap cannot be combined with --dp-clip: an overlapped block is sent before its "
+                              "step's release is noised")
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
         if self.dp_seed is not None and (isinstance(self.dp_seed, bool) or not isinstance(self.dp_seed, int)):

@@ -5,7 +5,7 @@ would say so: they drop each other's blocks (`names`, `shape`, `position`, `stal
 without each other, and the run "succeeds". So every hello carries a small map (PROTOCOL.md §6.1)::
 
     {"digest": "<16 hex: sha256 of the fields that must agree>",
-     "protocol": "2", "algo": "deca", "comm": "gossip", "lora_rank": "n/a", ..., "inner_steps": "32", ...,
+     "protocol": "3", "algo": "deca", "comm": "gossip", "lora_rank": "n/a", ..., "inner_steps": "32", ...,
      "topology": "8 nodes, 8 edges #…", "model": "llama, 4 layers, hidden 128, 877,568 params #…",
      "blocks": "6 blocks, 877,568 params #…",
      "local.lr": "0.001", "local.codec": "raw", ...}
@@ -39,7 +39,7 @@ AGREE = ("protocol", "algo", "comm", "lora_rank", "lora_alpha", "lora_targets", 
 # Each peer's own choices: they interoperate (the messages and the exchange schedule do not change) but change the
 # algorithm, so a difference is reported in the log.
 LOCAL_KEYS = ("lr", "lr_schedule", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "discrepancy",
-              "alphas", "betas", "eps", "codec", "dtype", "batch_size", "grad_accum", "robust")
+              "alphas", "betas", "eps", "codec", "dtype", "batch_size", "grad_accum", "robust", "mix_dtype", "overlap")
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -1,13 +1,19 @@
 """One gossip exchange keyed by (round, block, step): send my block, collect my neighbours', mix.
 
-Every neighbour's block arrives as a delta against its public copy θ̂_j (wire.PublicCopy), which this
-peer keeps for each neighbour (the delta protocol needs it; it is also what lets a neighbour drop out or
-rejoin mid-activation). Arriving deltas are applied to θ̂_j at once; the mix Σ_j w_ij θ̂_j is then summed
-in neighbour-id order, which makes it bit-identical to the in-process reference whatever the arrival order.
-Messages for a later exchange are buffered (a bounded window), messages of a finished activation are
-dropped, and a late delta of the current activation is still applied to θ̂_j so the delta chain stays
-intact. A neighbour that does not answer within the timeout is left out of that exchange: its weight goes
-to the self weight.
+Two forms of a block message (PROTOCOL.md §8):
+
+* lossless codec (``raw``): every block message is θ½ itself, whole. The receiver mixes the decoded frame as it
+  is (a view of the received bytes, no copy) and lets it go after the mix: no per-neighbour state, so a peer's
+  memory does not grow with its degree, and the mix reads exactly the θ½ its neighbour computed;
+* lossy codecs (``bf16``, ``fp16``, ``int8``): a delta against the sender's public copy θ̂_j (wire.PublicCopy),
+  kept by the sender and every receiver; this is error feedback, what one step's rounding loses the next delta
+  still carries. Arriving deltas are applied to θ̂_j at once; a late delta of the current activation is still
+  applied so the chain stays intact; a gap asks for a ``resync``, answered with a raw full θ̂_j for that link.
+
+Either way the mix Σ_j w_ij θ_j is summed in neighbour-id order, which makes it bit-identical to the in-process
+reference whatever the arrival order. Messages for a later exchange are buffered (a bounded window), messages of a
+finished activation are dropped. A neighbour that does not answer within the timeout is left out of that
+exchange: its weight goes to the self weight.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from typing import Sequence
 import torch
 
 from . import wire
-from .robust import MixReport, RobustMixer
+from .robust import MixReport, RobustMixer, sq_distance
 from .topology import Topology
 from .trainer import Schedule, TrainingDiverged
 from .transport import Transport
@@ -37,6 +43,15 @@ class ExchangeResult:
     neighbour_stats: dict[int, dict] = field(default_factory=dict)
     mix_s: float = 0.0                       # of wait_s: the weighted sum of the blocks
     robust: MixReport | None = None          # what the robust mix did (clipped, flagged neighbours)
+
+
+@dataclass
+class InFlight:
+    """An exchange sent and not yet collected."""
+    seq: int
+    t0: float
+    names: list[str]
+    own: list[torch.Tensor]  # what the mix reads as our own block
 
 
 class Gossip:
@@ -59,8 +74,12 @@ class Gossip:
         self.timeout_s = timeout_s
         self.window = window
         self.stop = stop or threading.Event()  # set by a signal handler: stop waiting, mix what has arrived
-        self.own = wire.PublicCopy()
-        self.copies = {j: wire.PublicCopy() for j in self.neighbours}
+        self.exact = wire.get_codec(codec).lossless  # send θ½ itself, whole, every time (no delta chain)
+        self.own = wire.PublicCopy()                # lossy codecs: our public copy θ̂
+        self.copies = {j: wire.PublicCopy() for j in self.neighbours}  # lossy neighbours' θ̂_j
+        self.current: dict[int, dict[str, torch.Tensor]] = {}  # this exchange's block of each neighbour, until mixed
+        self.want_base: set[int] = set()  # we asked these for a resync: their raw full block is a new θ̂_j
+        self.seen: dict[int, dict[str, torch.Tensor]] = {}  # attack hook only: what each neighbour sent last
         self.last_seq: dict[int, int | None] = {j: None for j in self.neighbours}
         self.peer_inc: dict[int, int] = {}
         self.pending: dict[int, dict[int, wire.Message]] = {j: {} for j in self.neighbours}
@@ -83,6 +102,7 @@ class Gossip:
     # ------------------------------------------------------------------ the exchange
     def begin_activation(self, round_idx: int, block: int) -> None:
         self.own.reset()
+        self.seen.clear()
         self.send_full = True
         self.full_to = set()
         self._activation_start = self.schedule.activation_seq(round_idx, block)
@@ -91,20 +111,32 @@ class Gossip:
     @torch.no_grad()
     def exchange(self, round_idx: int, block: int, step: int, tensors: dict[str, torch.Tensor],
                  stats: dict[str, float] | None = None) -> ExchangeResult:
+        """Send θ½, wait for the neighbours' blocks of the same exchange, mix."""
+        return self.collect(self.send(round_idx, block, step, tensors, stats))
+
+    @torch.no_grad()
+    def send(self, round_idx: int, block: int, step: int, tensors: dict[str, torch.Tensor],
+             stats: dict[str, float] | None = None, *, keep: bool = False) -> InFlight:
+        """The first half of an exchange: send our block; `collect` finishes it. keep=True (--overlap, where the
+        caller changes its parameters in between): the mix uses a snapshot of `tensors` as they are now."""
         seq = self.schedule.seq(round_idx, block, step)
         self.position = seq
         t0 = time.perf_counter()
         self._t_exchange = time.time()
         full, self.send_full = self.send_full, False
-        repair, self.full_to = (set() if full else self.full_to - self.gone), set()
+        # lossless: every block is whole already, no link needs a repair
+        repair, self.full_to = (set() if full or self.exact else self.full_to - self.gone), set()
         sent_at = time.time()
         published = tensors if self.attack is None else self.attack(
-            tensors, {j: c.tensors for j, c in self.copies.items()}, seq, seq == self._activation_start)
+            tensors, {j: self.copies[j].tensors or self.seen.get(j) for j in self.neighbours}, seq,
+            seq == self._activation_start)
         out_stats = {**{k: float(v) for k, v in (stats or {}).items() if isinstance(v, (int, float))},
                      "sent_at": sent_at}  # lets a receiver measure the link
-        frames = self._encode_own(published, src=self.me, codec=self.codec, full=full, inc=self.inc,
-                                       round=round_idx, block=block, step=step, stats=out_stats,
-                                       check_finite=False)  # receivers scan it; our own divergence shows in the loss
+        snap = wire.snapshot(published) if self.exact or keep else None  # what goes out zero-copy (and, when
+        # it is our own block, what the mix reads with keep)
+        frames = self._encode_own(snap if self.exact else published, src=self.me, codec=self.codec,
+                                  full=full or self.exact, inc=self.inc, round=round_idx, block=block, step=step,
+                                  stats=out_stats, check_finite=False)  # receivers scan it; our divergence shows in the loss
         repaired = None
         if repair:  # a full block for these links only: our new public copy itself, raw float32 (decoded exactly,
             # so their copy equals everyone else's after the delta); the other neighbours' chains go on undisturbed
@@ -116,7 +148,18 @@ class Gossip:
         for j in self.neighbours:
             if j not in self.gone:
                 self.tr.send(j, repaired if j in repair else frames)
-        own = list(tensors.values())
+        if not keep:
+            own = list(tensors.values())
+        elif published is tensors:
+            own = list(snap.values())
+        else:  # an attacker's own mix reads its true block
+            own = list(wire.snapshot(tensors).values())
+        return InFlight(seq, t0, list(tensors), own)
+
+    @torch.no_grad()
+    def collect(self, fl: InFlight) -> ExchangeResult:
+        """The second half of an exchange: wait for the neighbours' blocks (or the timeout), mix."""
+        seq, t0, own = fl.seq, fl.t0, fl.own
         arrived: dict[int, dict] = {}
         self._unusable = set()
         deadline = t0 + self.timeout_s
@@ -143,13 +186,16 @@ class Gossip:
             if got is not None:
                 self._handle(*got, seq=seq, arrived=arrived)
         t_mix = time.perf_counter()
-        theirs = {j: [self.copies[j].tensors[k] for k in tensors] for j in sorted(arrived)}
-        disagreement = 0.0
-        for j, blk in theirs.items():
-            disagreement += self.row[j] * sum(float((a - b).double().pow(2).sum()) for a, b in zip(blk, own))
+        theirs = {j: [self.current[j][k] for k in fl.names] for j in sorted(arrived)}
         # neighbour-id order, self last, the self weight absorbing every missing neighbour (robust.py):
         # float sums do not depend on who arrived first
         mixed = self.robust.mix(own, theirs, seq=seq)
+        dist = self.robust.last.distances or {}  # clip and trim measured them already: one pass over each block less
+        disagreement = sum(self.row[j] * (dist[j] ** 2 if j in dist else sq_distance(blk, own))
+                           for j, blk in theirs.items())
+        if self.attack is not None:
+            self.seen.update(self.current)
+        self.current = {}  # the received frames go now: nothing per neighbour outlives the exchange
         t_end = time.perf_counter()
         return ExchangeResult(mixed, sorted(arrived), [j for j in self.neighbours if j not in arrived],
                               t_end - t0, disagreement ** 0.5, arrived, t_end - t_mix, self.robust.last)
@@ -162,6 +208,9 @@ class Gossip:
         finite = {k: v for k, v in stats.items() if math.isfinite(v)}
         self.nonfinite_stats += len(stats) - len(finite)
         try:
+            if self.exact:  # θ½ itself, whole (already our snapshot); no public copy
+                kw.pop("full")
+                return wire.encode_whole(tensors, stats=finite, owned=True, **kw)
             return self.own.encode_block(tensors, stats=finite, **kw)
         except wire.WireError as e:
             raise TrainingDiverged(f"training diverged: this peer's block cannot be sent ({e}); lower --lr and "
@@ -257,8 +306,10 @@ class Gossip:
             self.last_seq[src] = None
             self.pending[src].clear()
             self.full_to.add(src)  # it has no copy of ours either
+            self.want_base.discard(src)
             if arrived is not None:
                 arrived.pop(src, None)
+                self.current.pop(src, None)
             self._tell_position(src)
         self.peer_inc[src] = msg.inc
         if msg.kind == "hello":  # a late start-up hello, or a restart (then the incarnation check above resyncs)
@@ -292,17 +343,31 @@ class Gossip:
 
     def _take(self, j: int, msg: wire.Message, seq: int | None, arrived) -> None:
         mseq = self.schedule.seq(msg.round, msg.block, msg.step)
-        if not msg.full and self.last_seq[j] != mseq - 1:
-            self._drop("chain_gap")  # a delta whose predecessor we never applied: ask for a full block
-            self.tr.send(j, wire.encode(wire.Message(kind="resync", src=self.me, inc=self.inc)))
-            if mseq == seq:
-                self._unusable.add(j)  # it answered; its repaired block comes next step, don't wait for it now
-            return
-        try:
-            self.copies[j].apply(msg.tensors, msg.full)
-        except wire.WireError as e:
-            return self._drop(e.reason)
-        self.last_seq[j] = mseq
+        lossless = wire.get_codec(msg.codec).lossless
+        if lossless and not msg.full:
+            return self._drop("raw_delta")  # PROTOCOL.md §8: a lossless block is always whole
+        if lossless and j not in self.want_base and self.copies[j].tensors is None:
+            # θ½_j itself, mixed as received (a view of the frame) and kept no longer than the mix. (A raw full block
+            # from a lossy neighbour whose chain we follow, or one we asked to resync, is its θ̂_j: the else branch.)
+            block = msg.tensors
+            self.last_seq[j] = None  # a delta after it has no base here: chain_gap, resync
+        else:
+            if not msg.full and self.last_seq[j] != mseq - 1:
+                self._drop("chain_gap")  # a delta whose predecessor we never applied: ask for a full block
+                self.want_base.add(j)    # its answer, a raw full θ̂_j, is the base of the deltas that follow
+                self.tr.send(j, wire.encode(wire.Message(kind="resync", src=self.me, inc=self.inc)))
+                if mseq == seq:
+                    self._unusable.add(j)  # it answered; its repaired block comes next step, don't wait for it now
+                return
+            try:
+                self.copies[j].apply(msg.tensors, msg.full)
+            except wire.WireError as e:
+                return self._drop(e.reason)
+            self.want_base.discard(j)
+            block = self.copies[j].tensors
+            self.last_seq[j] = mseq
+        if mseq == seq and arrived is not None:
+            self.current[j] = block
         self.suspect.discard(j)
         if mseq == seq and arrived is not None:
             arrived[j] = dict(msg.stats)

@@ -131,6 +131,11 @@ class _Link:
         self.close_deadline = math.inf
         self.ready = threading.Event()
         self.error: BaseException | None = None
+        self.sock: zmq.Socket | None = None
+        # Who touches the DEALER: the sender thread, or (fast path) the caller. zmq sockets may change threads
+        # behind a full memory barrier, which this lock gives; it is never held while waiting for anything else.
+        self.sock_lock = threading.Lock()
+        self.direct = self.latency == 0 and self.rate is None and self.jitter == 0  # nothing to emulate
         self.thread = threading.Thread(
             target=self._run, name=f"deca-link-{tr.my_id}->{dst}", daemon=True)
 
@@ -139,6 +144,24 @@ class _Link:
                 hello_inc: int | None = None) -> None:
         with self.cond:
             if self.closing:  # raced with close(): the sender thread is gone or going
+                if data:
+                    self.tr._count_failures(self.dst, 1)
+                return
+            now = time.monotonic()
+            if self.direct and not self.outstanding and self.sock is not None:
+                # Fast path: nothing to emulate and nothing ahead of it. Hand it to zmq from this thread: waking the
+                # sender thread for it cost ~0.5 ms a message (GIL hand-off; benchmarks/wire_throughput.py).
+                item = _Item(frames, header, payload, now, timeout, data, hello_inc)
+                self.outstanding += 1
+                if hello_inc is not None:
+                    self.hellos_outstanding += 1
+            else:
+                item = None
+        if item is not None:
+            self._send_now(item)
+            return
+        with self.cond:
+            if self.closing:
                 if data:
                     self.tr._count_failures(self.dst, 1)
                 return
@@ -159,6 +182,31 @@ class _Link:
             if hello_inc is not None:
                 self.hellos_outstanding += 1
             self.cond.notify_all()
+
+    def _send_now(self, item: _Item) -> None:
+        """One try to hand an item to zmq from the caller's thread; if zmq cannot take it now (pipe full, not yet
+        connected), the sender thread takes over with the item's whole timeout."""
+        with self.sock_lock:
+            sock = self.sock
+            try:
+                if sock is None:
+                    raise zmq.Again
+                sock.send_multipart(item.frames, flags=zmq.NOBLOCK, copy=False)
+                ok = True
+            except zmq.Again:
+                ok = None
+            except zmq.ZMQError:
+                ok = False
+        if ok is None:
+            with self.cond:
+                if self.sock is None and self.closing:  # the sender thread closed the link meanwhile
+                    self.queue.appendleft(item)
+                    self._drop_all_locked()
+                    return
+                self.queue.appendleft(item)  # first in line: nothing else was outstanding
+                self.cond.notify_all()
+            return
+        self._done(item, ok)
 
     # -- sender thread ---------------------------------------------------------------------
     def _make_socket(self) -> zmq.Socket:
@@ -193,6 +241,8 @@ class _Link:
             self.error = e
             self.ready.set()
             return
+        with self.sock_lock:
+            self.sock = sock
         self.ready.set()
         try:
             while True:
@@ -210,10 +260,12 @@ class _Link:
             with self.cond:
                 left = self.close_deadline - time.monotonic() if self.closing else math.inf
             linger = self.tr.linger_ms if math.isinf(left) else int(max(0.0, min(left * 1e3, self.tr.linger_ms)))
-            try:
-                sock.close(linger=linger)
-            except Exception:
-                pass
+            with self.sock_lock:  # no caller is mid-send on it
+                self.sock = None
+                try:
+                    sock.close(linger=linger)
+                except Exception:
+                    pass
 
     def _next_item(self) -> _Item | None:
         """Wait until the head of the queue is due; None when the link is closing and done."""
@@ -259,17 +311,19 @@ class _Link:
         """Hand one message to zmq, retrying while the pipe is full or not connected."""
         give_up = time.monotonic() + item.timeout
         while True:
-            try:
-                sock.send_multipart(item.frames, flags=zmq.NOBLOCK, copy=False)
-                return True
-            except zmq.Again:
-                pass
-            except zmq.ZMQError:
-                return False
+            with self.sock_lock:
+                try:
+                    sock.send_multipart(item.frames, flags=zmq.NOBLOCK, copy=False)
+                    return True
+                except zmq.Again:
+                    pass
+                except zmq.ZMQError:
+                    return False
             left = min(give_up, self.close_deadline) - time.monotonic()
             if left <= 0:
                 return False
-            sock.poll(max(1, int(min(left, _POLL_SLICE_S) * 1e3)), zmq.POLLOUT)
+            with self.sock_lock:  # (polling only: the caller's fast path is off while this item is outstanding)
+                sock.poll(max(1, int(min(left, _POLL_SLICE_S) * 1e3)), zmq.POLLOUT)
 
     def _done(self, item: _Item, ok: bool) -> None:
         if ok:

@@ -29,6 +29,7 @@ from .checkpoint import latest, save_atomic
 from .config import TrainConfig
 from .attacks import make_attack
 from .gossip import Gossip
+from .optim import overlap_correction
 from .metrics import METRICS_FILE, MetricsLog, peer_dir, records
 from .privacy import public_stats
 from .robust import make_mixer
@@ -246,23 +247,31 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
         log.write("rejoin", activation=first, step=first_step, missed_activations=first - resumed_at)
     proc = psutil.Process()
     peak_rss = 0
+    last_stats: dict = {}  # --overlap sends a block before its step's numbers exist: the previous step's go with it
     alone_exchanges, was_alone = 0, False
     for a in range(first, len(acts)):
         rnd, blk = acts[a]
         trainer.activate(blk)
         gossip.begin_activation(rnd, blk)
         for step in range(first_step if a == first else 0, cfg.inner_steps):
+            exchanging = cfg.comm != "none" and sched.is_exchange(step)
+            flight = None
+            if exchanging and cfg.overlap:  # send θ now: its blocks travel while this step's gradient is computed
+                flight = gossip.send(rnd, blk, step, trainer.block(), last_stats, keep=True)
             stats = trainer.local_step(sched.step_index(rnd, blk, step))
             if cfg.slowdown > 1:  # a straggler on purpose
                 time.sleep((cfg.slowdown - 1) * stats["compute_s"])
             extra = {}
-            if cfg.comm == "none" or not sched.is_exchange(step):
+            if not exchanging:
                 mixed = [t.clone() for t in trainer.block().values()]
             else:
-                # with DP, only data-independent numbers go out beside the (noised) block
-                res = gossip.exchange(rnd, blk, step, trainer.block(),
-                                      stats if trainer.privacy is None else public_stats(stats))
-                mixed = res.mixed
+                if flight is not None:  # it lands: θ½ + (Σ_j w_ij θ_j − θ), the mix's correction on this step's θ½
+                    res = gossip.collect(flight)
+                    mixed = overlap_correction(list(trainer.block().values()), res.mixed, flight.own)
+                else:  # with DP, only data-independent numbers go out beside the (noised) block
+                    res = gossip.exchange(rnd, blk, step, trainer.block(),
+                                          stats if trainer.privacy is None else public_stats(stats))
+                    mixed = res.mixed
                 extra = {"wait_s": res.wait_s, "missing": res.missing,
                          "mixed": res.arrived if res.robust is None else list(res.robust.mixed),
                          "disagreement": res.disagreement,
@@ -274,6 +283,7 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
                 if alone != was_alone:  # said once when it happens (and once when it ends), not every step
                     _say_alone(me, gossip, alone)
                     was_alone = alone
+            last_stats = stats
             t_apply = time.perf_counter()
             stats.update(trainer.apply_mix(mixed))
             stats["apply_s"] = time.perf_counter() - t_apply  # the optimizer's mix step (BMA) and copy-back

@@ -27,14 +27,16 @@ What the model mirrors in the code (and where it is approximate):
   the layers above the active block (1x their forward) and weight gradients only for the active block (counted
   2x its forward, a small overcount): on average about half a forward, so a DECA step costs ~1.5 forwards against
   3 for decentralized Adam (6 x P x tokens); Dec-LoRA computes input gradients through every layer (~2 forwards). Gradient checkpointing adds one forward.
-* **Local overhead** per exchange: encode (copy to host, delta against the public copy), mix (float64 accumulator
-  over self + neighbours) and apply (BMA, copy back), as bytes touched per active parameter / host memory bandwidth.
+* **Local overhead** per exchange: encode (copy to host; `raw`: a snapshot of θ½, lossy codecs: the delta against the
+  public copy), mix (float32 accumulator over self + neighbours) and apply (BMA, copy back), as bytes touched per
+  active parameter / host memory bandwidth.
 * **Memory** per peer, as held by ``blocks.ActiveBlock``, ``optim.DECA``, ``optim.MixAccumulator``,
   ``wire.PublicCopy`` and ``gossip``: the whole model in its working dtype; per *active* parameter, at the mix, a
   float32 master copy (when the working dtype is not float32), the float32 gradient, m and v, θ_r kept between
-  local step and mix, the float64 mix accumulator and its float32 result (28 B, +4 B master, +4 B for the previous
-  step's result a peer still holds); the peer's own public copy, the outgoing delta and one public copy per
-  neighbour (8 + 4 x degree B, in host memory); float64 temporaries of the largest tensor; in backward, the
+  local step and mix, the float32 mix accumulator, which is the result (20 B, +4 B master, +4 B for the previous
+  step's result a peer still holds); what the exchange holds (`raw`: the snapshot sent and the neighbours' blocks
+  until the mix, 4 + 4 x degree B; lossy codecs: own public copy, outgoing delta and one public copy per neighbour,
+  8 + 4 x degree B; in host memory); float64 temporaries of the largest tensor; in backward, the
   activations (saved tensors per layer and token, the logits with their float32 loss copy and gradient). The peak
   is the largest of the phases (see `memory`). On a GPU the device holds the model, the optimizer state, the mix
   and the activations; the public copies live in host memory.
@@ -92,7 +94,11 @@ def step_flops(a: Arch, method: str, block: BlockCost, tokens: int, seq: int, *,
 
 
 OPT_BYTES_PER_PARAM = 64     # Adam step: grad, m, v, p read/written, θ_r clone, float64 gradient norm temporaries
-OVERHEAD_BYTES = (40, 24)    # per active parameter and exchange: encode + apply, and per mixed source (self + each)
+# bytes touched per active parameter and exchange: encode + apply, and per mixed source (self + each; the float32
+# accumulator: read the source, read and write the sum; a neighbour's block is also scanned for NaN/Inf once).
+# raw sends θ½ whole (a snapshot: read + write); a lossy codec's delta reads θ½ and θ̂, writes the delta, adds the
+# decoded delta into θ̂; apply (BMA, copy back) is the same for both
+OVERHEAD_BYTES = {"raw": (24, 16), "lossy": (40, 16)}
 
 
 @dataclass
@@ -190,20 +196,22 @@ class Memory:
 
 def memory(a: Arch, method: str, blocks: list[BlockCost], degree: int, tokens: int, dtype: str, on_gpu: bool,
            runtime_bytes: int = 0, lora_rank: int = 8, checkpointing: bool = False,
-           holds_previous_mix: bool = True) -> Memory:
+           holds_previous_mix: bool = True, codec: str = "raw") -> Memory:
     """Peak memory of one peer: the maximum over its blocks and over the three phases of a step of what is held
     (see the module doc). Per active parameter, with m = 4 B for a float32 master copy (working dtype not float32):
 
     * backward:     m + m, v (8) + the working-dtype gradient + the activations;
     * gradient norm (start of the Adam step): m + float32 gradient (4) + m, v (8) + 16 B x the largest tensor;
-    * mix:          m + gradient (4) + m, v (8) + θ_r (4) + float64 accumulator (8) + its float32 result (4)
+    * mix:          m + gradient (4) + m, v (8) + θ_r (4) + the float32 accumulator, which is the result (4)
                     + 8 B x the largest tensor (a neighbour's tensor moved to the device, its distance in float64).
 
     A real peer (`peer.py`) still holds the previous step's mixed result (4 B) in every phase
     (`holds_previous_mix`; `benchmarks/memory.py` drops it). On a CPU the activations count in every phase (freed
     activation memory stays with glibc's allocator: RSS does not fall after backward, measured in memory.md); on a
-    GPU the caching allocator reuses it, so only the backward phase has them. The public copies (own, outgoing delta, one per
-    neighbour: 8 + 4 x degree B) are in host memory on a GPU, beside the rest on a CPU.
+    GPU the caching allocator reuses it, so only the backward phase has them. What the exchange holds is in host memory on
+    a GPU, beside the rest on a CPU: with `raw` (protocol v3: whole blocks) the snapshot being sent and the neighbours'
+    blocks received until the mix (4 + 4 x degree B, nothing kept between exchanges); with a lossy codec the public
+    copies (own, outgoing delta, one per neighbour: 8 + 4 x degree B).
     """
     wd = DTYPE_BYTES[dtype]
     weights = wd * total_params(a)
@@ -225,15 +233,16 @@ def memory(a: Arch, method: str, blocks: list[BlockCost], degree: int, tokens: i
         kept = 0 if on_gpu else act
         phases = {"backward": (master + 8 + prev + (wd if master else 0)) * b.params + act,
                   "gradient norm": (master + 4 + 8 + prev) * b.params + 16 * b.largest + kept,
-                  "mix": (master + 28 + prev) * b.params + 8 * b.largest + kept}
+                  "mix": (master + 20 + prev) * b.params + 8 * b.largest + kept}
         phase = max(phases, key=phases.get)
-        # own public copy, outgoing delta, neighbours' copies (none without a neighbour: nothing is exchanged)
-        copies = (8 + 4 * degree) * b.params if degree else 0
+        # raw: the snapshot in flight + the neighbours' blocks until the mix; lossy: own public copy, outgoing delta,
+        # neighbours' copies (none without a neighbour: nothing is exchanged)
+        copies = ((4 if codec == "raw" else 8) + 4 * degree) * b.params if degree else 0
         dev = weights + phases[phase] + (0 if on_gpu else copies + runtime_bytes)
         if best is None or dev > best.device_bytes:
             best = Memory(dev, copies if on_gpu else 0.0,
                           {"weights": weights, "peak_phase": phase, "phase_bytes": phases[phase],
-                           "optimizer_and_mix": (master + 28) * b.params, "activations": act,
+                           "optimizer_and_mix": (master + 20) * b.params, "activations": act,
                            "public_copies": copies, "runtime": 0 if on_gpu else runtime_bytes, "block": b.name})
     return best
 
@@ -317,7 +326,8 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
                 comm = max(lat for lat, _ in links) + sum(tx for _, tx in links)
             else:
                 comm = max(lat + tx for lat, tx in links)
-            local = (OVERHEAD_BYTES[0] + OVERHEAD_BYTES[1] * (deg + 1)) * b.params / device.host_bw if deg else 0.0
+            fixed, per_source = OVERHEAD_BYTES["raw" if inp.codec == "raw" else "lossy"]
+            local = (fixed + per_source * (deg + 1)) * b.params / device.host_bw if deg else 0.0
             ex_share = exchanges_per_act / inp.inner_steps
             step_seq = compute + ex_share * (comm + local)
             step_ovl = max(compute, ex_share * comm) + ex_share * local
@@ -330,7 +340,7 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
             link_bytes.append((w, s))
         wavg = lambda xs: sum(w * x for w, x in xs) / nb  # noqa: E731
         mem = memory(a, method, blocks, deg, tokens, inp.dtype, on_gpu, device.runtime_bytes, inp.lora_rank,
-                     inp.gradient_checkpointing)
+                     inp.gradient_checkpointing, codec=inp.codec)
         slow = max(nbrs, key=lambda j: sum(_link_seconds(topo.link(i, j), 10**6)), default=None)
         peers.append({
             "peer": i, "degree": deg,

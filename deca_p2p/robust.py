@@ -140,7 +140,8 @@ class RobustMixer:
     """
 
     def __init__(self, me: int, row: Mapping[int, float], mode: str = "none", *, tau: float = 0.0, trim: int = 1,
-                 exclude: Sequence[int] = (), log: Callable[[str], None] | None = None):
+                 exclude: Sequence[int] = (), log: Callable[[str], None] | None = None,
+                 dtype: torch.dtype | None = None):
         if mode not in ROBUST_MODES:
             raise ValueError(f"robust must be one of {', '.join(ROBUST_MODES)}, got {mode!r}")
         if not (math.isfinite(tau) and tau >= 0):
@@ -148,6 +149,7 @@ class RobustMixer:
         if trim < 1:
             raise ValueError(f"robust_trim must be at least 1, got {trim}")
         self.me, self.row, self.mode, self.tau_rel, self.trim = me, dict(row), mode, float(tau), int(trim)
+        self.dtype = dtype  # the mix's accumulator (None: the block's own dtype; optim.MixAccumulator)
         self.exclude = frozenset(exclude)  # never mixed in, in any mode (an operator's manual quarantine)
         self.log = log
         self._said: set[str] = set()
@@ -209,14 +211,14 @@ class RobustMixer:
         return out
 
     def _plain(self, own, theirs, order) -> list[torch.Tensor]:
-        acc = MixAccumulator(own)
+        acc = MixAccumulator(own, self.dtype)
         for j in order:
             acc.add(theirs[j], self.row[j])
         acc.add(own, self_weight(self.row, self.me, order))  # the self weight absorbs every missing neighbour
         return acc.result()
 
     def _clip(self, own, theirs, order, dist, tau, report) -> list[torch.Tensor]:
-        acc = MixAccumulator(own)
+        acc = MixAccumulator(own, self.dtype)
         mixed = []
         for j in order:
             d = dist[j]
@@ -229,10 +231,9 @@ class RobustMixer:
             if d > HARD_CLIP * tau:
                 continue  # far beyond any honest neighbour: left out of this exchange, its weight to the self weight
             mixed.append(j)
-            for a, t, o in zip(acc.acc, theirs[j], own):  # θ̃_j = θ½ + s (θ̂_j − θ½), one tensor at a time
-                o = _f64(o, a.device)
-                a.add_(_f64(t, a.device).sub_(o).mul_(s).add_(o), alpha=self.row[j])
-            acc.weight += self.row[j]
+            dt = self.dtype or own[0].dtype  # θ̃_j = θ½ + s (θ̂_j − θ½)
+            acc.add([torch.sub(t.to(o.device, dt), o.to(dt)).mul_(s).add_(o.to(dt)) for t, o in zip(theirs[j], own)],
+                    self.row[j])
         report.mixed = list(mixed)
         acc.add(own, self_weight(self.row, self.me, mixed))
         return acc.result()
@@ -298,4 +299,5 @@ def parse_ids(text: str) -> list[int]:
 
 def make_mixer(cfg, me: int, row: Mapping[int, float], log: Callable[[str], None] | None = None) -> RobustMixer:
     return RobustMixer(me, row, cfg.robust, tau=cfg.robust_tau, trim=cfg.robust_trim,
-                       exclude=parse_ids(cfg.robust_exclude), log=log)
+                       exclude=parse_ids(cfg.robust_exclude), log=log,
+                       dtype=torch.float64 if cfg.mix_dtype == "float64" else None)

@@ -1,7 +1,7 @@
 """The in-process reference network: all n peers in one process, the same maths as the real peers.
 
-Each peer's block goes through the same codec and public-copy (delta) path as on the wire, and is mixed with
-the same float64 accumulator, so a real network with the raw codec must reproduce these weights. It is the
+Each peer's block goes through the same codec path as on the wire (θ½ itself with the raw codec, deltas against a
+public copy with the lossy ones), and is mixed by the same code in the same order, so a real network with the raw codec must reproduce these weights. It is the
 oracle for the networked version and a quick tool for algorithm studies.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from . import wire
 from .config import TrainConfig
 from .metrics import MetricsLog
 from .attacks import Attack, make_attack
+from .optim import overlap_correction
 from .robust import RobustMixer, make_mixer
 from .checkpoint import save_atomic
 from .runtime import average_models, evaluate_run, label_counts, load, make_batcher, network_data, set_threads
@@ -39,7 +40,10 @@ def exchange_in_memory(topo: Topology, blocks: dict[int, dict[str, torch.Tensor]
     for i, attack in (attacks or {}).items():  # all before any copy moves: what a real peer knows at sending time
         published[i] = attack(blocks[i], {j: copies[j].tensors for j in topo.neighbors(i)}, seq, full)
     for i, tensors in published.items():
-        copies[i].encode_block(tensors, src=i, codec=codec, full=full)
+        if wire.get_codec(codec).lossless:  # θ½ itself, whole (gossip.py); kept here only as the attacks' view
+            copies[i].tensors = wire.snapshot(tensors)
+        else:
+            copies[i].encode_block(tensors, src=i, codec=codec, full=full)
     mixed = {}
     for i, own in blocks.items():
         mixer = (mixers or {}).get(i) or RobustMixer(i, topo.weight_row(i), "none")
@@ -103,13 +107,22 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
             mixers[i].begin_activation()
         first = True  # the first exchange of an activation carries whole blocks
         for step in range(cfg.inner_steps):
+            exchanging = cfg.comm != "none" and schedule.is_exchange(step)
+            if exchanging and cfg.overlap:  # θ goes out before the step; its mix lands on θ½ (peer.py, the same order)
+                sent = {i: wire.snapshot(t.block()) for i, t in trainers.items()}
+                mixed = exchange_in_memory(topo, sent, copies, cfg.codec, full=first, mixers=mixers,
+                                           attacks=attacks, seq=schedule.seq(rnd, blk, step))
             stats = {i: t.local_step(schedule.step_index(rnd, blk, step)) for i, t in trainers.items()}
             blocks = {i: t.block() for i, t in trainers.items()}
-            if cfg.comm == "none" or not schedule.is_exchange(step):
+            if not exchanging:
                 mixed = {i: [x.clone() for x in b.values()] for i, b in blocks.items()}
+            elif cfg.overlap:
+                mixed = {i: overlap_correction(list(blocks[i].values()), mixed[i], list(sent[i].values()))
+                         for i in trainers}
             else:
                 mixed = exchange_in_memory(topo, blocks, copies, cfg.codec, full=first, mixers=mixers,
                                            attacks=attacks, seq=schedule.seq(rnd, blk, step))
+            if exchanging:
                 first = False
                 for i in trainers:
                     stats[i].update(mixers[i].record())

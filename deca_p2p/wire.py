@@ -88,9 +88,11 @@ __all__ = [
     "decode",
     "check_names",
     "PublicCopy",
+    "snapshot",
+    "encode_whole",
 ]
 
-VERSION = 2  # PROTOCOL.md; v1 differed in the `random` block order and the fingerprint hashes (its "Changes")
+VERSION = 3  # PROTOCOL.md; v2: raw blocks could be deltas; v1: another block order and fingerprint hashes (§15)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 4096  # tensors per message (a decoder layer has ~10–20)
 MAX_NAME_LEN = 512  # characters in a tensor name
@@ -763,7 +765,7 @@ class PublicCopy:
         """
         get_codec(codec)
         if full:
-            return {k: _fresh_f32(_as_cpu_float(v)) for k, v in current.items()}
+            return snapshot(current)
         if self.tensors is None:
             raise ValueError("PublicCopy: no public copy yet; the first message must be full")
         if set(current) != set(self.tensors):
@@ -823,6 +825,22 @@ class PublicCopy:
         frames, decoded = encode_with_roundtrip(msg, check_finite=check_finite)
         self.apply(decoded, full)
         return frames
+
+
+def encode_whole(current: Mapping[str, torch.Tensor], *, codec: str = "raw", check_finite: bool = True,
+                 owned: bool = False, **fields) -> list:
+    """Frames of a block message carrying θ½ itself, whole (a lossless codec: PROTOCOL.md §8.1), taken as a snapshot
+    so it can go out zero-copy while the caller trains on (owned=True: `current` is such a snapshot already, the
+    caller's to give away). ``fields``: src, inc, round, block, step, stats."""
+    if not get_codec(codec).lossless:
+        raise ValueError(f"encode_whole: codec {codec!r} is lossy; its blocks go as deltas (PublicCopy.encode_block)")
+    return encode(Message(kind="block", codec=codec, full=True, tensors=dict(current) if owned else snapshot(current),
+                          **fields), check_finite=check_finite)
+
+
+def snapshot(current: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fresh float32 copies of a block, to send zero-copy while the caller goes on changing its parameters."""
+    return {k: _fresh_f32(_as_cpu_float(v)) for k, v in current.items()}
 
 
 def _fresh_f32(t: torch.Tensor) -> torch.Tensor:

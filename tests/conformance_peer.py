@@ -32,7 +32,7 @@ import msgpack
 import numpy as np
 import zmq
 
-VERSION = 2
+VERSION = 3
 KINDS = ("hello", "block", "bye", "resync")
 HEADER_KEYS = {"v", "kind", "src", "inc", "round", "block", "step", "codec", "full", "tensors", "stats"}
 INT_KEYS = ("src", "inc", "round", "block", "step")
@@ -511,6 +511,8 @@ class Peer:
         self.take(src, msg, m, seq, arrived)
 
     def take(self, j, msg, m, seq, arrived) -> None:
+        if msg["codec"] == "raw" and not msg["full"]:
+            return self.drop("raw_delta")  # §8: a lossless block is always whole
         if not msg["full"] and self.last_seq[j] != m - 1:
             self.drop("chain_gap")
             self.send(j, self.control("resync"), 10.0)
@@ -538,7 +540,7 @@ class Peer:
     def exchange(self, r: int, b: int, s: int, theta: dict, own: dict | None) -> tuple[dict, dict]:
         seq = self.sched.seq(r, b, s)
         self.position = seq
-        full_all = own is None
+        full_all = own is None or self.args.codec == "raw"  # §8.1: raw sends θ½ itself, whole, every time
         repair, self.full_to = (set() if full_all else self.full_to - self.gone), set()
         x = theta if full_all else {k: theta[k] - own[k] for k in theta}  # θ½ − θ̂ in float32
         entries, payloads, decoded = [], [], {}

@@ -2,6 +2,7 @@
 import os
 import subprocess
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -27,12 +28,16 @@ def _env():
     return env
 
 
-def test_network_reproduces_in_process_simulation(deca_cache, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"overlap": "true"}], ids=["blocking", "overlap"])
+def test_network_reproduces_in_process_simulation(deca_cache, tmp_path, extra):
+    """Also with --overlap: the blocks of a step travel while its gradient is computed, and the mix lands after it;
+    simulate does the same maths in the same order."""
+    cfg = {**SMALL, **extra}
     topo_path = REPO / "topologies" / "ring4.json"
     base = free_base_port(4)
     run_dir = tmp_path / "run"
     procs = [subprocess.Popen(deca_peer_cmd("start", "--id", i, "--neighbors", topo_path, "--run-dir", run_dir,
-                                            "--base-port", base, *_cli_args(SMALL)),
+                                            "--base-port", base, *_cli_args(cfg)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
              for i in range(4)]
     outs = []
@@ -41,7 +46,7 @@ def test_network_reproduces_in_process_simulation(deca_cache, tmp_path):
         outs.append(out.decode(errors="replace"))
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(o[-2000:] for o in outs)
 
-    worst = max_diff_to_simulation(run_dir, topo_path, SMALL)
+    worst = max_diff_to_simulation(run_dir, topo_path, cfg)
     assert worst <= 1e-6, worst
     # the network moved the weights: peers differ from the initial model and from each other
     a = load_file(latest(run_dir / "peer-0" / "checkpoint") / "model.safetensors")

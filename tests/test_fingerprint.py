@@ -119,8 +119,8 @@ def test_the_hashes_are_the_ones_protocol_md_specifies(deca_cache):
     assert fp["topology"] == "4 nodes, 4 edges #72d080645c1d"
     assert fp["model"] == "llama, 4 layers, hidden 128, 878,976 params #b8666f001eb1"
     assert fp["blocks"] == "4 blocks, 852,992 params #4cc79b6b7203"
-    assert fp["protocol"] == str(wire.VERSION) == "2"
-    assert fp["digest"] == "9678f7b40678236a"
+    assert fp["protocol"] == str(wire.VERSION) == "3"
+    assert fp["digest"] == "1471177ec6233f6b"
     text = (REPO / "PROTOCOL.md").read_text()
     for v in (RING4_CANONICAL, fp["topology"], fp["model"], fp["blocks"], fp["digest"]):
         assert v in text, v

@@ -189,21 +189,24 @@ def test_deca_computes_less_than_dadam():
 # ------------------------------------------------------------------------------------------ memory
 
 def test_memory_follows_the_code_s_bytes_per_parameter():
-    """CPU, float32: model 4 B/parameter; 28 B per active parameter; public copies 8 + 4 x degree."""
+    """CPU, float32: model 4 B/parameter; 20 B per active parameter; the exchange 4 + 4 x degree (raw: the snapshot
+    sent and the neighbours' blocks until the mix), 8 + 4 x degree with a lossy codec (public copies)."""
     a = plan.load_arch("qwen2.5-0.5b")
     blocks = plan.make_blocks(a, "deca")
     m0 = plan.memory(a, "deca", blocks, 0, 1, "float32", False, holds_previous_mix=False)
     m2 = plan.memory(a, "deca", blocks, 2, 1, "float32", False, holds_previous_mix=False)
     b = blocks[0].params
-    assert m2.device_bytes - m0.device_bytes == pytest.approx(16 * b)  # own copy, outgoing delta, 2 neighbours
+    assert m2.device_bytes - m0.device_bytes == pytest.approx(12 * b)  # snapshot sent, 2 neighbours' blocks
+    lossy = plan.memory(a, "deca", blocks, 2, 1, "float32", False, holds_previous_mix=False, codec="int8")
+    assert lossy.device_bytes - m0.device_bytes == pytest.approx(16 * b)  # own copy, outgoing delta, 2 neighbours
     assert m0.parts["peak_phase"] == "mix"
     act = plan.activation_bytes(a, 1, a.layers, 4)  # layer.0 active: every layer's saved tensors (one token)
-    assert m0.device_bytes == pytest.approx(4 * plan.total_params(a) + 28 * b + 8 * blocks[0].largest + act)
+    assert m0.device_bytes == pytest.approx(4 * plan.total_params(a) + 20 * b + 8 * blocks[0].largest + act)
     peer = plan.memory(a, "deca", blocks, 0, 1, "float32", False)
     assert peer.device_bytes - m0.device_bytes == pytest.approx(4 * b)  # a peer holds the previous mix too
     bf = plan.memory(a, "deca", blocks, 2, 1, "bfloat16", True)
-    assert bf.parts["phase_bytes"] == 36 * b + 8 * blocks[0].largest  # + fp32 master; copies on the host
-    assert bf.host_bytes == 16 * b and bf.device_bytes == 2 * plan.total_params(a) + bf.parts["phase_bytes"]
+    assert bf.parts["phase_bytes"] == 28 * b + 8 * blocks[0].largest  # + fp32 master; the exchange on the host
+    assert bf.host_bytes == 12 * b and bf.device_bytes == 2 * plan.total_params(a) + bf.parts["phase_bytes"]
 
 
 def test_deca_memory_below_dadam_and_badam_scale():

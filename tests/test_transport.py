@@ -463,7 +463,7 @@ def test_barrier_keeps_position_hellos_for_the_rejoin(make):
 
 
 def test_barrier_names_a_neighbour_of_another_protocol_version(make):
-    """A version-1 neighbour's hello is dropped as `version` (PROTOCOL.md §5.2): the barrier says so at once instead
+    """A version-2 neighbour's hello is dropped as `version` (PROTOCOL.md §5.2): the barrier says so at once instead
     of timing out."""
     import msgpack
 
@@ -474,10 +474,10 @@ def test_barrier_names_a_neighbour_of_another_protocol_version(make):
     a = make(0, eps, [1], hello_cfg=cfg)
     b = make(1, eps, [0])
     old = msgpack.unpackb(wire.encode(wire.Message("hello", src=1, inc=4, cfg=cfg))[0])
-    b.send(0, [msgpack.packb({**old, "v": 1})])
+    b.send(0, [msgpack.packb({**old, "v": 2})])
     t0 = time.monotonic()
-    with pytest.raises(TransportError, match=r"neighbour 1 speaks another protocol version \(protocol version 1, "
-                                             r"expected 2\)"):
+    with pytest.raises(TransportError, match=r"neighbour 1 speaks another protocol version \(protocol version 2, "
+                                             r"expected 3\)"):
         a.barrier(9, 10.0)
     assert time.monotonic() - t0 < 5
 

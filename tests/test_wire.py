@@ -424,7 +424,8 @@ HEADER_CASES = [
     (_set(["extra"], 1), "schema"),
     (_set([b"bytes-key"], 1), "schema"),
     (_set(["v"], 1), "version"),  # protocol version 1 (another block order and fingerprint): refused
-    (_set(["v"], 3), "version"),
+    (_set(["v"], 2), "version"),  # version 2 (raw blocks as deltas): refused
+    (_set(["v"], 4), "version"),
     (_set(["v"], 0), "version"),
     (_set(["v"], "2"), "schema"),
     (_set(["v"], True), "schema"),  # bools are not ints
