@@ -64,7 +64,8 @@ import zmq
 from .link import (LinkCounters, LinkSpec, MAX_QUEUED_BYTES, MAX_QUEUED_DATA, _as_buffer, _Item,  # noqa: F401
                    _Link, _link_params, _nbytes)
 from .transport_base import (HELLO_INTERVAL_S, RCVHWM, RECONNECT_IVL_MAX_MS, RECONNECT_IVL_MS,  # noqa: F401
-                             SNDHWM, TransportError, _POLL_SLICE_S, _wire, _zmq_reason)
+                             SNDHWM, TRIM_AFTER_UNWANTED_BYTES, TransportError, _POLL_SLICE_S, _wire,
+                             _zmq_reason, malloc_trim)
 
 REANSWER_S = 1.0                # a repeated hello of the same (neighbour, inc) is answered again at most this often
 
@@ -253,8 +254,9 @@ class Transport:
         }
         self._ctr_lock = threading.Lock()
         self._counters: dict[int, LinkCounters] = {n: LinkCounters() for n in nbrs}
-        self.unknown_msgs_recv = 0      # messages whose routing id (secure: User-Id key) names no peer
+        self.unknown_msgs_recv = 0      # messages whose routing id (secure: User-Id key) names no peer in endpoints
         self.spoofed_routing_ids = 0    # secure: messages whose routing id names another peer than their key
+        self._unwanted_bytes = 0        # received from non-neighbours since the last malloc_trim (_recv_raw)
         self._router: zmq.Socket | None = None
         self.bound_endpoint: str | None = None
         self._pending: deque[tuple[int | None, list]] = deque()
@@ -543,7 +545,7 @@ class Transport:
             self._counters[dst].send_failures += k
 
     def counters(self) -> dict[int, LinkCounters]:
-        """Snapshot of the per-link counters (neighbours, plus any other peer id heard from)."""
+        """Snapshot of the per-link counters (neighbours, plus any other peer in ``endpoints`` heard from)."""
         with self._ctr_lock:
             return {k: copy.copy(v) for k, v in self._counters.items()}
 
@@ -560,7 +562,12 @@ class Transport:
             return None
         frames = parts[1:]
         src = _parse_src(parts[0].bytes) if self.curve is None else self._authenticated_src(parts)
-        if src is None:
+        if src not in self._links:  # gossip drops it unread: hand the freed frames' pages back now and then
+            self._unwanted_bytes += sum(len(f) for f in frames)  # (TRIM_AFTER_UNWANTED_BYTES says why)
+            if self._unwanted_bytes >= TRIM_AFTER_UNWANTED_BYTES:
+                self._unwanted_bytes = 0
+                malloc_trim()
+        if src is None or src not in self.endpoints:  # no counters per made-up peer-<n>: they would grow unbounded
             with self._ctr_lock:
                 self.unknown_msgs_recv += 1
         else:

@@ -316,6 +316,36 @@ def test_unknown_routing_id_and_bad_arguments(make):
         Transport(0, eps, [1], {1: LinkSpec(bandwidth_mbps=0.0)})
 
 
+def test_non_neighbours_get_no_counters_and_trim_the_heap(make, monkeypatch):
+    """Issue 11: gossip drops what non-neighbours send unread; the ROUTER hands the pages of those freed frames back
+    (malloc_trim) after every TRIM_AFTER_UNWANTED_BYTES, and a made-up peer-<n> gets no counters of its own."""
+    import deca_p2p.transport as transport_mod
+    from deca_p2p.transport_base import malloc_trim
+
+    malloc_trim()  # the real one: glibc's, or a no-op
+    trims = []
+    monkeypatch.setattr(transport_mod, "malloc_trim", lambda: trims.append(1))
+    monkeypatch.setattr(transport_mod, "TRIM_AFTER_UNWANTED_BYTES", 1000)
+    eps = endpoints(3)
+    a = make(0, eps, [1])
+    ctx = zmq.Context.instance()
+    socks = []
+    for rid in (b"peer-2", b"peer-77777", b"intruder"):
+        d = ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.ROUTING_ID, rid)
+        d.setsockopt(zmq.LINGER, 0)
+        d.connect(eps[0])
+        d.send_multipart([b"h", b"x" * 600])
+        socks.append(d)
+    got = recv_n(a, 3)
+    for d in socks:
+        d.close()
+    assert sorted(r[0] for r in got if r[0] is not None) == [2, 77777]
+    assert set(a.counters()) == {1, 2} and a.counters()[2].msgs_recv == 1  # peer 2 is in the endpoints
+    assert a.unknown_msgs_recv == 2
+    assert len(trims) == 1  # 3 x 601 bytes: one trim once 1,000 were passed
+
+
 def test_torch_tensor_frames_and_link_duck_typing(make):
     torch = pytest.importorskip("torch")
     from dataclasses import dataclass
