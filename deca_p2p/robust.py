@@ -58,7 +58,24 @@ Modes (config ``robust``):
 quarantine; `benchmarks/byzantine.py` uses it for its "attacker left out" reference).
 
 Flagging (clip and trim): a neighbour is *clipped hard* at an exchange when ‖θ̂_j − θ½_i‖ > HARD_CLIP·τ (in
-trim mode τ is the automatic one, computed for this purpose). A neighbour clipped hard in at least half of its
+trim mode τ is the automatic one, computed for this purpose), or when it is beyond τ and *fast*: its block moved
+since the previous exchange of this activation by more than SPEED times as much as the peer's own θ½ did,
+‖θ̂_j(t) − θ̂_j(t−1)‖ > SPEED·‖θ½_i(t) − θ½_i(t−1)‖ (only when both blocks of the previous exchange are known, and
+the own one moved). Why speed: every honest peer runs the same optimiser on the same block, so between two
+exchanges an honest block moves by one local step (Adam: about lr per coordinate, whatever the data) plus its mix
+pull, about as much as one's own; measured in-process (ring8, the base model, with and without attacks) honest
+neighbours moved 0.64 to 1.63 times as much. The dissensus attack (attacks.py) sends an amplified difference of its
+neighbours' copies, θ̂_t − E·(θ̂_j − θ̂_t), which moves 2.5 to 8.6 times as much, while it stays at an honest-like
+distance (1 to 3.6 τ: clipped, mostly not hard) and, on a ring, as far as an honest neighbour can be (one
+consistently 3x farther than the other must not be flagged: tests/test_robust.py). Before this rule its target on
+ring8 mixed it at radius τ in every exchange and never flagged it (honest peers +8.5% mean, +20.5% worst eval
+loss against the clean run); with it both neighbours flag it at their 4th exchange (+1.3% / +4.2%, the attacker
+left out from the start: +1.2% / +3.7%). Being far or fast alone is not enough: an honest neighbour may be both
+farther than τ (heterogeneous data) or, rarely, fast (a slowed-down peer's own mix pull is small), not both
+for half of 16 exchanges. A fast block beyond τ is also left out of that exchange, like one beyond HARD_CLIP·τ.
+(With plain SGD, algo dsgd, step sizes follow gradient norms and differ between peers more than with Adam; the
+measurement above is for DECA's Adam.) To bound memory, the previous blocks are kept as a strided sample of at
+most SPEED_SAMPLE elements (every k-th element of each tensor, the same for every peer's block; exact below it). A neighbour clipped hard in at least half of its
 last FLAG_WINDOW exchanges (those it took part in; at least FLAG_MIN of them) is *flagged*; the caller logs it
 once, the first time. A flagged neighbour is left out of the mix, like a missing one (its weight goes to the self
 weight; its distances leave the τ pool), for as long as it stays flagged, even in the exchanges where its block
@@ -85,6 +102,8 @@ COLD_TAU = 0.25     # (a share of the peer's own block norm: only gross outliers
 HARD_CLIP = 2.0     # clipped hard: distance > HARD_CLIP · τ (the block shrunk by more than this factor)
 FLAG_WINDOW = 16    # flagged: clipped hard in at least half of the neighbour's last FLAG_WINDOW exchanges ...
 FLAG_MIN = 4        # ... (of those seen, once at least FLAG_MIN were: a x1000 neighbour is out at its 4th block)
+SPEED = 2.0         # "fast": a neighbour's block moved more than SPEED x as much as one's own since the last exchange
+SPEED_SAMPLE = 1 << 20  # elements of a block kept (strided) to measure that; the whole block when it is smaller
 TRIM_CHUNK = 1 << 20  # elements per (values x elements) sort in trim: memory stays bounded for big blocks
 
 
@@ -114,6 +133,11 @@ def sq_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor] | None = No
     return total
 
 
+def sample(block: Sequence[torch.Tensor], stride: int) -> list[torch.Tensor]:
+    """Every stride-th element of each tensor (flattened), a float64 copy on the CPU: what `fast` compares."""
+    return [_f64(t.detach().reshape(-1)[::stride], "cpu") for t in block]
+
+
 def lower_median(values: Sequence[float]) -> float:
     s = sorted(values)
     return s[(len(s) - 1) // 2]
@@ -128,6 +152,7 @@ class MixReport:
     clipped: dict[int, float] = field(default_factory=dict)    # j -> ‖θ̂_j − θ½_i‖ / τ for the neighbours clipped
     flagged: list[int] = field(default_factory=list)     # neighbours flagged now (left out of this mix)
     newly_flagged: list[int] = field(default_factory=list)
+    speed: dict[int, float] = field(default_factory=dict)      # j -> ‖θ̂_j(t) − θ̂_j(t−1)‖ / ‖θ½_i(t) − θ½_i(t−1)‖
     mixed: list[int] = field(default_factory=list)       # the neighbours whose blocks went into this mix
 
 
@@ -154,16 +179,19 @@ class RobustMixer:
         self.log = log
         self._said: set[str] = set()
         self._pool: deque[list[float]] = deque(maxlen=TAU_WINDOW)
-        self._hard: dict[int, deque[bool]] = {}
+        self._hist: dict[int, deque[bool]] = {}         # per neighbour: clipped hard, its last FLAG_WINDOW exchanges
         self._flagged: set[int] = set()                  # flagged now: left out of the mix
         self.flag_counts: Counter[int] = Counter()       # exchanges in which each neighbour was flagged
         self.first_flagged: dict[int, int | None] = {}   # neighbour -> seq (or exchange count) when first flagged
         self.exchanges = 0
         self.last = MixReport(mode)
+        self._prev: dict[int, list[torch.Tensor]] = {}    # this activation's previous exchange: sampled blocks
+        # (own θ½ under key `me`, every neighbour that arrived under its id)
 
     def begin_activation(self) -> None:
         """A new block: its distances are of another scale, so the τ pool starts afresh (flag history stays)."""
         self._pool.clear()
+        self._prev = {}
 
     def _say(self, msg: str) -> None:
         if msg not in self._said:
@@ -194,7 +222,7 @@ class RobustMixer:
             tau = self.tau_rel * math.sqrt(sq_distance(own))
         else:
             tau = auto_tau
-        report = MixReport(self.mode, tau=tau, distances=dist)
+        report = MixReport(self.mode, tau=tau, distances=dist, speed=self._speeds(own, theirs, order))
         self._flag(order, dist, tau if self.mode == "clip" else auto_tau, report, seq)
         use = [j for j in order if j not in self._flagged]  # flagged neighbours are left out, like missing ones
         if self.mode == "trim" and 2 * self.trim + 1 > len(use) + 1:
@@ -209,6 +237,25 @@ class RobustMixer:
             report.mixed = list(use)
         self.last = report
         return out
+
+    def _speeds(self, own, theirs, order) -> dict[int, float]:
+        """How far each neighbour's block moved since the previous exchange, relative to the own θ½'s move
+        (see "Flagging"); remembers this exchange's blocks for the next one."""
+        stride = max(1, math.ceil(sum(t.numel() for t in own) / SPEED_SAMPLE))
+        now = {self.me: sample(own, stride), **{j: sample(theirs[j], stride) for j in order}}
+        prev, self._prev = self._prev, now
+        mine = prev.get(self.me)
+        if mine is None or [t.shape for t in mine] != [t.shape for t in now[self.me]]:
+            return {}  # the activation's first exchange
+        moved = math.sqrt(sq_distance(now[self.me], mine))
+        if moved <= 0:
+            return {}
+        return {j: math.sqrt(sq_distance(now[j], prev[j])) / moved for j in order
+                if j in prev and [t.shape for t in prev[j]] == [t.shape for t in now[j]]}
+
+    def _hard(self, j, dist, tau, report) -> bool:
+        """Clipped hard: farther than HARD_CLIP·τ, or farther than τ and fast (see "Flagging")."""
+        return dist[j] > HARD_CLIP * tau or (dist[j] > tau and report.speed.get(j, 0.0) > SPEED)
 
     def _plain(self, own, theirs, order) -> list[torch.Tensor]:
         acc = MixAccumulator(own, self.dtype)
@@ -228,8 +275,9 @@ class RobustMixer:
                 continue
             s = tau / d  # d > tau >= 0
             report.clipped[j] = d / tau if tau > 0 else math.inf
-            if d > HARD_CLIP * tau:
-                continue  # far beyond any honest neighbour: left out of this exchange, its weight to the self weight
+            if self._hard(j, dist, tau, report):
+                continue  # far beyond any honest neighbour, or far and fast: left out of this exchange, its weight
+                # to the self weight
             mixed.append(j)
             dt = self.dtype or own[0].dtype  # θ̃_j = θ½ + s (θ̂_j − θ½)
             acc.add([torch.sub(t.to(o.device, dt), o.to(dt)).mul_(s).add_(o.to(dt)) for t, o in zip(theirs[j], own)],
@@ -260,10 +308,10 @@ class RobustMixer:
     # ------------------------------------------------------------------ flagging
     def _flag(self, order, dist, tau, report: MixReport, seq) -> None:
         for j in order:
-            h = self._hard.setdefault(j, deque(maxlen=FLAG_WINDOW))
-            h.append(dist[j] > HARD_CLIP * tau)
+            h = self._hist.setdefault(j, deque(maxlen=FLAG_WINDOW))
+            h.append(self._hard(j, dist, tau, report))
         self._flagged = set()
-        for j, h in sorted(self._hard.items()):
+        for j, h in sorted(self._hist.items()):
             n_hard = sum(h)
             if len(h) >= FLAG_MIN and 2 * n_hard >= len(h):
                 self._flagged.add(j)
@@ -272,8 +320,9 @@ class RobustMixer:
                 if j not in self.first_flagged:
                     self.first_flagged[j] = seq if seq is not None else self.exchanges
                     report.newly_flagged.append(j)
-                    self._say(f"neighbour {j} flagged: its block was clipped hard (distance > {HARD_CLIP:g} x tau) "
-                              f"in {n_hard} of its last {len(h)} exchanges; left out of the mix while flagged")
+                    self._say(f"neighbour {j} flagged: its block was clipped hard (distance > {HARD_CLIP:g} x tau, or "
+                              f"> tau and moving > {SPEED:g}x as fast as ours) in {n_hard} of its last {len(h)} "
+                              f"exchanges; left out of the mix while flagged")
 
     def record(self) -> dict:
         """Per-step metrics fields (nothing for robust none)."""

@@ -7,7 +7,7 @@ import torch
 from deca_p2p import robust
 from deca_p2p.attacks import Attack, make_attack, parse
 from deca_p2p.config import ConfigError, make_config
-from deca_p2p.robust import COLD_TAU, FLAG_MIN, FLAG_WINDOW, TAU_FACTOR, TAU_WARM, RobustMixer
+from deca_p2p.robust import COLD_TAU, FLAG_MIN, FLAG_WINDOW, SPEED, TAU_FACTOR, TAU_WARM, RobustMixer
 
 
 def _block(seed, scale=1.0):
@@ -169,6 +169,59 @@ def test_honest_ring_neighbours_at_different_distances_are_not_flagged():
         m.mix(own, {1: _near(own, 2 * step, 0.01 * (1 + 0.3 * math.sin(step))),
                     7: _near(own, 2 * step + 1, 0.03 * (1 + 0.3 * math.cos(step)))})
         assert m.last.flagged == []
+
+
+def _moving(step, drift=0.02):
+    """θ½ of a peer training: it moves by a fixed step (norm ~10 x drift) each exchange, plus a little noise."""
+    return [b + step * d + 0.001 * n for b, d, n in zip(_block(0), _block(1, drift), _block(1000 + step))]
+
+
+def test_a_fast_far_neighbour_is_flagged_and_a_far_one_moving_with_us_is_not():
+    """dissensus-like: at an honest-like distance (beyond tau, not beyond 2 tau) but jumping between exchanges far
+    more than the peer's own block moves: clipped hard, left out, flagged. An honest neighbour 3x farther than the
+    other, moving with the peer, and a near neighbour moving fast (within tau) are never flagged."""
+    m = RobustMixer(0, RING, "clip")
+    far = RobustMixer(0, RING, "clip")
+    flagged_at = None
+    for step in range(40):
+        own = _moving(step)
+        near = _near(own, 2 * step, 0.01 * (1 + 0.3 * math.sin(step)))
+        sign = 1 if step % 2 else -1  # swings around the peer: distance ~ 2.5x the near one, moves ~5x ours
+        bad = [o + sign * 0.04 * d for o, d in zip(own, _block(7))]
+        honest_far = [o + 0.03 * d + 0.001 * e for o, d, e in zip(own, _block(8), _block(300 + step))]
+        m.mix(own, {1: near, 7: bad}, seq=step)
+        if step >= 1:
+            assert m.last.speed[7] > SPEED and m.last.speed[1] < SPEED
+        if 7 in m.last.flagged and flagged_at is None:
+            flagged_at = step
+        assert 1 not in m.last.flagged
+        far.mix(own, {1: near, 7: honest_far}, seq=step)
+        assert far.last.flagged == [], step
+        assert far.last.mixed == [1, 7]  # clipped (from the median rule on), never left out
+    assert flagged_at is not None and flagged_at <= FLAG_MIN + 2, flagged_at
+    assert 1 not in m.flag_counts
+    # neighbours that move fast but stay within tau (here: ours moves slowly) are mixed as they are
+    m = RobustMixer(0, RING, "clip")
+    for step in range(30):
+        own = _moving(step, drift=0.005)
+        jumpy = [o + (0.008 if step % 2 else -0.008) * d for o, d in zip(own, _block(9))]
+        m.mix(own, {1: _near(own, 2 * step, 0.01), 7: jumpy}, seq=step)
+        if step >= 1:
+            assert m.last.speed[7] > SPEED
+        assert m.last.flagged == [] and m.last.mixed == [1, 7]
+
+
+def test_speed_needs_the_previous_exchange_of_the_same_activation():
+    m = RobustMixer(0, RING, "clip")
+    m.mix(_moving(0), {1: _near(_moving(0), 1, 0.01), 7: _near(_moving(0), 2, 0.01)})
+    assert m.last.speed == {}  # nothing to compare with yet
+    m.mix(_moving(1), {1: _near(_moving(1), 3, 0.01)})  # 7 missing
+    assert set(m.last.speed) == {1}
+    m.mix(_moving(2), {1: _near(_moving(2), 5, 0.01), 7: _near(_moving(2), 6, 0.01)})
+    assert set(m.last.speed) == {1}  # 7 was not there at the previous exchange
+    m.begin_activation()
+    m.mix(_moving(3), {1: _near(_moving(3), 7, 0.01), 7: _near(_moving(3), 8, 0.01)})
+    assert m.last.speed == {}
 
 
 def test_distances_do_not_depend_on_torch_threads():
