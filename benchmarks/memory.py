@@ -8,9 +8,9 @@ every parameter) -- for the same number of inner steps, each followed by a mix t
 
 * self-mix: the peer alone, mixed = MixAccumulator over its own block (weight 1), as gossip does with no
   neighbour present;
-* ring peer: what gossip.Gossip.exchange holds on a degree-2 peer (ring): its own wire.PublicCopy
-  (encode_block, raw codec, full first then deltas), two neighbours' public copies (fed with wire.decode of
-  the frames, standing in for the network) and the MixAccumulator over the three.
+* ring peer: what gossip.Gossip.exchange holds on a degree-2 peer (ring) with the raw codec (protocol v3): its
+  θ½ sent whole and zero-copy, two neighbours' blocks as received buffers (wire.decode of copies of the frames,
+  standing in for the network), the float32 MixAccumulator over the three, the mix handed to the parameters.
 
 Peak RSS = the kernel's high-water mark (resource.getrusage ru_maxrss), cross-checked by a psutil sampler
 thread every 10 ms, which also draws the timeline.
@@ -157,8 +157,6 @@ def child(a) -> None:
     loss = None
     for rnd, blk in acts:
         trainer.activate(blk)
-        own_pc = wire.PublicCopy()
-        nbr_pc = {1: wire.PublicCopy(), 2: wire.PublicCopy()}
         for step in range(steps_per_act):
             t0 = time.perf_counter()
             stats = trainer.local_step()
@@ -168,22 +166,21 @@ def child(a) -> None:
             if a.mode == "self":
                 acc = MixAccumulator(own)
                 acc.add(own, 1.0)
-            else:
-                full = step == 0
-                frames = own_pc.encode_block(tensors, src=0, codec="raw", full=full, round=rnd, block=blk, step=step)
-                for j, pc in nbr_pc.items():  # stand-ins for the neighbours' messages off the network
-                    pc.apply(wire.decode(frames).tensors, full)
+            else:  # protocol v3, raw: θ½ goes out zero-copy, whole; each neighbour's block is its own received buffer
+                frames = wire.encode(wire.Message("block", src=0, round=rnd, block=blk, step=step, codec="raw",
+                                                  full=True, tensors=tensors), check_finite=False)
+                theirs = {j: wire.decode([bytes(f) for f in frames]).tensors for j in (1, 2)}  # stand-ins: 2 messages
                 del frames
                 acc = MixAccumulator(own)
-                for j in sorted(nbr_pc):
-                    acc.add([nbr_pc[j].tensors[k] for k in tensors], row[j])
-                acc.add(own, self_weight(row, 0, nbr_pc))
+                for j in sorted(theirs):
+                    acc.add([theirs[j][k] for k in tensors], row[j])
+                acc.add(own, self_weight(row, 0, theirs))
+                del theirs
             mixed = acc.result()
             del acc, own, tensors
             trainer.apply_mix(mixed)
             del mixed
             out["step_s"].append(time.perf_counter() - t0)
-        del own_pc, nbr_pc
         out["per_activation"].append((trainer.blocks[blk].name, sampler.mark()))
         event(f"block {trainer.blocks[blk].name} done")
     out["final_loss"] = loss
@@ -263,13 +260,13 @@ def analytic(params: dict, r_deca: dict, r_dadam: dict) -> list[str]:
         f"({', '.join(f'{n} {k / 1e6:.2f} M' for n, k in r_deca['blocks'][:2])}, ..., "
         f"{r_deca['blocks'][-1][0]} {r_deca['blocks'][-1][1] / 1e6:.2f} M).", "",
         "Per *active* parameter the current code holds, on top of the fp32 model (4 B): the gradient (4), Adam m "
-        "and v (8), DECA's θ_r clone kept between local_step and mix (4), the MixAccumulator's **float64** buffer (8) "
-        "and its float32 result (4) = **28 B**; a ring peer adds its own public copy θ̂ (4), the outgoing delta (4, "
-        "while in flight), the transient decoded message (4) and one public copy per neighbour (4 x degree) = "
-        "**+20 B at degree 2**.", "",
+        "and v (8), DECA's θ_r clone kept between local_step and mix (4), the float32 MixAccumulator, which becomes "
+        "the parameters (4) = **20 B**; a ring peer with the raw codec (protocol v3: θ½ sent whole, zero-copy) adds "
+        "the neighbours' received blocks until the mix (4 x degree) and the old parameter storage while it is on the "
+        "wire (4) = **+12 B at degree 2** (version 2's public copies and float64 mix: 28 B and +20 B).", "",
         "| | model | active-block state, self-mix | ring peer (degree 2) |", "|---|---:|---:|---:|",
-        f"| DECA | 4P = {gb(4 * P):.2f} GB | 28b = {gb(28 * b):.2f} GB | 48b = {gb(48 * b):.2f} GB |",
-        f"| decentralized Adam | 4P = {gb(4 * P):.2f} GB | 28P = {gb(28 * P):.2f} GB | 48P = {gb(48 * P):.2f} GB |",
+        f"| DECA | 4P = {gb(4 * P):.2f} GB | 20b = {gb(20 * b):.2f} GB | 32b = {gb(32 * b):.2f} GB |",
+        f"| decentralized Adam | 4P = {gb(4 * P):.2f} GB | 20P = {gb(20 * P):.2f} GB | 32P = {gb(32 * P):.2f} GB |",
         "", "plus activations (batch x seq dependent, larger for the whole-model backward) and the interpreter, "
         "torch and transformers (the part of the baseline that is not the model).", "",
         "**BAdam's published figure** (DESIGN §2, Ledzy/BAdam README), mixed precision on a GPU: about "
@@ -301,14 +298,14 @@ def write_report(a, params, res, variants, wall) -> None:
          f"Training: `PeerTrainer` + `TrainConfig(algo=...)`, lr 1e-4. DECA: the default partition (embeddings, one "
          f"block per decoder layer, head: {len(r0['blocks'])} blocks), 1 round x {params['inner_steps']} inner "
          f"step(s) per block; decentralized Adam (`algo=\"dadam\"`: one block of all parameters): "
-         f"{params['total_steps']} inner steps, the same count (ring peer: {params['ring_dadam_steps']} steps, a full "
-         "message then deltas; its memory is the same at every step from the second on). Every step is followed by "
+         f"{params['total_steps']} inner steps, the same count (ring peer: {params['ring_dadam_steps']} steps, one whole "
+         "message each). Every step is followed by "
          "a mix through `opt.mix()` (see the modes below). Each variant runs in a fresh subprocess" +
          (" (the two side by side)." if a.quick else ", one after the other."), "",
          "- **self-mix**: `MixAccumulator` over the peer's own block with weight 1 (gossip with no neighbour present).",
-         "- **ring peer (degree 2)**: as `gossip.Gossip.exchange` on a ring: own `wire.PublicCopy.encode_block` "
-         "(raw codec; full, then deltas), two neighbours' public copies updated from `wire.decode` of those frames, "
-         "`MixAccumulator` over the three (weights 1/3).", "",
+         "- **ring peer (degree 2)**: as `gossip.Gossip.exchange` on a ring with the raw codec (protocol v3): θ½ "
+         "encoded whole and zero-copy, two neighbours' blocks as received buffers (`wire.decode` of copies of the "
+         "frames), the float32 `MixAccumulator` over the three (weights 1/3), handed to the parameters.", "",
          "Peak = kernel high-water RSS (`getrusage` ru_maxrss) at the end of training; baseline = RSS after building "
          "the model, before training (model-only). The 10 ms psutil sampler agrees to within its sampling gap.", "",
          "| algorithm | mix | steps | baseline RSS MiB | peak RSS MiB | peak - baseline MiB | sampled peak MiB | "
@@ -341,8 +338,8 @@ def write_report(a, params, res, variants, wall) -> None:
           "The GPU half of this benchmark (an 8B model on one GPU, torch.cuda.max_memory_allocated for DECA vs "
           "decentralized Adam) was **not run**: no GPU was lent to this session. Expect BAdam's arithmetic above "
           "(~20 GB + activations for block-wise Adam with bf16 weights vs ~144 GB for Adam on Llama 3-8B) plus "
-          "this code's extra buffers per *active* parameter (θ_r clone, float64 mix accumulator and its result, "
-          "public copies: 16-36 B), i.e. about 3.5-8 GB more for one 218 M-parameter Llama 3-8B decoder layer; "
+          "this code's extra buffers per *active* parameter (θ_r clone, float32 mix accumulator, received blocks: "
+          "8-20 B), i.e. about 1.7-4.4 GB more for one 218 M-parameter Llama 3-8B decoder layer; "
           "for decentralized Adam the same buffers scale with all 8 B parameters.", ""]
     (RESULTS / "memory.md").write_text("\n".join(L))
     plot(res, variants, params)

@@ -71,12 +71,40 @@ def convergence(quick: bool) -> list[dict]:
     return out
 
 
+def convergence_lines(conv: list[dict], quick: bool) -> list[str]:
+    cmd = ".venv/bin/python benchmarks/overlap.py --convergence-only" + (" --quick" if quick else "")
+    L = ["## Convergence at equal steps (in-process, deca / none, lr 3e-3, α = 0.1, R = 16, raw codec)", "",
+         f"Command: `{cmd}` (run {time.strftime('%Y-%m-%d %H:%M')}; losses, not times: it may share the machine).", "",
+         "| topology | seed | eval loss blocking | eval loss overlap | Δ | exact match blocking → overlap |",
+         "|---|---:|---:|---:|---:|---|"]
+    for r in conv:
+        L.append(f"| {r['topo']} | {r['seed']} | {r['blocking']:.4f} | {r['overlap']:.4f} | "
+                 f"{r['overlap'] - r['blocking']:+.4f} | {r['blocking_acc']:.3f} → {r['overlap_acc']:.3f} |")
+    for topo in sorted({r["topo"] for r in conv}):
+        d = [r["overlap"] - r["blocking"] for r in conv if r["topo"] == topo]
+        rel = [r["overlap"] / r["blocking"] - 1 for r in conv if r["topo"] == topo]
+        sd = statistics.stdev(d) if len(d) > 1 else 0.0
+        L.append(f"\n{topo}: mean Δ eval loss {statistics.mean(d):+.4f} ± {sd:.4f} "
+                 f"({100 * statistics.mean(rel):+.1f}%), paired over {len(d)} seeds.")
+    L.append("")
+    return L
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-convergence", action="store_true")
+    ap.add_argument("--convergence-only", action="store_true",
+                    help="only part 2 (no timing: it may share the machine), merged into an existing overlap.md")
     a = ap.parse_args()
     t0, load0 = time.time(), os.getloadavg()[0]
+    if a.convergence_only:
+        conv = convergence(a.quick)
+        text = (RESULTS / "overlap.md").read_text()
+        head = text.split("## Convergence")[0].rstrip("\n")
+        (RESULTS / "overlap.md").write_text(head + "\n\n" + "\n".join(convergence_lines(conv, a.quick)) + "\n")
+        print((RESULTS / "overlap.md").read_text())
+        return
     rows = step_time(a.quick)
     conv = [] if a.skip_convergence else convergence(a.quick)
     cmd = ".venv/bin/python benchmarks/overlap.py" + (" --quick" if a.quick else "") + \
@@ -99,19 +127,7 @@ def main() -> None:
           "compute is ~4x a lone peer's, and the waiting share counts the time a peer's exchange waits (with overlap, "
           "only what the gradient did not hide).", ""]
     if conv:
-        L += ["## Convergence at equal steps (in-process, deca / none, lr 3e-3, α = 0.1, R = 16, raw codec)", "",
-              "| topology | seed | eval loss blocking | eval loss overlap | Δ | exact match blocking → overlap |",
-              "|---|---:|---:|---:|---:|---|"]
-        for r in conv:
-            L.append(f"| {r['topo']} | {r['seed']} | {r['blocking']:.4f} | {r['overlap']:.4f} | "
-                     f"{r['overlap'] - r['blocking']:+.4f} | {r['blocking_acc']:.3f} → {r['overlap_acc']:.3f} |")
-        for topo in sorted({r["topo"] for r in conv}):
-            d = [r["overlap"] - r["blocking"] for r in conv if r["topo"] == topo]
-            rel = [r["overlap"] / r["blocking"] - 1 for r in conv if r["topo"] == topo]
-            sd = statistics.stdev(d) if len(d) > 1 else 0.0
-            L.append(f"\n{topo}: mean Δ eval loss {statistics.mean(d):+.4f} ± {sd:.4f} "
-                     f"({100 * statistics.mean(rel):+.1f}%), paired over {len(d)} seeds.")
-        L.append("")
+        L += convergence_lines(conv, a.quick)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "overlap.md").write_text("\n".join(L) + "\n")
     print("\n".join(L))

@@ -3,14 +3,13 @@
 For float32 blocks of 1, 4, 16, 64 and 256 MiB, one message at a time (as in a gossip exchange: send,
 then wait), measured in the same run, each with its sender and receiver in separate OS processes:
 
-* ``ours``                  what a peer sends and receives for a block, as a full message: wire.encode of a
-                            raw block (no sender-side NaN/Inf scan, as gossip sends) -> Transport.send
-                            (peer A) -> Transport.recv (peer B) -> wire.decode (validation, zero-copy view,
-                            NaN/Inf scan). The headline;
+* ``ours (peer exchange, blocking)``  what a peer sends and receives per exchange with the raw codec
+                            (protocol v3: θ½ itself, whole): wire.encode of the block's own memory (zero-copy,
+                            no sender-side NaN/Inf scan) -> Transport.send (peer A) -> Transport.recv (peer B)
+                            -> wire.decode (validation, zero-copy view, NaN/Inf scan). The headline;
 * ``ours + sender scan``    the same with wire.encode's default NaN/Inf check on the sender as well;
-* ``ours (peer exchange)``  what a peer does per exchange with the raw codec (protocol v3): wire.encode_whole
-                            (a snapshot of θ½, sent whole) -> Transport -> Transport.recv -> wire.decode;
-                            the receiver mixes the decoded view and keeps nothing;
+* ``ours (peer exchange, --overlap)``  the same from a snapshot of θ½ in a reused buffer (sendbuf.SnapshotPool,
+                            tracked frames), as a peer sends with --overlap;
 * ``v2 delta exchange``     what a peer did before (protocol v2, kept for comparison): PublicCopy.encode_block
                             of a raw delta (θ½ − θ̂ into a fresh tensor, θ̂ += delta) -> Transport ->
                             wire.decode -> the receiver's PublicCopy.apply (θ̂ += delta);
@@ -46,9 +45,9 @@ MiB = 1 << 20
 METHODS = ("raw", "ours", "ours_checked", "ours_peer", "ours_delta")
 LABELS = {
     "raw": "raw pyzmq",
-    "ours": "ours",
+    "ours": "ours (peer exchange, blocking)",
     "ours_checked": "ours + sender scan",
-    "ours_peer": "ours (peer exchange)",
+    "ours_peer": "ours (peer exchange, --overlap)",
     "ours_delta": "v2 delta exchange",
     "copy_warm": "memcpy, warm dst",
     "copy_fresh": "memcpy, fresh torch dst",
@@ -86,6 +85,7 @@ def child_send(a) -> None:
     import torch
     import zmq
 
+    from deca_p2p.sendbuf import SnapshotPool
     from deca_p2p.transport import Transport
 
     now = time.monotonic
@@ -120,6 +120,7 @@ def child_send(a) -> None:
         data = torch.rand(n, generator=torch.Generator().manual_seed(size))
         for method in a.methods:
             pc = wire.PublicCopy()
+            pool = SnapshotPool()
             rows = []
             for rep in range(1 + reps_for(size, a.reps)):  # rep 0: warm-up (and the full message of a delta chain)
                 if method in ("ours_peer", "ours_delta"):
@@ -127,8 +128,10 @@ def child_send(a) -> None:
                 t0 = now()
                 if method == "raw":
                     frames = [b"hdr", memoryview(data.numpy()).cast("B")]
-                elif method == "ours_peer":
-                    frames = wire.encode_whole({"w": data}, src=0, step=rep, check_finite=False)
+                elif method == "ours_peer":  # as Gossip.send: a pooled snapshot, sent whole, tracked frames
+                    snap = pool.snapshot({"w": data})
+                    frames = pool.track(wire.encode_whole(snap, owned=True, src=0, step=rep, check_finite=False), snap)
+                    snap = None
                 elif method == "ours_delta":
                     frames = pc.encode_block({"w": data}, src=0, codec="raw", full=rep == 0, step=rep,
                                              check_finite=False)
@@ -328,14 +331,17 @@ def write_report(a, results, sizes, reps, envs, wall, loads, runs) -> None:
          "environment runs in its own pair; " + ", ".join(f"{e}: {n} run(s)" for e, n in runs.items()) +
          (" (they alternate, A B A B, and their samples are pooled)." if max(runs.values()) > 1 else "."), "",
          "- **raw pyzmq**: PUSH/PULL, `send_multipart([hdr, buf], copy=False)` / `recv_multipart(copy=False)`, same bytes.",
-         "- **ours** (the headline): a full block as a peer sends it: `wire.encode(..., check_finite=False)` of a "
-         "raw block -> `Transport.send` -> `Transport.recv` -> `wire.decode` (header validation, a zero-copy "
-         "view of the frame, the NaN/Inf check). Peers skip the sender-side scan: every receiver validates, and "
-         "a peer's own divergence stops it at its loss (`TrainingDiverged`).",
+         "- **ours (peer exchange, blocking)** (the headline): what a peer sends and receives per exchange with the "
+         "raw codec (protocol v3: θ½ itself, whole): `wire.encode(..., check_finite=False)` of the block's own memory "
+         "(zero-copy: the mix then gives the parameters new storage, `optim._set_params`) -> `Transport.send` -> "
+         "`Transport.recv` -> `wire.decode` (header validation, a zero-copy view of the frame, the NaN/Inf check); the "
+         "receiver mixes that view and keeps nothing per neighbour. Peers skip the sender-side scan: every receiver "
+         "validates, and a peer's own divergence stops it at its loss (`TrainingDiverged`). Targets (issue 12): "
+         ">= 0.8x raw pyzmq at 4-256 MiB, >= 0.5x at 1 MiB.",
          "- **ours + sender scan**: the same with `wire.encode`'s default NaN/Inf check on the sender too.",
-         "- **ours (peer exchange)**: what a peer does per exchange with the raw codec (protocol v3): "
-         "`wire.encode_whole` (a snapshot of θ½, sent whole) -> Transport -> `wire.decode`; the receiver mixes the "
-         "decoded view and keeps nothing per neighbour. Targets (issue 12): >= 0.8x raw pyzmq at 4-256 MiB, >= 0.5x at 1 MiB.",
+         "- **ours (peer exchange, --overlap)**: with `--overlap` the parameters change while the block travels, so a "
+         "copy goes out: `SnapshotPool.snapshot` (θ½ copied into a spare buffer ZeroMQ has released, else a fresh "
+         "one) -> `wire.encode_whole` -> tracked frames -> Transport -> `wire.decode`.",
          "- **v2 delta exchange**: the path before (protocol v2): `PublicCopy.encode_block` of a raw delta (θ½ − θ̂ into "
          "a fresh tensor, θ̂ += delta) -> Transport -> `wire.decode` -> the receiver's `PublicCopy.apply` (θ̂ += delta).",
          "- **memcpy**: `np.copyto` into a warm preallocated buffer (the physical limit) / into a fresh "

@@ -28,6 +28,7 @@ import torch
 
 from . import wire
 from .robust import MixReport, RobustMixer, sq_distance
+from .sendbuf import SnapshotPool
 from .topology import Topology
 from .trainer import Schedule, TrainingDiverged
 from .transport import Transport
@@ -58,7 +59,7 @@ class Gossip:
     def __init__(self, transport: Transport, my_id: int, topo: Topology, schedule: Schedule,
                  block_names: Sequence[Sequence[str]], *, block_shapes: Sequence[Sequence[tuple]] | None = None, codec: str = "raw", inc: int = 0,
                  timeout_s: float = 60.0, window: int = 4, stop: threading.Event | None = None,
-                 robust: RobustMixer | None = None, attack=None):
+                 robust: RobustMixer | None = None, attack=None, zero_copy: bool = False):
         self.tr = transport
         self.me = my_id
         self.neighbours = topo.neighbors(my_id)
@@ -80,6 +81,10 @@ class Gossip:
         self.current: dict[int, dict[str, torch.Tensor]] = {}  # this exchange's block of each neighbour, until mixed
         self.want_base: set[int] = set()  # we asked these for a resync: their raw full block is a new θ̂_j
         self.seen: dict[int, dict[str, torch.Tensor]] = {}  # attack hook only: what each neighbour sent last
+        self.buffers = SnapshotPool()  # lossless: the snapshots sent, reused once ZeroMQ is done with them
+        # lossless, blocking: send θ½'s own memory, no snapshot. Only for a caller that never changes the tensors it
+        # exchanged in place afterwards: peer.py's mix hands the parameters new storage (optim._set_params)
+        self.zero_copy = zero_copy
         self.last_seq: dict[int, int | None] = {j: None for j in self.neighbours}
         self.peer_inc: dict[int, int] = {}
         self.pending: dict[int, dict[int, wire.Message]] = {j: {} for j in self.neighbours}
@@ -132,11 +137,18 @@ class Gossip:
             seq == self._activation_start)
         out_stats = {**{k: float(v) for k, v in (stats or {}).items() if isinstance(v, (int, float))},
                      "sent_at": sent_at}  # lets a receiver measure the link
-        snap = wire.snapshot(published) if self.exact or keep else None  # what goes out zero-copy (and, when
-        # it is our own block, what the mix reads with keep)
+        live = self.exact and self.zero_copy and not keep and published is tensors
+        if live:
+            snap = {k: v.detach() for k, v in tensors.items()}  # θ½ itself goes out (see __init__)
+        elif self.exact or keep:  # a private copy goes out zero-copy (and, our own block, is what the mix reads)
+            snap = self.buffers.snapshot(published)
+        else:
+            snap = None
         frames = self._encode_own(snap if self.exact else published, src=self.me, codec=self.codec,
                                   full=full or self.exact, inc=self.inc, round=round_idx, block=block, step=step,
                                   stats=out_stats, check_finite=False)  # receivers scan it; our divergence shows in the loss
+        if self.exact and not live:
+            frames = self.buffers.track(frames, snap)
         repaired = None
         if repair:  # a full block for these links only: our new public copy itself, raw float32 (decoded exactly,
             # so their copy equals everyone else's after the delta); the other neighbours' chains go on undisturbed

@@ -44,10 +44,18 @@ class GossipOptimizer:
         self._set_params(mixed)
 
     def _set_params(self, mixed: Sequence[torch.Tensor]) -> None:
+        """The parameters become `mixed`, which the caller hands over (fresh tensors, not to be used again): a
+        parameter takes the new tensor's storage rather than a copy of it. That saves a pass over the block, and it
+        leaves the old storage to whoever still reads it: a peer sends θ½ zero-copy (gossip.Gossip, zero_copy),
+        and ZeroMQ may still be sending it when the mix lands."""
         if len(mixed) != len(self.params):
             raise ValueError(f"mix got {len(mixed)} tensors for {len(self.params)} parameters")
         for p, new in zip(self.params, mixed):
-            p.copy_(new)
+            if (new.shape == p.shape and new.dtype == p.dtype and new.device == p.device and new.is_contiguous()
+                    and new.data_ptr() != p.data_ptr()):
+                p.data = new
+            else:
+                p.copy_(new)
 
     @torch.no_grad()
     def _decay(self) -> None:

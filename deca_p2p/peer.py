@@ -235,7 +235,8 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
                     block_shapes=[[tuple(named[n].shape) for n in b.param_names] for b in trainer.blocks],
                     codec=cfg.codec, inc=inc, timeout_s=cfg.exchange_timeout_s, stop=stop,
                     robust=make_mixer(cfg, me, topo.weight_row(me), log=lambda msg: print(f"peer {me}: {msg}", flush=True)),
-                    attack=make_attack(cfg, me, topo.weight_row(me)))  # a test/benchmark hook; None unless cfg names me
+                    attack=make_attack(cfg, me, topo.weight_row(me)),  # a test/benchmark hook; None unless cfg names me
+                    zero_copy=True)  # the mix gives the parameters new storage (trainer.apply_mix): θ½ goes out as is
     if gossip.attack is not None:
         print(f"peer {me}: TEST HOOK: publishing attacked blocks ({cfg.attack})", flush=True)
     first_step = 0

@@ -2,8 +2,8 @@
 
 Given a model (a preset or an HF ``config.json``), a topology with its links, a codec, R, T, a batch and a compute
 speed, it predicts per peer: parameters and bytes per block, bytes per exchange per link, compute /
-communication / local-overhead seconds per step (sequential, as the code runs today, and overlapped, as a pipelined
-exchange could), time per round and per run, traffic, and peak memory for DECA, decentralized Adam and Dec-LoRA.
+communication / local-overhead seconds per step (sequential, the default, and overlapped, as with `--overlap`),
+time per round and per run, traffic, and peak memory for DECA, decentralized Adam and Dec-LoRA.
 
 What the model mirrors in the code (and where it is approximate):
 

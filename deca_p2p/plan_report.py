@@ -68,8 +68,8 @@ def render(plan: dict[str, Any], console=None, max_peers: int = 16) -> None:
         bt.add_row(b["name"], f"{b['params'] / 1e6:.4g} M", *[fmt_bytes(b["bytes"][c]) for c in CODEC_BYTES])
     con.print(bt)
     cost = plan["methods"][inp["method"]]
-    pt = Table(title=f"per peer, {inp['method']} (model predictions; the code runs compute, then the exchange: "
-               "'overlap' is what a pipelined exchange could reach)")
+    pt = Table(title=f"per peer, {inp['method']} (model predictions; 'step' runs compute, then the exchange; "
+               "'overlap' is --overlap)")
     for col in ("peers", "deg", "slowest link", "per exch/link", "compute s", "comm s", "local s", "step s",
                 "overlap s", "round", "run", "sent", "peak memory"):
         pt.add_column(col, justify="right")

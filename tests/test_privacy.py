@@ -178,7 +178,7 @@ def test_releases_are_the_exchange_steps_and_clip_the_change_since_the_last_one(
     assert st["dp_releases"] == 1 and st["dp_clipped"] == 1.0 and st["dp_epsilon"] == math.inf
     assert _dist(t.active.params, start) == pytest.approx(c, rel=1e-4)  # ... but the release is C from the start
     mixed = [p.detach() + 0.01 for p in t.active.params]  # the mix moves it (neighbours' blocks)
-    t.apply_mix(mixed)
+    t.apply_mix([m.clone() for m in mixed])  # (the mix hands its tensors over to the parameters)
     t.local_step(2)
     t.apply_mix([p.clone() for p in t.active.params])
     st = t.local_step(3)
