@@ -39,7 +39,8 @@ class ExchangeResult:
     mixed: list[torch.Tensor]
     arrived: list[int]
     missing: list[int]
-    wait_s: float                            # the whole exchange: encode, send, wait for the neighbours, mix
+    wait_s: float                            # the whole exchange: encode, send, wait for the neighbours, mix (with
+    #                                          --overlap: from collect on, what the gradient did not hide)
     disagreement: float                      # sqrt(Σ_j w_ij ‖θ̂_j − θ½_i‖²) over the neighbours mixed in
     neighbour_stats: dict[int, dict] = field(default_factory=dict)
     mix_s: float = 0.0                       # of wait_s: the weighted sum of the blocks
@@ -53,6 +54,7 @@ class InFlight:
     t0: float
     names: list[str]
     own: list[torch.Tensor]  # what the mix reads as our own block
+    overlapped: bool = False  # the caller computed in between: only collect's own time counts as waiting
 
 
 class Gossip:
@@ -166,12 +168,13 @@ class Gossip:
             own = list(snap.values())
         else:  # an attacker's own mix reads its true block
             own = list(wire.snapshot(tensors).values())
-        return InFlight(seq, t0, list(tensors), own)
+        return InFlight(seq, t0, list(tensors), own, keep)
 
     @torch.no_grad()
     def collect(self, fl: InFlight) -> ExchangeResult:
         """The second half of an exchange: wait for the neighbours' blocks (or the timeout), mix."""
         seq, t0, own = fl.seq, fl.t0, fl.own
+        t_wait = time.perf_counter() if fl.overlapped else t0
         arrived: dict[int, dict] = {}
         self._unusable = set()
         deadline = t0 + self.timeout_s
@@ -210,7 +213,7 @@ class Gossip:
         self.current = {}  # the received frames go now: nothing per neighbour outlives the exchange
         t_end = time.perf_counter()
         return ExchangeResult(mixed, sorted(arrived), [j for j in self.neighbours if j not in arrived],
-                              t_end - t0, disagreement ** 0.5, arrived, t_end - t_mix, self.robust.last)
+                              t_end - t_wait, disagreement ** 0.5, arrived, t_end - t_mix, self.robust.last)
 
     def _encode_own(self, tensors: dict[str, torch.Tensor], *, stats: dict[str, float], **kw) -> list:
         """Encode this peer's block. Stats are informational: a NaN/Inf one is left out (and counted), never fatal.
