@@ -144,7 +144,8 @@ def child(a) -> None:
     # the same number of inner steps for both: DECA visits every block, dadam's one block gets all of them
     dadam_steps = p["ring_dadam_steps"] if a.mode == "ring" else p["total_steps"]
     cfg = TrainConfig(algo=a.algo, rounds=1, inner_steps=p["inner_steps"] if a.algo == "deca" else dadam_steps,
-                      lr=1e-4, batch_size=p["batch"], max_len=p["seq"], threads=p["threads"]).validate()
+                      lr=1e-4, batch_size=p["batch"], max_len=p["seq"], threads=p["threads"],
+                      embeddings_block=True, head_block=True).validate()  # every parameter trains: the whole partition
     trainer = PeerTrainer(model, SyntheticBatcher(p["vocab"], p["batch"], p["seq"]), cfg)
     named = dict(model.named_parameters())
     out["blocks"] = [(b.name, sum(named[n].numel() for n in b.param_names)) for b in trainer.blocks]
@@ -169,7 +170,7 @@ def child(a) -> None:
             else:  # protocol v3, raw: θ½ goes out zero-copy, whole; each neighbour's block is its own received buffer
                 frames = wire.encode(wire.Message("block", src=0, round=rnd, block=blk, step=step, codec="raw",
                                                   full=True, tensors=tensors), check_finite=False)
-                theirs = {j: wire.decode([bytes(f) for f in frames]).tensors for j in (1, 2)}  # stand-ins: 2 messages
+                theirs = {j: wire.decode([bytearray(f) for f in frames]).tensors for j in (1, 2)}  # 2 received buffers
                 del frames
                 acc = MixAccumulator(own)
                 for j in sorted(theirs):
@@ -295,7 +296,7 @@ def write_report(a, params, res, variants, wall) -> None:
          f"{params['intermediate']}, {params['layers']} layers, {params['heads']} heads, vocab {params['vocab']}, "
          f"untied head: **{r0['n_params'] / 1e6:.1f} M parameters** ({4 * r0['n_params'] / 1e9:.2f} GB). "
          f"Batch {params['batch']} x {params['seq']} tokens of synthetic data.", "",
-         f"Training: `PeerTrainer` + `TrainConfig(algo=...)`, lr 1e-4. DECA: the default partition (embeddings, one "
+         f"Training: `PeerTrainer` + `TrainConfig(algo=...)`, lr 1e-4. DECA: the whole partition (embeddings, one "
          f"block per decoder layer, head: {len(r0['blocks'])} blocks), 1 round x {params['inner_steps']} inner "
          f"step(s) per block; decentralized Adam (`algo=\"dadam\"`: one block of all parameters): "
          f"{params['total_steps']} inner steps, the same count (ring peer: {params['ring_dadam_steps']} steps, one whole "
@@ -304,7 +305,7 @@ def write_report(a, params, res, variants, wall) -> None:
          (" (the two side by side)." if a.quick else ", one after the other."), "",
          "- **self-mix**: `MixAccumulator` over the peer's own block with weight 1 (gossip with no neighbour present).",
          "- **ring peer (degree 2)**: as `gossip.Gossip.exchange` on a ring with the raw codec (protocol v3): θ½ "
-         "encoded whole and zero-copy, two neighbours' blocks as received buffers (`wire.decode` of copies of the "
+         "encoded whole and zero-copy, two neighbours' blocks as received buffers (`wire.decode` of writable copies of the "
          "frames), the float32 `MixAccumulator` over the three (weights 1/3), handed to the parameters.", "",
          "Peak = kernel high-water RSS (`getrusage` ru_maxrss) at the end of training; baseline = RSS after building "
          "the model, before training (model-only). The 10 ms psutil sampler agrees to within its sampling gap.", "",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -54,10 +55,20 @@ def step_time(quick: bool) -> list[dict]:
     return rows
 
 
-def convergence(quick: bool) -> list[dict]:
+def rows_from_log(path: str) -> list[dict]:
+    """Rows from lines "ring8 seed 0 blocking: eval loss 2.5801 (156 s)" (exact match is not in them)."""
+    rows: dict[tuple, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        m = re.match(r"(\S+) seed (\d+) (blocking|overlap): eval loss ([\d.]+)", line)
+        if m:
+            rows.setdefault((m[1], int(m[2])), {"topo": m[1], "seed": int(m[2])})[m[3]] = float(m[4])
+    return [r for r in rows.values() if "blocking" in r and "overlap" in r]
+
+
+def convergence(quick: bool, topologies=("ring8", "exp16")) -> list[dict]:
     p = QUICK if quick else FULL
     out = []
-    for topo in ("ring8",) if quick else ("ring8", "exp16"):
+    for topo in ("ring8",) if quick else topologies:
         for seed in range(p["seeds"]):
             row = {"topo": topo, "seed": seed}
             for mode in ("blocking", "overlap"):
@@ -71,15 +82,20 @@ def convergence(quick: bool) -> list[dict]:
     return out
 
 
-def convergence_lines(conv: list[dict], quick: bool) -> list[str]:
+def convergence_lines(conv: list[dict], quick: bool, from_log: str | None = None) -> list[str]:
     cmd = ".venv/bin/python benchmarks/overlap.py --convergence-only" + (" --quick" if quick else "")
+    if from_log:
+        cmd += (f"`, rows taken from its progress lines in `{from_log}` (that run was stopped before exp16 to free the "
+                "machine; `--topologies` picks part 2's topologies); report: `.venv/bin/python benchmarks/overlap.py "
+                f"--convergence-only --from-log {from_log}")
     L = ["## Convergence at equal steps (in-process, deca / none, lr 3e-3, α = 0.1, R = 16, raw codec)", "",
          f"Command: `{cmd}` (run {time.strftime('%Y-%m-%d %H:%M')}; losses, not times: it may share the machine).", "",
          "| topology | seed | eval loss blocking | eval loss overlap | Δ | exact match blocking → overlap |",
          "|---|---:|---:|---:|---:|---|"]
     for r in conv:
+        acc = f"{r['blocking_acc']:.3f} → {r['overlap_acc']:.3f}" if "blocking_acc" in r else "–"
         L.append(f"| {r['topo']} | {r['seed']} | {r['blocking']:.4f} | {r['overlap']:.4f} | "
-                 f"{r['overlap'] - r['blocking']:+.4f} | {r['blocking_acc']:.3f} → {r['overlap_acc']:.3f} |")
+                 f"{r['overlap'] - r['blocking']:+.4f} | {acc} |")
     for topo in sorted({r["topo"] for r in conv}):
         d = [r["overlap"] - r["blocking"] for r in conv if r["topo"] == topo]
         rel = [r["overlap"] / r["blocking"] - 1 for r in conv if r["topo"] == topo]
@@ -96,13 +112,16 @@ def main() -> None:
     ap.add_argument("--skip-convergence", action="store_true")
     ap.add_argument("--convergence-only", action="store_true",
                     help="only part 2 (no timing: it may share the machine), merged into an existing overlap.md")
+    ap.add_argument("--topologies", default="ring8,exp16", help="part 2's topologies")
+    ap.add_argument("--from-log", help="part 2's rows from the progress lines of an earlier run (its output)")
     a = ap.parse_args()
     t0, load0 = time.time(), os.getloadavg()[0]
     if a.convergence_only:
-        conv = convergence(a.quick)
+        conv = rows_from_log(a.from_log) if a.from_log else convergence(a.quick, a.topologies.split(","))
         text = (RESULTS / "overlap.md").read_text()
         head = text.split("## Convergence")[0].rstrip("\n")
-        (RESULTS / "overlap.md").write_text(head + "\n\n" + "\n".join(convergence_lines(conv, a.quick)) + "\n")
+        (RESULTS / "overlap.md").write_text(head + "\n\n" + "\n".join(convergence_lines(conv, a.quick, a.from_log))
+                                            + "\n")
         print((RESULTS / "overlap.md").read_text())
         return
     rows = step_time(a.quick)

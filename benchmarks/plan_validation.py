@@ -66,7 +66,7 @@ def bandwidth_latency(lines: list[str]) -> list[tuple]:
     out = []
     lines += ["## Communication: `bandwidth_latency.md` (embedded model, one decoder layer per message, raw codec)", "",
               "Predicted step = measured compute + max over links (L + S/R) + the exchange's local overhead "
-              f"({plan.OVERHEAD_BYTES[0]} + {plan.OVERHEAD_BYTES[1]} x (degree + 1) bytes per block parameter at the "
+              f"({plan.OVERHEAD_BYTES['raw'][0]} + {plan.OVERHEAD_BYTES['raw'][1]} x (degree + 1) bytes per block parameter at the "
               f"`cpu` class's {cpu.host_bw / 1e9:g} GB/s); measured compute = the table's `compute + L + S/R` minus "
               "L + S/R. Transfer = S/R predicted against S / goodput measured.", "",
               "| run | latency ms | Mbit/s | quantity | predicted | measured | ratio | within 15% |",
@@ -83,7 +83,7 @@ def bandwidth_latency(lines: list[str]) -> list[tuple]:
             compute = expected - lat / 1e3 - (s * 8 / (bw * 1e6) if bw else 0.0)
             topo = generate("ring", 8 if degree == 2 else 2, link={"latency_ms": lat, "bandwidth_mbps": bw})
             lat_s, tx = plan._link_seconds(topo.link(0, 1), s_pred)
-            local = (plan.OVERHEAD_BYTES[0] + plan.OVERHEAD_BYTES[1] * (degree + 1)) * layer.params / cpu.host_bw
+            local = (plan.OVERHEAD_BYTES["raw"][0] + plan.OVERHEAD_BYTES["raw"][1] * (degree + 1)) * layer.params / cpu.host_bw
             step_pred = compute + lat_s + tx + local
             if bw:
                 t_meas = s * 8 / (goodput * 1e6)
