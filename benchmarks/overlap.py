@@ -143,8 +143,8 @@ def main() -> None:
                  f"{r['blocking'] / sm:.2f} | {r['blocking'] / r['overlap']:.2f}x | "
                  f"{100 * r['wait_blocking']:.0f}% → {100 * r['wait_overlap']:.0f}% |")
     L += ["", "Ring of 2: one peer per core, batch 32. Ring8: 8 peers on 2 cores, batch as the cluster default; there "
-          "compute is ~4x a lone peer's, and the waiting share counts the time a peer's exchange waits (with overlap, "
-          "only what the gradient did not hide).", ""]
+          "a message also waits for a CPU on both ends, which no overlap hides. The waiting share counts the time a "
+          "peer's exchange waits (with overlap, only what the gradient did not hide).", ""]
     if conv:
         L += convergence_lines(conv, a.quick)
     RESULTS.mkdir(parents=True, exist_ok=True)

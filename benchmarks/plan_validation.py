@@ -159,7 +159,7 @@ def internet(lines: list[str]) -> None:
               "R = 8, T = 24 (every block 24 times), batch 8 x 512 tokens, gradient checkpointing, bf16 working dtype, "
               "default device classes "
               "(`gpu`: 400 TFLOP/s effective; `consumer-gpu`: 60 TFLOP/s), raw and bf16 codecs. Network = slowest "
-              "peer. 'overlap' = compute and exchange pipelined (the code today runs them one after the other). "
+              "peer. 'overlap' = compute and exchange pipelined (`--overlap`; the default runs them one after the other). "
               "Traffic = bytes sent by one peer over the run; methods at the same number of local steps.", "",
               "| setting | codec | method | bytes / exchange / link | compute s | comm s | step s | step s (overlap) | "
               "run | run (overlap) | sent / peer | peak memory / peer |",
@@ -204,17 +204,17 @@ def main() -> None:
 
 
 WHY = ["Where it is not within 15%, and why:", "",
-       "- **Step wall on ring8** (8 peers on 2 cores): the measured steps run 1.2-1.5x the simple sum. Each peer "
+       "- **Step wall on ring8** (8 peers on 2 cores): the measured steps run 1.15-1.45x the simple sum. Each peer "
        "waits for its slowest neighbour (synchronous gossip): four compute-bound peers share each core, so a "
        "neighbour's compute, its link thread and the ZeroMQ I/O threads wait for a CPU; the plan has no model of "
        "CPU contention. With a core per peer (ring of 2) the same sum lands within 15%.",
-       "- **Transfer at 1 Gbit/s**: the emulated link itself is CPU-bound here (goodput 0.40-0.52 of configured "
-       "on ring8, 0.83 with a core per peer); the plan assumes the configured rate.",
+       "- **Transfer at 1 Gbit/s**: the emulated link itself is CPU-bound here (goodput 0.41-0.65 of configured "
+       "on ring8, 0.84 with a core per peer, in the 2026-11-30 run); the plan assumes the configured rate.",
        "- **Memory**: the prediction counts the tensors the code holds (and, on a CPU, the activations' memory that "
        "glibc keeps after backward); the measured RSS also keeps what the allocator does not return later (freed "
        "blocks under its mmap threshold, which grows up to 32 MiB, stay in the heap), so the per-activation "
        "high-water marks drift upwards over a run: the DECA peak is the *last* activation (the head, one 6.1 M "
-       "tensor), 1.6x what that activation itself holds.", ""]
+       "tensor), 2.3x what that activation itself holds.", ""]
 
 
 if __name__ == "__main__":
