@@ -142,8 +142,10 @@ class Gossip:
         live = self.exact and self.zero_copy and not keep and published is tensors
         if live:
             snap = {k: v.detach() for k, v in tensors.items()}  # θ½ itself goes out (see __init__)
-        elif self.exact or keep:  # a private copy goes out zero-copy (and, our own block, is what the mix reads)
+        elif self.exact:  # a private copy goes out zero-copy (and, our own block, is what the mix reads with keep)
             snap = self.buffers.snapshot(published)
+        elif keep:  # lossy: the delta goes out; the mix reads this copy
+            snap = wire.snapshot(published)
         else:
             snap = None
         frames = self._encode_own(snap if self.exact else published, src=self.me, codec=self.codec,
@@ -381,10 +383,9 @@ class Gossip:
             self.want_base.discard(j)
             block = self.copies[j].tensors
             self.last_seq[j] = mseq
-        if mseq == seq and arrived is not None:
-            self.current[j] = block
         self.suspect.discard(j)
         if mseq == seq and arrived is not None:
+            self.current[j] = block
             arrived[j] = dict(msg.stats)
             if hasattr(msg, "received") and "sent_at" in msg.stats:
                 arrived[j]["one_way_s"] = msg.received[0] - msg.stats["sent_at"]

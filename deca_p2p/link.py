@@ -148,40 +148,31 @@ class _Link:
                     self.tr._count_failures(self.dst, 1)
                 return
             now = time.monotonic()
-            if self.direct and not self.outstanding and self.sock is not None:
-                # Fast path: nothing to emulate and nothing ahead of it. Hand it to zmq from this thread: waking the
-                # sender thread for it cost ~0.5 ms a message (GIL hand-off; benchmarks/wire_throughput.py).
-                item = _Item(frames, header, payload, now, timeout, data, hello_inc)
-                self.outstanding += 1
-                if hello_inc is not None:
-                    self.hellos_outstanding += 1
-            else:
-                item = None
-        if item is not None:
-            self._send_now(item)
-            return
-        with self.cond:
-            if self.closing:
+            # Fast path: nothing to emulate and nothing ahead of it. The caller hands it to zmq itself: waking the
+            # sender thread for it cost ~0.5 ms a message (GIL hand-off; benchmarks/wire_throughput.py).
+            direct = self.direct and not self.outstanding and self.sock is not None
+            deliver = now
+            if not direct:
+                t_tx = now
+                if self.rate is not None:
+                    t_tx = max(now, self.free_at) + (header + payload) / self.rate
+                    self.free_at = t_tx
+                deliver = t_tx + self.latency
+                if self.jitter > 0:
+                    deliver += self.rng.uniform(-self.jitter, self.jitter)
+                deliver = max(deliver, t_tx, self.last_deliver)
+                self.last_deliver = deliver
                 if data:
-                    self.tr._count_failures(self.dst, 1)
-                return
-            now = time.monotonic()
-            t_tx = now
-            if self.rate is not None:
-                t_tx = max(now, self.free_at) + (header + payload) / self.rate
-                self.free_at = t_tx
-            deliver = t_tx + self.latency
-            if self.jitter > 0:
-                deliver += self.rng.uniform(-self.jitter, self.jitter)
-            deliver = max(deliver, t_tx, self.last_deliver)
-            self.last_deliver = deliver
-            if data:
-                self._bound_queue_locked()
-            self.queue.append(_Item(frames, header, payload, deliver, timeout, data, hello_inc))
+                    self._bound_queue_locked()
+            item = _Item(frames, header, payload, deliver, timeout, data, hello_inc)
             self.outstanding += 1
             if hello_inc is not None:
                 self.hellos_outstanding += 1
-            self.cond.notify_all()
+            if not direct:
+                self.queue.append(item)
+                self.cond.notify_all()
+                return
+        self._send_now(item)
 
     def _send_now(self, item: _Item) -> None:
         """One try to hand an item to zmq from the caller's thread; if zmq cannot take it now (pipe full, not yet
@@ -199,12 +190,11 @@ class _Link:
                 ok = False
         if ok is None:
             with self.cond:
-                if self.sock is None and self.closing:  # the sender thread closed the link meanwhile
-                    self.queue.appendleft(item)
-                    self._drop_all_locked()
-                    return
                 self.queue.appendleft(item)  # first in line: nothing else was outstanding
-                self.cond.notify_all()
+                if self.sock is None and self.closing:  # the sender thread closed the link meanwhile
+                    self._drop_all_locked()
+                else:
+                    self.cond.notify_all()
             return
         self._done(item, ok)
 

@@ -1,4 +1,4 @@
-"""Wire protocol v2 (PROTOCOL.md): message schema, encode/decode/validation and payload codecs.
+"""The wire protocol (PROTOCOL.md; its version is VERSION): message schema, encode/decode/validation and payload codecs.
 
 Pure module: no sockets, no threads, nothing of the project's networking (see DESIGN.md §5–6).
 
