@@ -2,9 +2,12 @@
 
 Runs the main job as `make cluster` does (`deca-peer cluster --topology topologies/ring8.json`, every default: 8 real
 peer processes, 1 torch thread each), once blocking and once with `--overlap`, and the same run in one process
-(`deca-peer simulate`, 1 thread), one after the other. Efficiency = (simulate wall / cores) / cluster wall: 1.0 would
-mean the 8 processes use every core all the time with no overhead over the one-process reference. Also reported per
-peer, from the metrics: compute, waiting and everything else (start-up, evaluation, checkpoints).
+(`deca-peer simulate`, 1 thread) twice: as `make simulate` runs it (no metrics: no evaluation until the end), and
+with `--run-dir` (metrics, and so the same periodic evaluations every peer of the cluster makes). Efficiency =
+(simulate wall / cores) / cluster wall: 1.0 would mean the 8 processes use every core all the time with no overhead
+over the one-process reference. Also per peer, from the metrics (`cpu_s`: the process's CPU seconds at each record;
+`compute_cpu_s`: the step's own thread CPU): compute wall and CPU, waiting, the other CPU of the training span
+(exchange, mix, evaluations, checkpoints, logging), and the wall before the first and after the last step.
 
     .venv/bin/python benchmarks/cluster_efficiency.py [--rounds N]
 
@@ -39,15 +42,18 @@ def timed(cmd: list[str]) -> float:
     return wall
 
 
-def per_peer(run_dir: Path) -> dict:
+def per_peer(run_dir: Path, t_launch: float, t_end: float) -> dict:
     data = read_metrics(run_dir)
-    comp, wait, span = [], [], []
+    rows = []
     for recs in data.values():
         steps = [r for r in recs if r.get("event") == "step"]
-        comp.append(sum(r["compute_s"] for r in steps))
-        wait.append(sum(r.get("wait_s") or 0.0 for r in steps))
-        span.append(steps[-1]["time"] - steps[0]["time"])
-    return {"compute": statistics.mean(comp), "wait": statistics.mean(wait), "train_span": statistics.mean(span)}
+        comp_cpu = sum(r.get("compute_cpu_s") or 0.0 for r in steps)
+        rows.append({"compute": sum(r["compute_s"] for r in steps), "compute_cpu": comp_cpu,
+                     "wait": sum(r.get("wait_s") or 0.0 for r in steps),
+                     "train_span": steps[-1]["time"] - steps[0]["time"],
+                     "other_cpu": steps[-1]["cpu_s"] - steps[0]["cpu_s"] - comp_cpu,
+                     "before": steps[0]["time"] - t_launch, "after": t_end - steps[-1]["time"]})
+    return {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
 
 
 def main() -> None:
@@ -62,28 +68,40 @@ def main() -> None:
     rows = {}
     for name, flags in (("cluster", []), ("cluster --overlap", ["--overlap"])):
         run_dir = tmp / name.replace(" ", "_")
+        t_launch = time.time()
         wall = timed(deca + ["cluster", "--topology", str(TOPO), "--no-live", "--run-dir", str(run_dir),
                              "--base-port", str(free_base_port(8)), *extra, *flags])
-        rows[name] = {"wall": wall, **per_peer(run_dir)}
+        rows[name] = {"wall": wall, **per_peer(run_dir, t_launch, time.time())}
         print(f"{name}: {wall:.1f} s", flush=True)
-    sim = timed(deca + ["simulate", "--topology", str(TOPO), "--threads", "1", *extra])
-    print(f"simulate: {sim:.1f} s", flush=True)
+    sims = {}
+    for name, flags in (("simulate", []), ("simulate --run-dir", ["--run-dir", str(tmp / "sim")])):
+        sims[name] = timed(deca + ["simulate", "--topology", str(TOPO), "--threads", "1", *extra, *flags])
+        print(f"{name}: {sims[name]:.1f} s", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
+    same, bare = sims["simulate --run-dir"], sims["simulate"]
     cmd = ".venv/bin/python benchmarks/cluster_efficiency.py" + (f" --rounds {a.rounds}" if a.rounds else "")
     L = ["# make cluster against the ideal speed-up", "", f"Command: `{cmd}`  ", f"Machine: {machine_facts()}  ",
          f"Run: {time.strftime('%Y-%m-%d %H:%M')}; 1-min load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after.",
-         "", f"ring8, every `make cluster` default{' but ' + ' '.join(extra) if extra else ''}; `deca-peer simulate` "
-         f"of the same run in one process with 1 thread: **{sim:.1f} s**; {cores} cores, so the ideal cluster wall is "
-         f"{sim / cores:.1f} s. Target (issue 12): efficiency >= 0.8 (it was 0.59).", "",
-         "| run | wall s | efficiency (simulate / cores / wall) | per peer: compute s | waiting s | first to last step s |"
-         " of which neither s |", "|---|---:|---:|---:|---:|---:|---:|"]
+         "", f"ring8, every `make cluster` default{' but ' + ' '.join(extra) if extra else ''}; the same run in one "
+         f"process with 1 thread: `deca-peer simulate --run-dir` (metrics and the periodic evaluations every cluster "
+         f"peer makes: the same work) **{same:.1f} s**, `deca-peer simulate` as `make simulate` runs it (no metrics, "
+         f"no evaluation before the end) {bare:.1f} s. {cores} cores, so the ideal cluster wall is {same / cores:.1f} s "
+         f"for the same work. Target (issue 12): efficiency >= 0.8 (it was 0.59 against plain `simulate`).", "",
+         "| run | wall s | efficiency: same work (simulate --run-dir / cores / wall) | against plain simulate | "
+         "per peer: compute s | compute CPU s | waiting s | other CPU in training s | before first step s | "
+         "after last step s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
-        L.append(f"| `{name}` | {r['wall']:.1f} | **{sim / cores / r['wall']:.2f}** | {r['compute']:.1f} | "
-                 f"{r['wait']:.1f} | {r['train_span']:.1f} | {r['train_span'] - r['compute'] - r['wait']:.1f} |")
-    L += ["", "Wall times include everything the command does: start-up (model load, hello barrier), training, the "
-          "evaluations and checkpoints, and (cluster) the average model's evaluation. *Neither*: between the first "
-          "and the last step, time in neither compute nor an exchange (evaluations, checkpoints, logging, the mix's "
-          "application). With `--overlap`, waiting is only what the gradient did not hide.", ""]
+        L.append(f"| `{name}` | {r['wall']:.1f} | **{same / cores / r['wall']:.2f}** | {bare / cores / r['wall']:.2f} | "
+                 f"{r['compute']:.1f} | {r['compute_cpu']:.1f} | {r['wait']:.1f} | {r['other_cpu']:.1f} | "
+                 f"{r['before']:.1f} | {r['after']:.1f} |")
+    L += ["", "Wall times include everything the command does: start-up (imports, model load, the initial evaluation, "
+          "hello barrier), training, the evaluations and checkpoints, and (cluster) the network average and its "
+          "evaluation. Per peer: *compute* is the local steps' wall time, *compute CPU* the CPU time they got (8 peers "
+          "share 2 cores: the rest is waiting for a core); *other CPU in training*: the process's CPU between its first "
+          "and last step that was not a local step (exchanges, the mix, periodic evaluations, checkpoints, logging, "
+          "transport threads); *before first step*: from the command's start (imports, fork, load, initial "
+          "evaluation, barrier); *after last step*: to the command's end (final evaluation, averaging, report). "
+          "With `--overlap`, waiting is only what the gradient did not hide.", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "cluster_efficiency.md").write_text("\n".join(L))
     print("\n".join(L))

@@ -287,36 +287,42 @@ def cluster(topology_file, bootstrap_file, run_dir, no_live, no_average, **kw) -
     from pathlib import Path
 
     from deca_p2p.cluster import run_cluster
+    from deca_p2p.launch import Launcher
     from deca_p2p.models import ensure_default_model
     from deca_p2p.runtime import default_threads
 
     topo = _load_topology(topology_file)
     cfg = _make_config(kw)  # validate once here rather than in n processes
-    if not kw.get("model_path"):
-        ensure_default_model()  # build it once, not n times in parallel
-    if kw.get("threads") is None:
-        kw["threads"] = cfg.threads or default_threads(len(topo.nodes))
-    if cfg.secure:  # check every peer's keys here: one clear error instead of n failing processes
-        from deca_p2p.keys import KeysError, load_curve
-
-        if not bootstrap_file:
-            _fail("--secure needs --bootstrap FILE holding every peer's public_key "
-                  "(make it with `deca-peer keys --topology T --bootstrap FILE`)")
-        try:
-            for i in topo.nodes:
-                load_curve(cfg.keys_dir, bootstrap_file, i, topo.nodes)
-        except KeysError as e:
-            _fail(str(e))
-    run = Path(run_dir) if run_dir else Path("runs") / f"{topo.name}-{_time.strftime('%Y%m%d-%H%M%S')}"
-    extra = ["--bootstrap", bootstrap_file] if bootstrap_file else []
+    # the peers' fork server starts importing torch and transformers now, while we check and split the data
+    launcher = Launcher(kw.get("model_path"), ["peft"] if cfg.algo == "declora" else [])
     try:
-        files = _cluster_data(topo, cfg, run, kw.pop("data_dir", None), kw.pop("data_path", None))
-    except _user_errors() as e:
-        _fail(str(e))
-    per_peer = {i: ["--data", str(train)] + (["--eval-data", str(ev)] if ev else []) for i, (train, ev) in files.items()}
-    evals = sorted({ev for _, ev in files.values() if ev})
-    code = run_cluster(topo, topology_file, run, extra + _passthrough(kw), live=not no_live, per_peer_args=per_peer,
-                       average_eval=None if no_average else evals)
+        if not kw.get("model_path"):
+            ensure_default_model()  # build it once, not n times in parallel
+        if kw.get("threads") is None:
+            kw["threads"] = cfg.threads or default_threads(len(topo.nodes))
+        if cfg.secure:  # check every peer's keys here: one clear error instead of n failing processes
+            from deca_p2p.keys import KeysError, load_curve
+
+            if not bootstrap_file:
+                _fail("--secure needs --bootstrap FILE holding every peer's public_key "
+                      "(make it with `deca-peer keys --topology T --bootstrap FILE`)")
+            try:
+                for i in topo.nodes:
+                    load_curve(cfg.keys_dir, bootstrap_file, i, topo.nodes)
+            except KeysError as e:
+                _fail(str(e))
+        run = Path(run_dir) if run_dir else Path("runs") / f"{topo.name}-{_time.strftime('%Y%m%d-%H%M%S')}"
+        extra = ["--bootstrap", bootstrap_file] if bootstrap_file else []
+        try:
+            files = _cluster_data(topo, cfg, run, kw.pop("data_dir", None), kw.pop("data_path", None))
+        except _user_errors() as e:
+            _fail(str(e))
+        per_peer = {i: ["--data", str(train)] + (["--eval-data", str(ev)] if ev else []) for i, (train, ev) in files.items()}
+        evals = sorted({ev for _, ev in files.values() if ev})
+        code = run_cluster(topo, topology_file, run, extra + _passthrough(kw), live=not no_live, per_peer_args=per_peer,
+                           average_eval=None if no_average else evals, launcher=launcher)
+    finally:
+        launcher.close()
     raise SystemExit(code)
 
 

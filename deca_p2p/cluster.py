@@ -1,4 +1,4 @@
-"""Launch and watch a whole local network: one `deca-peer start` OS process per node.
+"""Launch and watch a whole local network: one `deca-peer start` OS process per node (started by launch.py).
 
 The live view reads each peer's JSONL metrics as they are written; Ctrl-C (or SIGTERM) sends SIGTERM to every
 peer (each stops at a step boundary with a final checkpoint), then SIGKILL to any still alive after a grace
@@ -7,10 +7,8 @@ period, so no process is left behind.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -19,8 +17,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from .launch import Launcher, PeerProcess
 from .metrics import METRICS_FILE, peer_dir
-from .report import AVERAGE_DIR, AVERAGE_EVAL, fmt, write_report
+from .report import AVERAGE_DIR, AVERAGE_EVAL, fmt, make_plots, write_report
 from .topology import Topology
 
 
@@ -58,7 +57,7 @@ class _Tail:
                     self.flagged = rec["flagged"] or []
 
 
-def _live_table(topo: Topology, procs: dict[int, subprocess.Popen], tails: dict[int, _Tail], t0: float) -> Table:
+def _live_table(topo: Topology, procs: dict[int, PeerProcess | subprocess.Popen], tails: dict[int, _Tail], t0: float) -> Table:
     t = Table(title=f"{topo.name}: {len(procs)} peers, {time.monotonic() - t0:.0f} s")
     robust = any(tail.flagged is not None for tail in tails.values())  # a robust mix runs (robust.py)
     for col in ("peer", "state", "round", "block", "step", "loss", "MB sent", "computing", "waiting", "eval acc",
@@ -83,15 +82,7 @@ def _live_table(topo: Topology, procs: dict[int, subprocess.Popen], tails: dict[
     return t
 
 
-def peer_env() -> dict[str, str]:
-    """Transparent huge pages for malloc: page faults dominate big zero-copy transfers (DESIGN §6); measured
-    x1.8 raw goodput on 64-256 MiB blocks here (benchmarks/results/wire_throughput.md)."""
-    env = dict(os.environ)
-    env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-    return env
-
-
-def stop_all(procs: dict[int, subprocess.Popen], grace_s: float = 30.0) -> None:
+def stop_all(procs: dict[int, PeerProcess | subprocess.Popen], grace_s: float = 30.0) -> None:
     for p in procs.values():
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -125,13 +116,14 @@ def score_average(run_dir: Path, eval_files: Sequence[Path]) -> dict:
 
 def run_cluster(topo: Topology, topology_path: str, run_dir: Path, peer_args: Sequence[str], *,
                 live: bool = True, console: Console | None = None, per_peer_args: dict[int, list[str]] | None = None,
-                average_eval: Sequence[Path] | None = None) -> int:
+                average_eval: Sequence[Path] | None = None, launcher: Launcher | None = None) -> int:
     """Start every peer, show them until all exit, print the final table; returns 0 when all peers succeeded.
     `per_peer_args` are each peer's own options (its --data and --eval-data). When every peer finished and
-    `average_eval` is not None, the network average is written and scored on those files (its own table row)."""
+    `average_eval` is not None, the network average is written and scored on those files (its own table row).
+    `launcher` starts the peers (launch.py; default: one for the embedded model)."""
     console = console or Console()
     run_dir.mkdir(parents=True, exist_ok=True)
-    procs: dict[int, subprocess.Popen] = {}
+    procs: dict[int, PeerProcess | subprocess.Popen] = {}
     tails = {i: _Tail(peer_dir(run_dir, i) / METRICS_FILE) for i in topo.nodes}
     interrupted = False
 
@@ -142,15 +134,12 @@ def run_cluster(topo: Topology, topology_path: str, run_dir: Path, peer_args: Se
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     t0 = time.monotonic()
     try:
+        launcher = launcher or Launcher()
         for i in topo.nodes:
             peer_dir(run_dir, i).mkdir(parents=True, exist_ok=True)
-            out = open(peer_dir(run_dir, i) / "peer.log", "w")
-            cmd = [sys.executable, "-m", "deca_p2p.cli", "start", "--id", str(i), "--neighbors", topology_path,
-                   "--run-dir", str(run_dir), *peer_args, *(per_peer_args or {}).get(i, [])]
-            # own session: the terminal's Ctrl-C reaches only us, and we stop the peers in order
-            procs[i] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True, env=peer_env())
-            out.close()
+            argv = ["start", "--id", str(i), "--neighbors", topology_path, "--run-dir", str(run_dir), *peer_args,
+                    *(per_peer_args or {}).get(i, [])]
+            procs[i] = launcher.start(argv, peer_dir(run_dir, i) / "peer.log")
         with Live(_live_table(topo, procs, tails, t0), console=console, refresh_per_second=2,
                   transient=False) if live else _NoLive() as view:
             while not interrupted and any(p.poll() is None for p in procs.values()):
@@ -173,12 +162,17 @@ def run_cluster(topo: Topology, topology_path: str, run_dir: Path, peer_args: Se
     for i, code in sorted(failed.items()):
         log = (peer_dir(run_dir, i) / "peer.log").read_text().strip().splitlines()
         console.print(f"peer {i} exited with {code}: {log[-1] if log else '(no output)'}")
-    if not failed and not interrupted and average_eval is not None:
+    average = None
+    if not failed and not interrupted and average_eval is not None:  # in a process that has the imports ...
+        average = launcher.submit(score_average, run_dir, average_eval)
+    if any((peer_dir(run_dir, i) / METRICS_FILE).is_file() for i in topo.nodes):
+        make_plots(run_dir)  # ... while the plots are drawn here
+    if average is not None:
         try:
-            score_average(run_dir, average_eval)
+            average.get()
         except Exception as e:  # noqa: BLE001 - the peers' own checkpoints are intact; say why and go on
             console.print(f"could not average the peers' checkpoints: {' '.join(str(e).split())[:300]}")
-    write_report(run_dir, title=f"{topo.name}: {time.monotonic() - t0:.0f} s, run dir {run_dir}")
+    write_report(run_dir, title=f"{topo.name}: {time.monotonic() - t0:.0f} s, run dir {run_dir}", plots=False)
     console.print(f"run directory: {run_dir}")
     return 0 if not failed else 1
 

@@ -250,6 +250,7 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     peak_rss = 0
     last_stats: dict = {}  # --overlap sends a block before its step's numbers exist: the previous step's go with it
     alone_exchanges, was_alone = 0, False
+    evaluated: tuple[int, dict] = (-1, {})  # (activation, metrics) of the latest evaluation
     for a in range(first, len(acts)):
         rnd, blk = acts[a]
         trainer.activate(blk)
@@ -302,8 +303,10 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
         if stop.is_set():
             break
         if (end_of_round and not cfg.eval_every) or (cfg.eval_every and (a + 1) % cfg.eval_every == 0):
-            log.write("eval", round=rnd, activation=a, **_evaluate(trainer, inputs))
-    final = _evaluate(trainer, inputs)
+            evaluated = (a, _evaluate(trainer, inputs))
+            log.write("eval", round=rnd, activation=a, **evaluated[1])
+    # the model has not changed since an evaluation after the last activation: its numbers are the final ones
+    final = evaluated[1] if evaluated[0] == len(acts) - 1 else _evaluate(trainer, inputs)
     gossip.finish(cfg.exchange_timeout_s)  # slower neighbours may still need our last block
     sent, recv = _bytes(transport)
     cs = [c for c in transport.counters().values() if c.data_sent]

@@ -199,13 +199,14 @@ def make_plots(run_dir: str | Path) -> list[Path]:
     return paths
 
 
-def write_report(run_dir: str | Path, title: str = "") -> Table | None:
-    """Print and save (summary.md) the final table, and draw the plots."""
+def write_report(run_dir: str | Path, title: str = "", plots: bool = True) -> Table | None:
+    """Print and save (summary.md) the final table, and draw the plots (unless the caller drew them)."""
     table = run_table(run_dir, title)
     if table is None:
         return None
     console = Console(record=True, width=160)
     console.print(table)
     Path(run_dir, "summary.md").write_text("```\n" + console.export_text() + "```\n")
-    make_plots(run_dir)
+    if plots:
+        make_plots(run_dir)
     return table

@@ -100,6 +100,7 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
 
     mixers = {i: make_mixer(cfg, i, topo.weight_row(i), log=say(i)) for i in topo.nodes}
     attacks = {i: a for i in topo.nodes if (a := make_attack(cfg, i, topo.weight_row(i))) is not None}
+    evaluated, evaluated_at = {}, -1  # the latest periodic evaluation (with logs) and its activation
     for a, (rnd, blk) in enumerate(schedule.activations()):
         for i, t in trainers.items():
             t.activate(blk)
@@ -137,8 +138,12 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
         last_of_round = (a + 1) % schedule.n_blocks == 0
         if logs and ((last_of_round and not cfg.eval_every) or (cfg.eval_every and (a + 1) % cfg.eval_every == 0)):
             for i, t in trainers.items():
-                logs[i].write("eval", round=rnd, activation=a, **ev(t.model, i))
-    per_peer = {i: ev(t.model, i) for i, t in trainers.items()}
+                evaluated[i] = ev(t.model, i)
+                logs[i].write("eval", round=rnd, activation=a, **evaluated[i])
+            evaluated_at = a
+    # as a peer does: an evaluation after the last activation gives the final numbers (the models did not change)
+    last = len(schedule.activations()) - 1
+    per_peer = {i: evaluated[i] if evaluated_at == last else ev(t.model, i) for i, t in trainers.items()}
     avg = average_models([t.export_model() for t in trainers.values()])  # declora: the mean of the merged models
     # the averaged model is scored on the common eval set, or on the union of the peers' own ones
     avg_eval = ev(avg, peer0) if common_eval else evaluate_run(

@@ -188,7 +188,7 @@ class PeerTrainer:
 
     def local_step(self, istep: int = 0) -> dict[str, float]:
         """One local step at position `istep` of the run (what the learning-rate schedule reads)."""
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         c = self.cfg
         losses = []
         for _ in range(c.grad_accum):  # gradients of the micro-batches add up; each loss is scaled to their mean
@@ -221,6 +221,8 @@ class PeerTrainer:
             self._released = self.schedule.is_exchange(istep % self.schedule.inner_steps)
             stats.update(self.privacy.release(self.active.params) if self._released else self.privacy.record())
         stats["compute_s"] = time.perf_counter() - t0
+        # this thread's CPU time: below compute_s when peers share cores (the step waited for one)
+        stats["compute_cpu_s"] = time.thread_time() - cpu0
         return stats
 
     def block(self) -> dict[str, torch.Tensor]:

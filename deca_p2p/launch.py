@@ -1,0 +1,173 @@
+"""Start the peer processes of `deca-peer cluster`: each one `deca-peer start`, forked from a server that has
+already imported torch, transformers and deca_p2p.
+
+Every peer is still its own OS process in its own session, running the same `start` command a user types, with its
+own log file. Only the start-up is shared: importing torch and transformers (and the model's modeling module)
+costs ~4 CPU-s per process, 8 times over on the default ring8 — about 15 s of a 2-core machine's wall time before
+anyone trains (benchmarks/results/cluster_efficiency.md). The server is multiprocessing's `forkserver`: one
+single-threaded process that only imports (it runs no torch operation, so no OpenMP pool is forked) and forks a
+peer on request. Where forkserver is missing, peers start as plain subprocesses.
+"""
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+PRELOAD = ["deca_p2p.cli", "deca_p2p.peer", "deca_p2p.average", "transformers.generation.utils"]
+
+
+def peer_env() -> dict[str, str]:
+    """What a peer's environment adds to ours.
+
+    Transparent huge pages for malloc: page faults dominate big zero-copy transfers (DESIGN §6); measured x1.8 raw
+    goodput on 64-256 MiB blocks here (benchmarks/results/wire_throughput.md). glibc reads it at process start,
+    so it must be in the environment the fork server starts with. One OpenMP/BLAS thread until the peer sets its
+    own count (`--threads`): the importing server then has no thread pool to lose in a fork.
+    """
+    return {k: v for k, v in (("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"), ("OMP_NUM_THREADS", "1"))
+            if k not in os.environ}
+
+
+def model_module(model_path: str | None) -> str | None:
+    """The transformers modeling module of the model the peers will load (imported once, in the server)."""
+    from .models import BASE_MODEL_DIR
+
+    try:
+        cfg = json.loads((Path(model_path or BASE_MODEL_DIR) / "config.json").read_text())
+        kind = str(cfg["model_type"]).replace("-", "_")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the peers will say what is wrong with the model; nothing to preload
+    return f"transformers.models.{kind}.modeling_{kind}"
+
+
+class PeerProcess:
+    """The part of subprocess.Popen that `cluster` uses, over a forked multiprocessing.Process."""
+
+    def __init__(self, proc: multiprocessing.process.BaseProcess):
+        self._p = proc
+        self.pid = proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._p.exitcode
+
+    def poll(self) -> int | None:
+        return self._p.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._p.join(timeout)
+        if self._p.exitcode is None:
+            raise subprocess.TimeoutExpired(f"peer pid {self.pid}", timeout)
+        return self._p.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self._p.exitcode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _peer_main(argv: list[str], log_path: str) -> None:
+    """In the forked child: become a session leader (Ctrl-C in the terminal reaches only `cluster`, which stops the
+    peers in order), write to the peer's log, run `deca-peer start`. click raises SystemExit with its exit code."""
+    os.setsid()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), line_buffering=True)
+    sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), line_buffering=True)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)  # the peer installs its own stop handlers
+    from .cli import main
+
+    main(args=argv, prog_name="deca-peer")
+
+
+class Launcher:
+    """Starts peers: forked from one preloaded server, or (without forkserver) as subprocesses."""
+
+    def __init__(self, model_path: str | None = None, extra_preload: Sequence[str] = ()):
+        self._ctx = None
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            self._ctx = multiprocessing.get_context("forkserver")
+            mod = model_module(model_path)
+            self._ctx.set_forkserver_preload(PRELOAD + [m for m in (mod, *extra_preload) if m] + ["deca_p2p.preload_done"])
+            # start the server now: it imports while our caller prepares the run
+            self._with_env(multiprocessing.forkserver.ensure_running)
+
+    def _with_env(self, fn, *args):
+        saved = dict(os.environ)
+        os.environ.update(peer_env())  # the server (started by the first child) inherits this environment
+        try:
+            return fn(*args)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def start(self, argv: list[str], log_path: Path) -> PeerProcess | subprocess.Popen:
+        """`deca-peer <argv>` as a new process writing to `log_path`."""
+        if self._ctx is None:
+            with open(log_path, "w") as out:
+                return subprocess.Popen([sys.executable, "-m", "deca_p2p.cli", *argv], stdout=out,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                        env={**os.environ, **peer_env()})
+        p = self._ctx.Process(target=_peer_main, args=(argv, str(log_path)), daemon=False)
+        self._with_env(p.start)
+        return PeerProcess(p)
+
+    def close(self) -> None:
+        """Stop the fork server (and multiprocessing's resource tracker) now: `cluster` leaves no process behind.
+        Both would exit by themselves once we do; stopping them here makes that true when we return."""
+        if self._ctx is None:
+            return
+        from multiprocessing import forkserver, resource_tracker
+
+        for helper in (getattr(forkserver, "_forkserver", None), getattr(resource_tracker, "_resource_tracker", None)):
+            stop = getattr(helper, "_stop", None)  # a private method (CPython's own tests use it): absent, we skip it
+            if stop is not None:
+                try:
+                    stop()
+                except (OSError, ChildProcessError):
+                    pass
+
+    def submit(self, fn, *args) -> "Pending":
+        """fn(*args) in a process forked from the server (its imports are done), while the caller goes on; without
+        forkserver, here and now. `.get()` waits for the result (an exception in fn is raised there)."""
+        return Pending(self._ctx, fn, args)
+
+
+class Pending:
+    def __init__(self, ctx, fn, args):
+        self._pool = self._async = None
+        if ctx is None:
+            try:
+                self._value, self._error = fn(*args), None
+            except Exception as e:  # noqa: BLE001 - raised by get(), as the pool would
+                self._value, self._error = None, e
+            return
+        self._pool = ctx.Pool(1)
+        self._async = self._pool.apply_async(fn, args)
+
+    def get(self):
+        if self._pool is None:
+            if self._error is not None:
+                raise self._error
+            return self._value
+        try:
+            return self._async.get()
+        finally:
+            self._pool.close()
+            self._pool.join()
