@@ -225,8 +225,11 @@ def _env_id() -> int | None:
 @click.option("--hello-timeout", "hello_timeout_s", type=float, help="Seconds to wait for every neighbour at start-up.")
 @click.option("--eval-data", "eval_path", type=click.Path(dir_okay=False),
               help="This peer's own held-out JSONL (default: a share of --data, see eval_fraction).")
+@click.option("--no-initial-eval", is_flag=True,
+              help="Do not evaluate the starting model (cluster: a peer whose eval file and model another peer "
+                   "already evaluates).")
 @_train_options
-def start(peer_id, topology_file, bootstrap_file, run_dir, **kw) -> None:
+def start(peer_id, topology_file, bootstrap_file, run_dir, no_initial_eval, **kw) -> None:
     """Run one peer."""
     from deca_p2p.bootstrap import BootstrapError
     from deca_p2p.peer import PeerArgs, run_peer
@@ -239,7 +242,7 @@ def start(peer_id, topology_file, bootstrap_file, run_dir, **kw) -> None:
         _fail("no peer id: pass --id or set SLURM_PROCID or RANK")
     cfg = _make_config(kw)
     args = PeerArgs(peer_id, topology_file, run_dir, cfg, bootstrap_file, kw.get("model_path"), kw.get("data_path"),
-                    kw.get("eval_path"))
+                    kw.get("eval_path"), initial_eval=not no_initial_eval)
     try:
         run_peer(args)
     except (*_user_errors(), BootstrapError, TransportError) as e:
@@ -318,6 +321,11 @@ def cluster(topology_file, bootstrap_file, run_dir, no_live, no_average, **kw) -
         except _user_errors() as e:
             _fail(str(e))
         per_peer = {i: ["--data", str(train)] + (["--eval-data", str(ev)] if ev else []) for i, (train, ev) in files.items()}
+        # peers sharing one eval file would all score the same starting model on it: the first one does (as simulate)
+        first_with = {}
+        for i, (_, ev) in sorted(files.items()):
+            if ev and first_with.setdefault(ev, i) != i:
+                per_peer[i].append("--no-initial-eval")
         evals = sorted({ev for _, ev in files.values() if ev})
         code = run_cluster(topo, topology_file, run, extra + _passthrough(kw), live=not no_live, per_peer_args=per_peer,
                            average_eval=None if no_average else evals, launcher=launcher)

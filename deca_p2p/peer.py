@@ -48,6 +48,7 @@ class PeerArgs:
     model_path: str | None = None
     data_path: str | None = None   # this peer's own records (None: its shard of the embedded tasks)
     eval_path: str | None = None   # this peer's own held-out records (None: a share of data_path is held out)
+    initial_eval: bool = True      # evaluate the starting model (cluster turns it off where another peer does)
 
 
 def resolve_endpoints(args: PeerArgs, topo: topology.Topology) -> dict[int, str]:
@@ -225,7 +226,7 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
         print(f"peer {me}: {trunc.describe(len(data.train), inputs.max_len)}", flush=True)
     if me == topo.nodes[0] and first == 0:
         (Path(args.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    if first == 0:
+    if first == 0 and args.initial_eval:
         log.write("eval", round=-1, activation=-1, **_evaluate(trainer, inputs))
     t_barrier = time.perf_counter()
     transport.barrier(inc, cfg.hello_timeout_s)
