@@ -39,3 +39,6 @@ def test_ctrl_c_stops_every_peer_with_a_checkpoint_and_leaves_no_process(deca_ca
                  if '"event": "final"' in x]
         assert final and final[0]["stopped"] is True
     assert "eval loss" in out and (run_dir / "plots" / "loss.png").is_file()
+    # the peers share the cluster's one eval file: only the first scores the starting model (the report's start row)
+    initial = [i for i in range(4) if '"activation": -1' in (run_dir / f"peer-{i}" / "metrics.jsonl").read_text()]
+    assert initial == [0] and "start" in out
