@@ -11,11 +11,13 @@ over the one-process reference. Also per peer, from the metrics (`cpu_s`: the pr
 
     .venv/bin/python benchmarks/cluster_efficiency.py [--rounds N]
 
-Writes benchmarks/results/cluster_efficiency.md.
+Writes benchmarks/results/cluster_efficiency.md, and appends the run to cluster_efficiency_runs.jsonl (the md lists
+every run there: this machine's run-to-run spread is several per cent).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -31,6 +33,7 @@ from deca_p2p.bootstrap import free_base_port
 from deca_p2p.metrics import read_metrics
 
 TOPO = ROOT / "topologies" / "ring8.json"
+RUNS = RESULTS / "cluster_efficiency_runs.jsonl"
 
 
 def timed(cmd: list[str]) -> float:
@@ -78,6 +81,11 @@ def main() -> None:
         sims[name] = timed(deca + ["simulate", "--topology", str(TOPO), "--threads", "1", *extra, *flags])
         print(f"{name}: {sims[name]:.1f} s", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RUNS, "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M"), "commit": commit, "rounds": a.rounds,
+                            "sims": sims, "rows": rows}) + "\n")
     same, bare = sims["simulate --run-dir"], sims["simulate"]
     cmd = ".venv/bin/python benchmarks/cluster_efficiency.py" + (f" --rounds {a.rounds}" if a.rounds else "")
     L = ["# make cluster against the ideal speed-up", "", f"Command: `{cmd}`  ", f"Machine: {machine_facts()}  ",
@@ -101,8 +109,18 @@ def main() -> None:
           "and last step that was not a local step (exchanges, the mix, periodic evaluations, checkpoints, logging, "
           "transport threads); *before first step*: from the command's start (imports, fork, load, initial "
           "evaluation, barrier); *after last step*: to the command's end (final evaluation, averaging, report). "
-          "With `--overlap`, waiting is only what the gradient did not hide.", ""]
-    RESULTS.mkdir(parents=True, exist_ok=True)
+          "With `--overlap`, waiting is only what the gradient did not hide.", "",
+          f"## Every run in `{RUNS.name}` (efficiency at the same work; against plain simulate in brackets)", "",
+          "| run | commit | rounds | simulate --run-dir s | simulate s | cluster s | cluster --overlap s | "
+          "efficiency blocking | efficiency --overlap |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for line in RUNS.read_text().splitlines():
+        r = json.loads(line)
+        sm, bs, c, o = (r["sims"]["simulate --run-dir"], r["sims"]["simulate"], r["rows"]["cluster"]["wall"],
+                        r["rows"]["cluster --overlap"]["wall"])
+        L.append(f"| {r['time']} | {r['commit']}{' (' + r['note'] + ')' if r.get('note') else ''} | "
+                 f"{r['rounds'] or 'default'} | {sm:.1f} | {bs:.1f} | {c:.1f} | {o:.1f} | "
+                 f"{sm / cores / c:.2f} ({bs / cores / c:.2f}) | {sm / cores / o:.2f} ({bs / cores / o:.2f}) |")
+    L += [""]
     (RESULTS / "cluster_efficiency.md").write_text("\n".join(L))
     print("\n".join(L))
 
