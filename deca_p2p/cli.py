@@ -301,7 +301,7 @@ def cluster(topology_file, bootstrap_file, run_dir, no_live, no_average, **kw) -
     try:
         if not kw.get("model_path"):
             ensure_default_model()  # build it once, not n times in parallel
-        if kw.get("threads") is None:
+        if not kw.get("threads"):  # 0 too: the peers' environment holds OpenMP at 1 thread until they set theirs
             kw["threads"] = cfg.threads or default_threads(len(topo.nodes))
         if cfg.secure:  # check every peer's keys here: one clear error instead of n failing processes
             from deca_p2p.keys import KeysError, load_curve

@@ -133,6 +133,7 @@ def run_cluster(topo: Topology, topology_path: str, run_dir: Path, peer_args: Se
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     t0 = time.monotonic()
+    own_launcher = launcher is None
     try:
         launcher = launcher or Launcher()
         for i in topo.nodes:
@@ -172,6 +173,8 @@ def run_cluster(topo: Topology, topology_path: str, run_dir: Path, peer_args: Se
             average.get()
         except Exception as e:  # noqa: BLE001 - the peers' own checkpoints are intact; say why and go on
             console.print(f"could not average the peers' checkpoints: {' '.join(str(e).split())[:300]}")
+    if own_launcher:
+        launcher.close()
     write_report(run_dir, title=f"{topo.name}: {time.monotonic() - t0:.0f} s, run dir {run_dir}", plots=False)
     console.print(f"run directory: {run_dir}")
     return 0 if not failed else 1

@@ -109,13 +109,13 @@ class Launcher:
             self._with_env(multiprocessing.forkserver.ensure_running)
 
     def _with_env(self, fn, *args):
-        saved = dict(os.environ)
-        os.environ.update(peer_env())  # the server (started by the first child) inherits this environment
+        added = peer_env()  # only keys we do not have: the server (started once) inherits them, we keep ours
+        os.environ.update(added)
         try:
             return fn(*args)
         finally:
-            os.environ.clear()
-            os.environ.update(saved)
+            for k in added:
+                os.environ.pop(k, None)
 
     def start(self, argv: list[str], log_path: Path) -> PeerProcess | subprocess.Popen:
         """`deca-peer <argv>` as a new process writing to `log_path`."""
