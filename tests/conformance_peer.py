@@ -341,6 +341,9 @@ class Peer:
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
+        # §4.4 (wire): a reconnecting neighbour presents its routing id again and must take it over; without
+        # this, its new connection is refused while libzmq still holds the old one, and nothing of it arrives
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, self.max_payload + (1 << 20))
         self.router.bind(f"tcp://127.0.0.1:{args.base_port + self.me}")
         self.dealers = {}
