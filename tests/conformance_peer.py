@@ -390,6 +390,11 @@ class Peer:
     def recv(self, timeout: float):
         if self.kept:
             return self.kept.popleft()
+        return self.recv_socket(timeout)
+
+    def recv_socket(self, timeout: float):
+        """The next message from the ROUTER itself (the barrier reads here: what it keeps must not come back
+        to it before the socket is read, or a kept block would hide a hello queued behind it)."""
         if not self.router.poll(max(0, int(timeout * 1000)), zmq.POLLIN):
             return None
         parts = self.router.recv_multipart()
@@ -432,7 +437,7 @@ class Peer:
                     if (j not in heard or j not in accepted) and self.send(j, self.hello(), 0.0):
                         accepted.add(j)
                 next_tx = now + HELLO_INTERVAL
-            got = self.recv(min(0.05, max(0.0, next_tx - time.monotonic())))
+            got = self.recv_socket(min(0.05, max(0.0, next_tx - time.monotonic())))
             if got is None:
                 continue
             src, frames = got

@@ -85,13 +85,7 @@ def _run_ring(tmp_path: Path):
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_an_independent_peer_joins_a_ring_of_real_peers(deca_cache, tmp_path):
-    # Known intermittent failure (about 1 run in 3 on this 2-core machine, at this commit and at the previous stop's):
-    # the independent peer sometimes never counts peer 0's hello and times out in its barrier while the real peers
-    # train on. Not yet explained (notes of issue 12); the run is tried again in a fresh directory before failing.
-    for attempt in range(2):
-        procs, outs, run_dir, out3 = _run_ring(tmp_path / f"try{attempt}")
-        if procs[3].returncode == 0 or "hello barrier timed out" not in outs.get(3, "") or attempt == 1:
-            break
+    procs, outs, run_dir, out3 = _run_ring(tmp_path)
     assert {i: p.returncode for i, p in procs.items()} == {i: 0 for i in range(4)}, \
         "\n".join(f"--- peer {i}\n{o[-2500:]}" for i, o in outs.items())
 
