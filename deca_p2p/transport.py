@@ -645,7 +645,8 @@ class Transport:
         """Answer a neighbour's hello: the first one at once, a repeated one again at most every REANSWER_S.
         An answer can be lost (our DEALER not yet connected within the send timeout on a slow start), and a
         neighbour still in its barrier repeats its hello until it hears ours: answering only the first left it
-        waiting for its whole hello timeout (seen once in CI with the conformance peer)."""
+        waiting for its whole hello timeout. (The conformance peer's intermittent barrier timeout in CI turned out
+        to be its own: its barrier re-read kept messages instead of its socket; tests/conformance_peer.py.)"""
         key, now = (src, inc), time.monotonic()
         last = self._answered.get(key)
         if last is None or now - last >= REANSWER_S:
