@@ -3,8 +3,8 @@ already imported torch, transformers and deca_p2p.
 
 Every peer is still its own OS process in its own session, running the same `start` command a user types, with its
 own log file. Only the start-up is shared: importing torch and transformers (and the model's modeling module)
-costs ~4 CPU-s per process, 8 times over on the default ring8 — about 15 s of a 2-core machine's wall time before
-anyone trains (benchmarks/results/cluster_efficiency.md). The server is multiprocessing's `forkserver`: one
+cost ~4 CPU-s per process here, 8 times over on the default ring8 (a profile, not a committed table; what is left
+before the first step is in benchmarks/results/cluster_efficiency.md). The server is multiprocessing's `forkserver`: one
 single-threaded process that only imports (it runs no torch operation, so no OpenMP pool is forked) and forks a
 peer on request. Where forkserver is missing, peers start as plain subprocesses.
 """
