@@ -635,5 +635,13 @@ def average(run_dir, out, weighted) -> None:
                    "some peer stopped early", err=True)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `deca-peer` program: `start` first re-executes itself with huge-page malloc (peer_env.py), then click."""
+    from .peer_env import maybe_reexec
+
+    maybe_reexec()
     main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -21,19 +21,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .peer_env import peer_env
+
 PRELOAD = ["deca_p2p.cli", "deca_p2p.peer", "deca_p2p.average", "transformers.generation.utils"]
-
-
-def peer_env() -> dict[str, str]:
-    """What a peer's environment adds to ours.
-
-    Transparent huge pages for malloc: page faults dominate big zero-copy transfers (DESIGN §6); measured x1.8 raw
-    goodput on 64-256 MiB blocks here (benchmarks/results/wire_throughput.md). glibc reads it at process start,
-    so it must be in the environment the fork server starts with. One OpenMP/BLAS thread until the peer sets its
-    own count (`--threads`): the importing server then has no thread pool to lose in a fork.
-    """
-    return {k: v for k, v in (("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"), ("OMP_NUM_THREADS", "1"))
-            if k not in os.environ}
 
 
 def model_module(model_path: str | None) -> str | None:

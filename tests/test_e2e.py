@@ -1,4 +1,5 @@
 """End to end: real `deca-peer start` OS processes over ZeroMQ on 127.0.0.1 reproduce the in-process reference."""
+import json
 import os
 import subprocess
 
@@ -7,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, deca_peer_cmd, free_base_port, max_diff_to_simulation
+from deca_p2p import peer_env
 from deca_p2p.checkpoint import latest
 
 SMALL = {"rounds": 1, "inner_steps": 3, "batch_size": 8, "train_per_task": 100, "eval_per_task": 3,
@@ -48,6 +50,11 @@ def test_network_reproduces_in_process_simulation(deca_cache, tmp_path, extra):
 
     worst = max_diff_to_simulation(run_dir, topo_path, cfg)
     assert worst <= 1e-6, worst
+    # `start` re-executed itself with huge-page malloc (peer_env.py) unless the environment already chose
+    start = json.loads((run_dir / "peer-1" / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start"
+    want = os.environ.get("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1" if peer_env._glibc_has_hugetlb() else None)
+    assert start["glibc_tunables"] == want
     # the network moved the weights: peers differ from the initial model and from each other
     a = load_file(latest(run_dir / "peer-0" / "checkpoint") / "model.safetensors")
     b = load_file(latest(run_dir / "peer-2" / "checkpoint") / "model.safetensors")
