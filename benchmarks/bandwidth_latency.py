@@ -93,6 +93,54 @@ def measure(run_dir: Path, latency: float, bw: float | None) -> dict:
             "late_ms": statistics.mean(late) if late else None}
 
 
+def _raw_child(role: str, port: int, size: int, gap: float, n: int) -> None:
+    """One side of the raw pyzmq floor: PUSH/PULL of SIZE-byte messages every GAP s, zero-copy, no emulation."""
+    import json
+
+    import numpy as np
+    import zmq
+
+    ctx = zmq.Context()
+    if role == "rx":
+        s = ctx.socket(zmq.PULL)
+        s.bind(f"tcp://127.0.0.1:{port}")
+        s.RCVTIMEO = 60_000
+        one_way = []
+        for _ in range(n):
+            parts = s.recv_multipart(copy=False)
+            one_way.append(time.monotonic() - json.loads(bytes(parts[0]))["t0"])
+        print(json.dumps(one_way[3:]))  # after a short warm-up
+        s.close(linger=0)
+    else:
+        s = ctx.socket(zmq.PUSH)
+        s.connect(f"tcp://127.0.0.1:{port}")
+        buf = memoryview(np.random.rand(size // 8)).cast("B")
+        time.sleep(0.3)  # connected before the first message
+        for _ in range(n):
+            s.send_multipart([json.dumps({"t0": time.monotonic()}).encode(), buf], copy=False)
+            time.sleep(gap)
+        s.close(linger=10_000)
+    ctx.term()
+
+
+def raw_floor(size: float, gap: float, n: int = 80) -> float:
+    """Median one-way time (s) of raw pyzmq for a SIZE-byte message between two idle processes on this machine,
+    one message every GAP s (the peers' cadence): what any ZeroMQ stack pays on top of an emulated link's S/R."""
+    import json
+
+    from common import spawn
+
+    port = free_base_port(1)
+    env = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}  # the peers' environment (deca_p2p/peer_env.py)
+    args = ["--port", str(port), "--size", str(int(size)), "--gap", str(gap), "--n", str(n)]
+    rx = spawn(__file__, ["--child", "rx", *args], env)
+    time.sleep(0.5)
+    tx = spawn(__file__, ["--child", "tx", *args], env)
+    out, _ = rx.communicate(timeout=120)
+    tx.wait(timeout=60)
+    return statistics.median(json.loads(out.strip().splitlines()[-1]))
+
+
 TABLE_HEAD = ["| latency ms | bandwidth Mbit/s | S (MB) | goodput Mbit/s (median) | goodput / configured | messages | "
               "hand-off late ms (mean) | step wall s | compute + L + S/R s | step / expected | waiting share |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -106,7 +154,12 @@ def worst_ratio(runs: list[dict]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    for k in ("--child", "--port", "--size", "--gap", "--n"):
+        ap.add_argument(k, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        _raw_child(args.child, int(args.port), int(args.size), float(args.gap), int(args.n))
+        return
     latencies = [0, 100] if args.quick else [0, 10, 50, 100]
     bws = [100, None] if args.quick else [100, 1000, None]
     steps = 4 if args.quick else 8
@@ -124,6 +177,9 @@ def main() -> None:
              run(tmp, "every4", 100, 100, steps, ["--gossip-every", "4"])]
     # control: the same links with 2 peers, one per core, so no peer waits for a CPU
     control = [run(tmp, f"pair-L0-B{bw}", 0, bw, 2 * steps, [], n=2) for bw in bws if bw]
+    # the floor under any emulator: raw pyzmq's own one-way time for S bytes at the control's cadence
+    for r in control:
+        r["floor"] = raw_floor(r["S"], r["step_wall"])
 
     lines = ["# Bandwidth under link latency: ring8, 8 real peer processes, emulated links", "",
              f"Command: `.venv/bin/python benchmarks/bandwidth_latency.py{' --quick' if args.quick else ''}` "
@@ -143,6 +199,15 @@ def main() -> None:
     lines += ["", "Control: the same links between 2 peers (ring of 2, one peer per core, "
               f"{2 * steps} inner steps per block), so that no peer waits for a CPU:", "", *TABLE_HEAD]
     lines += [row(r) for r in control]
+    lines += ["", "The floor under any emulator on this machine: raw pyzmq (PUSH/PULL, zero-copy, no emulation, "
+              "2 idle processes, one S-byte message per control step) takes this long one way; a perfect emulator "
+              "that hands each message to ZeroMQ exactly at its due time could show at best S/R / (S/R + that):", "",
+              "| bandwidth Mbit/s | S/R ms | raw pyzmq one-way ms (median) | best possible goodput / configured | "
+              "measured (control) |", "|---|---|---|---|---|"]
+    for r in control:
+        sr = r["S"] * 8 / (r["bw"] * 1e6)
+        lines.append(f"| {r['bw']} | {sr * 1e3:.2f} | {r['floor'] * 1e3:.3f} | {sr / (sr + r['floor']):.3f} | "
+                     f"{r['goodput'] / r['bw']:.3f} |")
     worst, pair_worst = worst_ratio(rows), worst_ratio(control)
     lines += ["", "Gossip every c inner steps under 100 ms latency, 100 Mbit/s (same inner steps):", "",
               "| c | step wall s (median) | waiting share | final mean eval loss | run wall s |", "|---|---|---|---|---|"]
