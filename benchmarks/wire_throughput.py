@@ -21,12 +21,12 @@ Time of one message = sender's clock before encoding -> receiver's clock after d
 is shared by all processes); the receiver sends its timestamps back in a small ack before the next message.
 Goodput = block bytes / that time; the median over the repetitions (after one warm-up) is reported.
 The whole set runs with the default glibc malloc and with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the child
-processes' environment, alternating twice (A B A B, samples pooled). Every peer runs in the hugetlb one (`cluster`'s
-fork server sets it; `deca-peer start` re-executes itself into it unless the user set GLIBC_TUNABLES: peer_env.py),
-so the targets apply there; the default environment is kept for comparison.
+processes' environment, alternating (A B A B A B: --runs 3 new process pairs each, samples pooled). Every peer
+runs in the hugetlb one (`cluster`'s fork server sets it; `deca-peer start` re-executes itself into it unless the
+user set GLIBC_TUNABLES: peer_env.py), so the targets apply there; the default environment is kept for comparison.
 --quick: 1 and 4 MiB, 3 repetitions, one default and one hugetlb run.
 
-    .venv/bin/python benchmarks/wire_throughput.py [--quick]
+    .venv/bin/python benchmarks/wire_throughput.py [--quick] [--reps N] [--runs N]
 
 Writes benchmarks/results/wire_throughput.md and .png; prints the headline ratio last.
 """
@@ -278,6 +278,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, few repetitions (smoke test, < 30 s)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per size (after one warm-up)")
+    ap.add_argument("--runs", type=int, default=3, help="sender/receiver pairs per environment (alternating)")
     ap.add_argument("--child", choices=("send", "recv"), help=argparse.SUPPRESS)
     ap.add_argument("--methods", default="", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default="", help=argparse.SUPPRESS)
@@ -295,13 +296,18 @@ def main() -> None:
     sizes = [1, 4] if a.quick else [1, 4, 16, 64, 256]
     reps = a.reps or (3 if a.quick else 7)
     envs = list(ENVS)
-    # default and hugetlb alternate twice (A B A B) so that slow phases of the shared machine hit both alike;
-    # the samples of an environment's runs are pooled before taking medians
-    schedule = envs if a.quick else envs * 2
+    # default and hugetlb alternate (A B A B ...) so that slow phases of the shared machine hit both alike; each
+    # run is a new pair of processes (where the scheduler puts them on 2 cores shifts a whole run's ratios), and the
+    # samples of an environment's runs are pooled before taking medians
+    schedule = envs if a.quick else envs * a.runs
     pooled: dict[str, dict] = {}
+    per_run: dict[str, dict[int, list[float]]] = {}  # the headline ratio of each run, to show the spread
     for i, env_name in enumerate(schedule):
         print(f"[{i + 1}/{len(schedule)} {env_name}] sizes {sizes} MiB, methods {', '.join(METHODS)} ...", flush=True)
         raw = measure_env(sizes, reps, ENVS[env_name])
+        for s in sizes:
+            per_run.setdefault(env_name, {}).setdefault(s, []).append(statistics.median(
+                (r["t_dec"] - r["t0"]) / (o["t_dec"] - o["t0"]) for r, o in zip(raw["raw"][str(s)], raw["ours"][str(s)])))
         acc = pooled.setdefault(env_name, {})
         for key, per_size in raw.items():
             for size, rows in per_size.items():
@@ -317,16 +323,16 @@ def main() -> None:
         for kind in ("copy_warm", "copy_fresh"):
             res[kind] = {s: {"gbps": s * MiB / statistics.median(raw[kind][str(s)]) / 1e9} for s in sizes}
     wall = time.monotonic() - t_start
-    write_report(a, results, sizes, reps, envs, wall, (load_before, os.getloadavg()), runs)
+    write_report(a, results, sizes, reps, envs, wall, (load_before, os.getloadavg()), runs, per_run)
 
 
 # ----------------------------------------------------------------------------------------- report
 
 
-def write_report(a, results, sizes, reps, envs, wall, loads, runs) -> None:
+def write_report(a, results, sizes, reps, envs, wall, loads, runs, per_run) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     cmd = ".venv/bin/python benchmarks/wire_throughput.py" + (" --quick" if a.quick else "") + \
-        (f" --reps {a.reps}" if a.reps else "")
+        (f" --reps {a.reps}" if a.reps else "") + (f" --runs {a.runs}" if a.runs != 3 else "")
     L = ["# Block exchange goodput over loopback: our stack vs raw pyzmq vs memcpy", "",
          f"Command: `{cmd}`  ", f"Machine: {machine_facts()}  ",
          f"Run: {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s wall; 1-min load average {loads[0][0]:.1f} before, "
@@ -340,7 +346,7 @@ def write_report(a, results, sizes, reps, envs, wall, loads, runs) -> None:
          "processes, and each ratio to raw pyzmq (x) is the median of the per-repetition ratios (paired samples: "
          "this machine's speed drifts by 2-3x within seconds, see the raw samples). Each "
          "environment runs in its own pair; " + ", ".join(f"{e}: {n} run(s)" for e, n in runs.items()) +
-         (" (they alternate, A B A B, and their samples are pooled)." if max(runs.values()) > 1 else "."), "",
+         (" (they alternate, A B A B ..., and their samples are pooled)." if max(runs.values()) > 1 else "."), "",
          "- **raw pyzmq**: PUSH/PULL, `send_multipart([hdr, buf], copy=False)` / `recv_multipart(copy=False)`, same bytes.",
          "- **ours (peer exchange, blocking)** (the headline): what a peer sends and receives per exchange with the "
          "raw codec (protocol v3: θ½ itself, whole): `wire.encode(..., check_finite=False)` of the block's own memory "
@@ -395,7 +401,12 @@ def write_report(a, results, sizes, reps, envs, wall, loads, runs) -> None:
                 cells.append(f"{d:.2f} -> {h:.2f} (x{h / d:.2f})")
             L.append(f"| {s} | " + " | ".join(cells) + " |")
         L += ["", verdict(results, sizes), ""]
-    L += ["## Headline", "", headline(results, sizes, envs), ""]
+    L += ["## The headline ratio run by run", "", "Each run is a new sender/receiver pair; ours (peer exchange, "
+          "blocking) / raw pyzmq, median of that run's paired repetitions:", "",
+          "| environment | " + " | ".join(f"{s} MiB" for s in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    for env in envs:
+        L.append(f"| {env} | " + " | ".join(", ".join(f"{x:.2f}" for x in per_run[env][s]) for s in sizes) + " |")
+    L += ["", "## Headline", "", headline(results, sizes, envs), ""]
     L += ["## Raw samples (GB/s per repetition)", ""]
     for env in envs:
         for m in METHODS:
