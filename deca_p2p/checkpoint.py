@@ -40,13 +40,13 @@ def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         reuse = _REUSE.get(str(root))
-        linked = reuse.write(model, tmp, latest(root)) if reuse is not None else None
+        linked = reuse.write(model, tokenizer, tmp, latest(root)) if reuse is not None else None
         if linked is None:
             with QuietProgress():
                 model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            reuse = _Reuse.plan(model, tmp)
+            reuse = _Reuse.plan(model, tokenizer, tmp)
             linked = ()
         for name, content in (extra_files or {}).items():
             path = tmp / name
@@ -80,19 +80,21 @@ def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[
 class _Reuse:
     """How to write the next checkpoint of one model into one root without `save_pretrained`.
 
-    Measured on the embedded model: `save_pretrained` + tokenizer + fsyncs cost ~17 ms of CPU per checkpoint, most
-    of it re-serialising configs and re-deriving the key layout; a peer writes one per activation. Valid only where
+    A peer writes one checkpoint per activation. On the embedded model a full save (`save_pretrained`, the tokenizer,
+    every file fsynced) costs 7.5 ms of CPU, a later one 3.7 (benchmarks/results/checkpoint_cost.md): most of the
+    difference is re-serialising configs and re-deriving the key layout. Valid only where
     `save_pretrained` wrote one plain weight file whose keys are state_dict names with the tensors' own shapes and
     dtypes (no key conversion, no sharding): then writing those tensors with safetensors gives the same file, and
     every other file (config.json, generation_config.json, the tokenizer's) is the same as last time."""
 
-    def __init__(self, model, keys: list[str], metadata: dict | None, static: list[str]):
+    def __init__(self, model, tokenizer, keys: list[str], metadata: dict | None, static: list[str]):
         self.model = weakref.ref(model)
+        self.tokenizer = id(tokenizer)  # its files are linked too: only for the same tokenizer (or None again)
         self.keys, self.metadata, self.static = keys, metadata, static
         self.ckpt: Path | None = None
 
     @classmethod
-    def plan(cls, model, ckpt: Path) -> "_Reuse | None":
+    def plan(cls, model, tokenizer, ckpt: Path) -> "_Reuse | None":
         from safetensors import safe_open
 
         weights = ckpt / "model.safetensors"
@@ -103,15 +105,18 @@ class _Reuse:
             keys, metadata = list(st.keys()), st.metadata()
             for k in keys:
                 sl = st.get_slice(k)
-                if k not in sd or tuple(sl.get_shape()) != tuple(sd[k].shape) or sl.get_dtype() != _ST_DTYPES.get(sd[k].dtype):
+                t = sd.get(k)
+                if t is None or tuple(sl.get_shape()) != tuple(t.shape) or sl.get_dtype() != _ST_DTYPES.get(t.dtype):
                     return None
         static = sorted(f.relative_to(ckpt).as_posix() for f in ckpt.rglob("*") if f.is_file() and f != weights)
-        return cls(model, keys, metadata, static)
+        return cls(model, tokenizer, keys, metadata, static)
 
-    def write(self, model, tmp: Path, last: Path | None) -> tuple[str, ...] | None:
+    def write(self, model, tokenizer, tmp: Path, last: Path | None) -> tuple[str, ...] | None:
         """Write the weights into TMP and link the rest from LAST; the linked names, or None (then nothing was
         written: the caller saves in full)."""
-        if self.model() is not model or last is None or self.ckpt is None or last != self.ckpt.resolve():
+        if self.model() is not model or self.tokenizer != id(tokenizer):
+            return None
+        if last is None or self.ckpt is None or last != self.ckpt.resolve():
             return None
         if not all((last / name).is_file() for name in self.static):
             return None

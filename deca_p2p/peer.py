@@ -216,7 +216,8 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     labels = label_counts(data.train)
     trunc = trainer.batcher.truncation
     named = dict(trainer.model.named_parameters())
-    log.write("start", pid=os.getpid(), inc=inc, glibc_tunables=os.environ.get("GLIBC_TUNABLES"), endpoint=transport.endpoint, neighbours=topo.neighbors(me),
+    log.write("start", pid=os.getpid(), inc=inc, glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
+              endpoint=transport.endpoint, neighbours=topo.neighbors(me),
               train_examples=len(data.train), eval_examples=len(data.evals), train_source=data.source,
               eval_source=data.eval_source, labels=labels, max_len=inputs.max_len, truncated=trunc.as_dict(),
               n_blocks=len(trainer.blocks), block_numel=[sum(named[n].numel() for n in b.param_names) for b in trainer.blocks])

@@ -24,10 +24,10 @@ def _glibc_has_hugetlb() -> bool:
 def peer_env(environ: Mapping[str, str] = os.environ, *, threads: bool = True) -> dict[str, str]:
     """What a peer's environment adds to ENVIRON (never overriding a key the user set).
 
-    Transparent huge pages for malloc: page faults dominate big zero-copy transfers (DESIGN §6); measured x1.8 raw
-    goodput on 64-256 MiB blocks here (benchmarks/results/wire_throughput.md). With THREADS, also one OpenMP/BLAS
-    thread until the peer sets its own count (`--threads`): `cluster`'s importing fork server then has no thread
-    pool to lose in a fork.
+    Transparent huge pages for malloc: page faults dominate big zero-copy transfers (DESIGN §6); measured x2.2 peer
+    exchange goodput on 64-256 MiB blocks here, and slower 1 MiB ones (benchmarks/results/wire_throughput.md).
+    With THREADS, also one OpenMP/BLAS thread until the peer sets its own count (`--threads`): `cluster`'s
+    importing fork server then has no thread pool to lose in a fork.
     """
     wanted = [HUGETLB] + ([("OMP_NUM_THREADS", "1")] if threads else [])
     return {k: v for k, v in wanted if k not in environ}
@@ -47,7 +47,7 @@ def reexec_env(argv: list[str], environ: Mapping[str, str]) -> dict[str, str] | 
 
 
 def maybe_reexec() -> None:
-    """Called by the `deca-peer` entry point before anything is imported: replace this process with itself in the
+    """Called by the `deca-peer` entry point before anything heavy is imported: replace this process with itself in the
     peer environment (same pid, so srun, shells and process managers see no difference)."""
     env = reexec_env(sys.argv[1:], os.environ)
     if env is None:

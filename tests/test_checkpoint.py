@@ -50,3 +50,11 @@ def test_another_model_in_the_same_root_is_saved_in_full(tmp_path):
     fresh = _model(2)
     restore_weights(fresh, b)
     assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), other.parameters()))
+
+
+def test_a_different_tokenizer_is_saved_in_full(tmp_path):
+    m = _model(0)
+    root = tmp_path / "peer"
+    save_atomic(m, AutoTokenizer.from_pretrained(BASE_MODEL_DIR), root, "a")
+    b = save_atomic(m, None, root, "b")  # the tokenizer files must not be linked into this one
+    assert not (b / "tokenizer.json").exists()
