@@ -136,9 +136,18 @@ def raw_floor(size: float, gap: float, n: int = 80) -> float:
     rx = spawn(__file__, ["--child", "rx", *args], env)
     time.sleep(0.5)
     tx = spawn(__file__, ["--child", "tx", *args], env)
-    out, _ = rx.communicate(timeout=120)
-    tx.wait(timeout=60)
-    return statistics.median(json.loads(out.strip().splitlines()[-1]))
+    try:
+        out, _ = rx.communicate(timeout=120)
+        tx.wait(timeout=60)
+    finally:
+        for p in (rx, tx):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    lines = out.strip().splitlines() if rx.returncode == 0 else []
+    if not lines:
+        raise SystemExit(f"raw pyzmq floor: the receiver failed (exit code {rx.returncode})")
+    return statistics.median(json.loads(lines[-1]))
 
 
 TABLE_HEAD = ["| latency ms | bandwidth Mbit/s | S (MB) | goodput Mbit/s (median) | goodput / configured | messages | "

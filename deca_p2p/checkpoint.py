@@ -33,28 +33,31 @@ def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[
     as `<root>/ckpt-<tag>` and point `<root>/latest` at it.
 
     A peer checkpoints the same model into the same root after every activation; from the second time on only the
-    weights are written again (`_Reuse`), the files that cannot have changed are hard links to the last ones."""
+    weights are written again (`_Reuse`); the model's and tokenizer's other files are hard links to the last ones."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt-{tag}-{time.time_ns()}"  # never the directory `latest` points to now
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    extra = extra_files or {}
     try:
         reuse = _REUSE.get(str(root))
-        linked = reuse.write(model, tokenizer, tmp, latest(root)) if reuse is not None else None
+        linked = reuse.write(model, tokenizer, tmp, latest(root), skip=set(extra)) if reuse is not None else None
         if linked is None:
             with QuietProgress():
                 model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            reuse = _Reuse.plan(model, tokenizer, tmp)
+            if reuse is None or not reuse.no_links:  # (a file system without hard links: always in full)
+                reuse = _Reuse.plan(model, tokenizer, tmp)
             linked = ()
-        for name, content in (extra_files or {}).items():
+        for name, content in extra.items():
             path = tmp / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
         for f in sorted(tmp.rglob("*"), reverse=True):  # files before the directories that hold them
             if f.relative_to(tmp).as_posix() not in linked:  # a link's data is on disk already
                 fsync_path(f)
+        fsync_path(tmp)  # its entries (the links among them)
         os.rename(tmp, final)
         link_tmp = root / f".latest-{os.getpid()}"
         if link_tmp.is_symlink() or link_tmp.exists():
@@ -82,16 +85,19 @@ class _Reuse:
 
     A peer writes one checkpoint per activation. On the embedded model a full save (`save_pretrained`, the tokenizer,
     every file fsynced) costs 7.5 ms of CPU, a later one 3.7 (benchmarks/results/checkpoint_cost.md): most of the
-    difference is re-serialising configs and re-deriving the key layout. Valid only where
-    `save_pretrained` wrote one plain weight file whose keys are state_dict names with the tensors' own shapes and
-    dtypes (no key conversion, no sharding): then writing those tensors with safetensors gives the same file, and
-    every other file (config.json, generation_config.json, the tokenizer's) is the same as last time."""
+    difference is re-serialising configs and re-deriving the key layout. Valid only where `save_pretrained` wrote one
+    plain weight file whose keys are state_dict names with the tensors' own shapes and dtypes (no key conversion, no
+    sharding): then writing those tensors with safetensors gives the same file. The other files (config.json,
+    generation_config.json, the tokenizer's) are linked from the last checkpoint: for the same model object with
+    the same tensor layout and the same tokenizer object. A peer never edits its model's config after loading; a
+    caller that does must save into a fresh root."""
 
-    def __init__(self, model, tokenizer, keys: list[str], metadata: dict | None, static: list[str]):
+    def __init__(self, model, tokenizer, keys: list[str], layout: dict, metadata: dict | None, static: list[str]):
         self.model = weakref.ref(model)
-        self.tokenizer = id(tokenizer)  # its files are linked too: only for the same tokenizer (or None again)
-        self.keys, self.metadata, self.static = keys, metadata, static
+        self.tokenizer = None if tokenizer is None else weakref.ref(tokenizer)  # its files are linked too
+        self.keys, self.layout, self.metadata, self.static = keys, layout, metadata, static
         self.ckpt: Path | None = None
+        self.no_links = False  # os.link failed here once: every save in full from then on
 
     @classmethod
     def plan(cls, model, tokenizer, ckpt: Path) -> "_Reuse | None":
@@ -109,31 +115,47 @@ class _Reuse:
                 if t is None or tuple(sl.get_shape()) != tuple(t.shape) or sl.get_dtype() != _ST_DTYPES.get(t.dtype):
                     return None
         static = sorted(f.relative_to(ckpt).as_posix() for f in ckpt.rglob("*") if f.is_file() and f != weights)
-        return cls(model, tokenizer, keys, metadata, static)
+        try:
+            return cls(model, tokenizer, keys, _layout(sd), metadata, static)
+        except TypeError:  # a tokenizer that cannot be weakly referenced
+            return None
 
-    def write(self, model, tokenizer, tmp: Path, last: Path | None) -> tuple[str, ...] | None:
-        """Write the weights into TMP and link the rest from LAST; the linked names, or None (then nothing was
-        written: the caller saves in full)."""
-        if self.model() is not model or self.tokenizer != id(tokenizer):
+    def write(self, model, tokenizer, tmp: Path, last: Path | None, skip: set[str]) -> tuple[str, ...] | None:
+        """Write the weights into TMP and link the rest from LAST, except the names in SKIP (the caller writes those);
+        the linked names, or None (then nothing was written: the caller saves in full)."""
+        if self.no_links or self.model() is not model:
+            return None
+        if (tokenizer is None) != (self.tokenizer is None):
+            return None
+        if self.tokenizer is not None and self.tokenizer() is not tokenizer:  # (a dead reference is None: no match)
             return None
         if last is None or self.ckpt is None or last != self.ckpt.resolve():
-            return None
-        if not all((last / name).is_file() for name in self.static):
+            return None  # someone else wrote this root since
+        sd = model.state_dict()
+        linked = tuple(n for n in self.static if n not in skip)
+        if _layout(sd) != self.layout or not all((last / name).is_file() for name in linked):
             return None
         from safetensors.torch import save_file
 
-        sd = model.state_dict()
         try:
-            for name in self.static:
+            for name in linked:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                os.link(last / name, tmp / name)
+                try:
+                    os.link(last / name, tmp / name)
+                except OSError:
+                    self.no_links = True
+                    raise
             save_file({k: sd[k].detach().contiguous() for k in self.keys}, tmp / "model.safetensors",
                       metadata=self.metadata)
-        except (OSError, KeyError, ValueError, RuntimeError):  # a file system without links, a changed model
+        except (OSError, KeyError, ValueError, RuntimeError):  # no hard links here, a changed model
             for f in sorted(tmp.rglob("*"), reverse=True):
                 f.rmdir() if f.is_dir() else f.unlink()
             return None
-        return tuple(self.static)
+        return linked
+
+
+def _layout(sd: dict) -> dict:
+    return {k: (tuple(t.shape), t.dtype) for k, t in sd.items()}
 
 
 _REUSE: dict[str, _Reuse] = {}  # by checkpoint root: what the last save there can lend the next

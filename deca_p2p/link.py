@@ -99,8 +99,8 @@ MAX_QUEUED_DATA = 64           # messages waiting on one link, at most ...
 MAX_QUEUED_BYTES = 1 << 31     # ... and bytes (but always room for two)
 # A timed wait on this machine returns 0.15-0.2 ms late when idle, more when the thread then waits for the GIL
 # (measured: the hand-off was 0.43 ms late on average between two idle peers at 1 Gbit/s). So the sender thread
-# wakes this much before a message is due and yields the CPU in a loop until it is: ~0.3 ms of light spinning per
-# emulated message, none on links without emulation (they take the caller's fast path).
+# wakes this much before a message is due and busy-waits (yielding the CPU and the GIL on every turn) until it is:
+# ~0.3 ms of a core per emulated message, none on links without emulation (they take the caller's fast path).
 WAKE_EARLY_S = 0.5e-3
 
 

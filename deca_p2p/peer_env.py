@@ -10,6 +10,7 @@ import sys
 from typing import Mapping
 
 HUGETLB = ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+REEXECUTED = "DECA_PEER_REEXECUTED"  # set in the re-executed process: never twice, whatever a wrapper strips
 
 
 def _glibc_has_hugetlb() -> bool:
@@ -25,7 +26,7 @@ def peer_env(environ: Mapping[str, str] = os.environ, *, threads: bool = True) -
     """What a peer's environment adds to ENVIRON (never overriding a key the user set).
 
     Transparent huge pages for malloc: page faults dominate big zero-copy transfers (DESIGN §6); measured x2.2 peer
-    exchange goodput on 64-256 MiB blocks here, and slower 1 MiB ones (benchmarks/results/wire_throughput.md).
+    exchange goodput on 64-256 MiB blocks here, 4-11% less on 1-16 MiB ones (benchmarks/results/wire_throughput.md).
     With THREADS, also one OpenMP/BLAS thread until the peer sets its own count (`--threads`): `cluster`'s
     importing fork server then has no thread pool to lose in a fork.
     """
@@ -37,13 +38,12 @@ def reexec_env(argv: list[str], environ: Mapping[str, str]) -> dict[str, str] | 
     """The environment to re-execute `deca-peer start` with, or None to run as we are.
 
     Only for `start` (ARGV without the program: the subcommand first), only when the user has not set
-    GLIBC_TUNABLES (their setting wins), and only on a glibc that knows the tunable. The added key is also what
-    stops a second re-exec.
+    GLIBC_TUNABLES (their setting wins), only on a glibc that knows the tunable, and only once.
     """
-    if not argv or argv[0] != "start" or not _glibc_has_hugetlb():
+    if not argv or argv[0] != "start" or REEXECUTED in environ or not _glibc_has_hugetlb():
         return None
     added = peer_env(environ, threads=False)
-    return {**environ, **added} if added else None
+    return {**environ, **added, REEXECUTED: "1"} if added else None
 
 
 def maybe_reexec() -> None:
@@ -53,6 +53,6 @@ def maybe_reexec() -> None:
     if env is None:
         return
     try:
-        os.execve(sys.executable, list(sys.orig_argv), env)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)  # this interpreter, its own flags
     except OSError:
         pass  # run without huge pages rather than not at all

@@ -58,3 +58,44 @@ def test_a_different_tokenizer_is_saved_in_full(tmp_path):
     save_atomic(m, AutoTokenizer.from_pretrained(BASE_MODEL_DIR), root, "a")
     b = save_atomic(m, None, root, "b")  # the tokenizer files must not be linked into this one
     assert not (b / "tokenizer.json").exists()
+
+
+def test_an_extra_file_never_writes_through_a_link(tmp_path):
+    m = _model(0)
+    root = tmp_path / "peer"
+    first = save_atomic(m, None, root, "a")
+    os.link(first / "config.json", tmp_path / "held.json")  # the first checkpoint's file, kept past its deletion
+    before = (tmp_path / "held.json").read_bytes()
+    b = save_atomic(m, None, root, "b", extra_files={"config.json": "{}"})
+    assert (b / "config.json").read_text() == "{}"
+    assert (tmp_path / "held.json").read_bytes() == before
+
+
+def test_no_hard_links_means_full_saves(tmp_path, monkeypatch):
+    from deca_p2p import checkpoint
+
+    calls = []
+
+    def no_link(src, dst):  # a file system without hard links
+        calls.append(dst)
+        raise OSError(18, "Invalid cross-device link")
+
+    m = _model(0)
+    root = tmp_path / "peer"
+    save_atomic(m, None, root, "a")
+    monkeypatch.setattr(checkpoint.os, "link", no_link)
+    for k in ("b", "c"):
+        with torch.no_grad():
+            next(m.parameters()).add_(1.0)
+        ckpt = save_atomic(m, None, root, k)
+    assert len(calls) == 1  # tried once, then saved in full
+    assert _files(ckpt) == _files(save_atomic(m, None, tmp_path / "fresh", "x"))
+
+
+def test_a_changed_tensor_layout_is_saved_in_full(tmp_path):
+    m = _model(0)
+    root = tmp_path / "peer"
+    save_atomic(m, None, root, "a")
+    m.to(torch.float16)  # config.json records the dtype: it must be written again
+    ckpt = save_atomic(m, None, root, "b")
+    assert _files(ckpt) == _files(save_atomic(m, None, tmp_path / "fresh", "x"))

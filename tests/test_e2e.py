@@ -51,8 +51,8 @@ def test_network_reproduces_in_process_simulation(deca_cache, tmp_path, extra):
     worst = max_diff_to_simulation(run_dir, topo_path, cfg)
     assert worst <= 1e-6, worst
     # `start` re-executed itself with huge-page malloc (peer_env.py) unless the environment already chose
-    start = json.loads((run_dir / "peer-1" / "metrics.jsonl").read_text().splitlines()[0])
-    assert start["event"] == "start"
+    start = next(r for r in map(json.loads, (run_dir / "peer-1" / "metrics.jsonl").read_text().splitlines())
+                 if r["event"] == "start")
     want = os.environ.get("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1" if peer_env._glibc_has_hugetlb() else None)
     assert start["glibc_tunables"] == want
     # the network moved the weights: peers differ from the initial model and from each other
