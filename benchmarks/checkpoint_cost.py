@@ -3,9 +3,9 @@
 A peer writes a checkpoint after every activation (144 times per peer in `make cluster`), always the same model into
 the same root. This saves the embedded model with its tokenizer and a peer's `deca_state.json`, as `peer._checkpoint`
 does, N times each way in alternation, each way into its own root (the previous checkpoint is deleted after each
-save, as always): *full* with the reuse plan forgotten before every save (what every save cost before, and what the
-first save of a run still costs), *later* as a peer now saves (weights written, the other files linked). Wall and
-CPU time (process_time) per save, medians.
+save, as always): *full* with the reuse plan forgotten before every save (what the first save of a run costs: every
+save before the reuse existed, plus planning it, which reads the weight file's header), *later* as a peer now saves
+(weights written, the other files linked). Wall and CPU time (process_time) per save, medians.
 
     .venv/bin/python benchmarks/checkpoint_cost.py [--n 40]
 
@@ -57,7 +57,9 @@ def main() -> None:
                 times[kind].append((time.perf_counter() - w0, time.process_time() - c0))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    med = {k: (statistics.median(w for w, _ in v) * 1e3, statistics.median(c for _, c in v) * 1e3) for k, v in times.items()}
+    med = {k: (statistics.median(w for w, _ in v) * 1e3, statistics.median(c for _, c in v) * 1e3)
+           for k, v in times.items()}
+    full, later = med["full"], med["later"]
     n_params = sum(p.numel() for p in model.parameters())
     lines = ["# What one checkpoint costs a peer", "",
              f"Command: `.venv/bin/python benchmarks/checkpoint_cost.py{'' if a.n == 40 else f' --n {a.n}'}`  ",
@@ -65,9 +67,10 @@ def main() -> None:
              f"The embedded model ({n_params:,} parameters, float32) with its tokenizer and a `deca_state.json`, saved "
              f"with `checkpoint.save_atomic` {a.n} times each way, alternating; medians per save.", "",
              "| save | wall ms | CPU ms |", "|---|---:|---:|",
-             f"| full (`save_pretrained`, tokenizer, every file fsynced) | {med['full'][0]:.1f} | {med['full'][1]:.1f} |",
-             f"| later (same root: weights written, unchanged files linked) | {med['later'][0]:.1f} | {med['later'][1]:.1f} |",
-             "", f"Later / full: wall x{med['later'][0] / med['full'][0]:.2f}, CPU x{med['later'][1] / med['full'][1]:.2f}.", ""]
+             "| full (`save_pretrained`, tokenizer, every file fsynced; then the reuse is planned) | "
+             f"{full[0]:.1f} | {full[1]:.1f} |",
+             f"| later (same root: weights written, unchanged files linked) | {later[0]:.1f} | {later[1]:.1f} |",
+             "", f"Later / full: wall x{later[0] / full[0]:.2f}, CPU x{later[1] / full[1]:.2f}.", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "checkpoint_cost.md").write_text("\n".join(lines))
     print("\n".join(lines))
