@@ -84,7 +84,7 @@ class _Reuse:
     """How to write the next checkpoint of one model into one root without `save_pretrained`.
 
     A peer writes one checkpoint per activation. On the embedded model a full save (`save_pretrained`, the tokenizer,
-    every file fsynced) costs 7.5 ms of CPU, a later one 3.7 (benchmarks/results/checkpoint_cost.md): most of the
+    every file fsynced) costs 7.6 ms of CPU, a later one 3.8 (benchmarks/results/checkpoint_cost.md): most of the
     difference is re-serialising configs and re-deriving the key layout. Valid only where `save_pretrained` wrote one
     plain weight file whose keys are state_dict names with the tensors' own shapes and dtypes (no key conversion, no
     sharding): then writing those tensors with safetensors gives the same file. The other files (config.json,
