@@ -128,7 +128,7 @@ def raw_floor(size: float, gap: float, n: int = 80) -> float:
     one message every GAP s (the peers' cadence): what any ZeroMQ stack pays on top of an emulated link's S/R."""
     import json
 
-    from common import spawn
+    from common import reap, spawn
 
     port = free_base_port(1)
     env = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}  # the peers' environment (deca_p2p/peer_env.py)
@@ -140,10 +140,7 @@ def raw_floor(size: float, gap: float, n: int = 80) -> float:
         out, _ = rx.communicate(timeout=120)
         tx.wait(timeout=60)
     finally:
-        for p in (rx, tx):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        reap((rx, tx))
     lines = out.strip().splitlines() if rx.returncode == 0 else []
     if not lines:
         raise SystemExit(f"raw pyzmq floor: the receiver failed (exit code {rx.returncode})")

@@ -46,6 +46,14 @@ def spawn(script: str | Path, args: list[str], env_extra: dict[str, str] | None 
     return subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
 
+
+def reap(procs) -> None:
+    """Kill and wait for any of these child processes still running (a benchmark that failed or timed out)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
 # ----------------------------------------------------------------------------------------- models from a config
 
 CACHE = ROOT / ".deca-cache" / "bench-models"

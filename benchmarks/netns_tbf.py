@@ -39,6 +39,7 @@ RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bandwidth_latency import measure  # noqa: E402
+from common import reap  # noqa: E402
 from deca_p2p.metrics import read_metrics  # noqa: E402
 from deca_p2p.topology import generate  # noqa: E402
 
@@ -126,10 +127,7 @@ class NetnsLab:
             _run("ip", "-n", ns, "link", "set", "lo", "up")
 
     def close(self) -> None:
-        for p in self._procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        reap(self._procs)
         self._procs.clear()
         for ns in reversed(self._made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)

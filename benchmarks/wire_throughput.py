@@ -38,7 +38,7 @@ import os
 import statistics
 import time
 
-from common import RESULTS, machine_facts, spawn
+from common import RESULTS, machine_facts, reap, spawn
 
 from deca_p2p.bootstrap import free_ports
 
@@ -254,10 +254,7 @@ def measure_env(sizes, reps, env_extra: dict) -> dict:
             raise SystemExit(f"sender failed with exit code {send.returncode}")
         recv.wait(timeout=60)
     finally:
-        for p in (send, recv):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        reap((send, recv))
     return json.loads(out.strip().splitlines()[-1])
 
 
