@@ -1,6 +1,6 @@
 """A kernel-shaped link against the in-process link emulator: real peers on separate hosts (network namespaces).
 
-    .venv/bin/python benchmarks/netns_tbf.py [--quick]          (as root: it makes network namespaces)
+    .venv/bin/python benchmarks/netns_tbf.py [--quick] [--rate MBIT]   (as root: it makes network namespaces)
 
 Builds Linux network namespaces ``deca-<tag>-<i>``, each with its own address (``eth0`` = 10.231.X.<i+1>/24, a veth
 into a bridge that lives in a namespace of its own, ``deca-<tag>-br``: nothing is added to the root namespace),
@@ -11,7 +11,10 @@ and runs a ring of 2 real ``deca-peer start`` processes, one per namespace, on t
   kernel, ``tc qdisc add dev eth0 root tbf rate 100mbit burst 32kbit latency 50ms`` inside each namespace, so the
   link is 100 Mbit/s in each direction (netem is absent from these kernels; tbf works in a namespace);
 * **emulated**: no qdisc; the topology's link says ``bandwidth_mbps: 100`` and the peers' own sender threads
-  emulate it (transport.py).
+  emulate it (link.py).
+
+``--rate R`` runs both at R Mbit/s instead (the bucket grows with R) and writes netns_tbf_<R>mbit.md: at 1 Gbit/s,
+whether the emulator's goodput is above or below what a kernel-shaped link gives the same peers.
 
 Both runs measure the median inner-step wall time and the median goodput of block messages read while the
 receiver was waiting for them (``bandwidth_latency.measure``); the step times are compared at equal compute (see
@@ -43,8 +46,14 @@ from common import reap  # noqa: E402
 from deca_p2p.metrics import read_metrics  # noqa: E402
 from deca_p2p.topology import generate  # noqa: E402
 
-RATE_MBIT = 100
-TBF = ["tbf", "rate", f"{RATE_MBIT}mbit", "burst", "32kbit", "latency", "50ms"]
+RATE_MBIT = 100  # the default rate (--rate): the one tests/test_netns.py and netns_tbf.md use
+
+
+def tbf(rate_mbit: float) -> list[str]:
+    """The qdisc for ``rate_mbit``: a bucket of 4 KB per 100 Mbit/s (32kbit at 100), so that the bucket never holds
+    more than ~0.3 ms of the link's bytes whatever the rate."""
+    return ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", f"{max(32, round(32 * rate_mbit / 100))}kbit",
+            "latency", "50ms"]
 PORT = 5550  # every peer has a host (namespace) of its own: the same port everywhere
 # the link runs: layer blocks only, so every block message has the same size S (one decoder layer, float32)
 LINK_ARGS = ["--rounds", "1", "--threads", "1", "--seed", "0", "--set", "embeddings_block=false",
@@ -141,9 +150,9 @@ class NetnsLab:
         self._procs.append(p)
         return p
 
-    def shape(self, i: int) -> None:
-        """Host i's eth0 egress at RATE_MBIT by the kernel's token bucket filter."""
-        _run(*self.exec_argv(i, ["tc", "qdisc", "replace", "dev", "eth0", "root", *TBF]))
+    def shape(self, i: int, rate_mbit: float = RATE_MBIT) -> None:
+        """Host i's eth0 egress at ``rate_mbit`` by the kernel's token bucket filter."""
+        _run(*self.exec_argv(i, ["tc", "qdisc", "replace", "dev", "eth0", "root", *tbf(rate_mbit)]))
 
     def unshape(self, i: int) -> None:
         subprocess.run(self.exec_argv(i, ["tc", "qdisc", "del", "dev", "eth0", "root"]), capture_output=True)
@@ -205,8 +214,9 @@ def run_peers(lab: NetnsLab, topo_path: Path, ids: Sequence[int], run_dir: Path,
 
 
 def shaped_vs_emulated(lab: NetnsLab, tmp: Path, inner_steps: int, repeats: int = 1,
-                       log: Callable[[str], None] = lambda s: None) -> dict:
-    """Ring of 2 (hosts 0 and 1): ``repeats`` runs each of the kernel-shaped link and the emulated one, alternately.
+                       log: Callable[[str], None] = lambda s: None, rate_mbit: float = RATE_MBIT) -> dict:
+    """Ring of 2 (hosts 0 and 1): ``repeats`` runs each of the kernel-shaped link and the emulated one, alternately,
+    both at ``rate_mbit``.
 
     Returns {"kernel": [measure...], "emulated": [...], "qdisc": tc statistics after the last kernel run,
     "raw_tcp": plain TCP's goodput over the shaped link one way and both ways (``raw_tcp_goodput``, messages of the
@@ -214,16 +224,17 @@ def shaped_vs_emulated(lab: NetnsLab, tmp: Path, inner_steps: int, repeats: int 
     A run that fails raises NetnsError with the peers' output."""
     free = tmp / "ring2-unlimited.json"
     free.write_text(generate("ring", 2).to_json())
-    emulated = tmp / "ring2-100mbit.json"
-    emulated.write_text(generate("ring", 2, link={"bandwidth_mbps": RATE_MBIT}).to_json())
-    out: dict = {"kernel": [], "emulated": [], "qdisc": [], "raw_tcp": None, "load": os.getloadavg()}
+    emulated = tmp / f"ring2-{rate_mbit:g}mbit.json"
+    emulated.write_text(generate("ring", 2, link={"bandwidth_mbps": rate_mbit}).to_json())
+    out: dict = {"kernel": [], "emulated": [], "qdisc": [], "raw_tcp": None, "load": os.getloadavg(),
+                 "rate_mbit": rate_mbit}
     args = [*LINK_ARGS, "--inner-steps", str(inner_steps)]
     for k in range(repeats):
         for mode in ("kernel", "emulated"):
             run_dir = tmp / f"{mode}-{k}"
             if mode == "kernel":
-                lab.shape(0)
-                lab.shape(1)
+                lab.shape(0, rate_mbit)
+                lab.shape(1, rate_mbit)
             try:
                 codes, outs = run_peers(lab, free if mode == "kernel" else emulated, [0, 1], run_dir, args)
                 if mode == "kernel":
@@ -237,13 +248,13 @@ def shaped_vs_emulated(lab: NetnsLab, tmp: Path, inner_steps: int, repeats: int 
                        if any(r.get("event") == "final" and r.get("stopped") for r in recs)]
             if stopped:  # exit 0 after SIGTERM/SIGINT: not a run to measure
                 raise NetnsError(f"{mode} run {k}: peer(s) {stopped} were stopped by a signal from outside the run")
-            r = {**measure(run_dir, 0.0, RATE_MBIT), "net": network_share(run_dir)}
+            r = {**measure(run_dir, 0.0, rate_mbit), "net": network_share(run_dir)}
             out[mode].append(r)
             log(f"{mode} run {k}: step {r['step_wall']:.4f} s (link share {r['net']:.4f} s), goodput "
                 f"{r['goodput']:.1f} Mbit/s ({r['n_goodput']} messages), compute {r['compute']:.4f} s, "
                 f"S {r['S'] / 1e6:.3f} MB")
-    lab.shape(0)
-    lab.shape(1)
+    lab.shape(0, rate_mbit)
+    lab.shape(1, rate_mbit)
     try:
         out["raw_tcp"] = {w: raw_tcp_goodput(lab, int(out["kernel"][0]["S"]), w == "both") for w in ("one", "both")}
     finally:
@@ -340,14 +351,16 @@ def summary(res: dict) -> dict:
 
 def report(res: dict, inner_steps: int, command: str) -> str:
     s = summary(res)
+    rate = res.get("rate_mbit", RATE_MBIT)
+    payload_max = rate * 1448 / (1448 + 66)  # TCP payload per Ethernet frame on the wire (MTU 1500)
     lines = ["# Kernel-shaped link (tc tbf) vs the in-process link emulator, real peers in network namespaces", "",
              f"Command: `{command}` (2 real `deca-peer start` processes, each in its own network namespace with its "
              f"own address, on a bridge; embedded model, layer blocks only, so one message = S bytes = one decoder "
              f"layer in float32; 1 round x 4 blocks x {inner_steps} inner steps per run; `--threads 1`; "
              f"{len(res['kernel'])} run(s) of each, alternately).", "",
              f"* **kernel**: no emulation in the peers; both hosts' eth0 shaped with `tc qdisc add dev eth0 root "
-             f"{' '.join(TBF)}`;",
-             f"* **emulated**: no qdisc; the topology link `bandwidth_mbps: {RATE_MBIT}` (the peers' sender threads).",
+             f"{' '.join(tbf(rate))}`;",
+             f"* **emulated**: no qdisc; the topology link `bandwidth_mbps: {rate:g}` (the peers' sender threads).",
              "", "| run | step wall s | compute s | link share s (wall − compute) | goodput Mbit/s | messages | "
              "S (MB) |", "|---|---|---|---|---|---|---|"]
     for m in ("kernel", "emulated"):
@@ -367,14 +380,16 @@ def report(res: dict, inner_steps: int, command: str) -> str:
               "runs meanwhile (on a loaded machine, by tens of percent from run to run), and the step times are "
               "compared at one compute, the median over all runs (the as-measured row shows the raw medians).", "",
               "Goodput = S / (one-way delay − encode time) over the block messages a receiver read while it was "
-              "already waiting for them (`bandwidth_latency.measure`). The kernel's 100 Mbit/s counts Ethernet, "
-              "IP and TCP headers (66 bytes per 1448-byte segment: at most ~95.6 Mbit/s of payload); the emulator's "
+              f"already waiting for them (`bandwidth_latency.measure`). The kernel's {rate:g} Mbit/s counts Ethernet, "
+              f"IP and TCP headers (66 bytes per 1448-byte segment: at most ~{payload_max:.1f} Mbit/s of payload); "
+              "the emulator's "
               "counts the message's bytes only.", "",
               f"Control, measured right after the runs: plain TCP (Python sockets, no ZeroMQ, no peer) moving S-byte "
               f"messages through the same tbf link, 60 ms apart, gets **{res['raw_tcp']['one']:.1f} Mbit/s** one "
               f"way and **{res['raw_tcp']['both']:.1f} Mbit/s** both ways at once (as the two peers send their blocks "
               "to each other; each host's FIFO queue then holds its own data and the ACKs of the other direction). "
-              "Its gap to 100 is the link itself: the headers (at most 95.6 Mbit/s of payload) and, on a loaded "
+              f"Its gap to {rate:g} is the link itself: the headers (at most {payload_max:.1f} Mbit/s of payload) and, "
+              "on a loaded "
               "machine, the wake-ups every transfer needs while the message trickles through for S/R. The emulator "
               "models neither: it is a pipe of R bytes/s of message per direction, which hands the message to "
               "ZeroMQ in one piece at its due time.", "",
@@ -390,7 +405,12 @@ def report(res: dict, inner_steps: int, command: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one run of each, 8 inner steps")
+    ap.add_argument("--rate", type=float, default=RATE_MBIT,
+                    help=f"Mbit/s of both the tbf link and the emulated one (default {RATE_MBIT}; another rate "
+                         "writes netns_tbf_<rate>mbit.md)")
     args = ap.parse_args()
+    if not args.rate > 0:
+        raise SystemExit("--rate must be > 0")
     reason = netns_unavailable()
     if reason:
         raise SystemExit(f"cannot run: {reason}")
@@ -401,15 +421,19 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="netns-tbf-"))
     try:
         with NetnsLab(2) as lab:
-            res = shaped_vs_emulated(lab, tmp, inner, repeats, log=lambda s: print(s, flush=True))
+            res = shaped_vs_emulated(lab, tmp, inner, repeats, log=lambda s: print(s, flush=True),
+                                     rate_mbit=args.rate)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    text = report(res, inner, f".venv/bin/python benchmarks/netns_tbf.py{' --quick' if args.quick else ''}")
+    default = args.rate == RATE_MBIT
+    cmd = (".venv/bin/python benchmarks/netns_tbf.py" + (" --quick" if args.quick else "")
+           + ("" if default else f" --rate {args.rate:g}"))
+    text = report(res, inner, cmd)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "netns_tbf.md").write_text(text)
+    (RESULTS / ("netns_tbf.md" if default else f"netns_tbf_{args.rate:g}mbit.md")).write_text(text)
     print(text)
     s = summary(res)
-    print(f"kernel tbf vs emulator at {RATE_MBIT} Mbit/s: step time x{s['step_ratio']:.3f} at equal compute "
+    print(f"kernel tbf vs emulator at {args.rate:g} Mbit/s: step time x{s['step_ratio']:.3f} at equal compute "
           f"(x{s['raw_step_ratio']:.3f} as measured), goodput x{s['goodput_ratio']:.3f}")
 
 
