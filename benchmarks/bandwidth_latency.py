@@ -65,11 +65,22 @@ def measure(run_dir: Path, latency: float, bw: float | None) -> dict:
     encode = {(pid, r["seq"]): r.get("encode_s") or 0.0 for pid, recs in data.items() for r in recs
               if r.get("event") == "step" and r.get("seq") is not None}
     goodput, sizes, step_wall, compute, waits, walls = [], [], [], [], 0.0, 0.0
+    cpu_step: list[float] = []  # per peer: the median CPU its process (every thread) spent per inner step
+    act_mean: list[float] = []  # per peer and activation: its wall time ÷ its steps
     for recs in data.values():
         steps_ = [r for r in recs if r.get("event") == "step"]
+        acts: dict[tuple, list[float]] = {}
+        for r in steps_:
+            acts.setdefault((r.get("round"), r["block"]), []).append(r["time"])
+        act_mean += [(ts[-1] - ts[0]) / (len(ts) - 1) for ts in acts.values() if len(ts) > 2]
+        cpu = []
         for prev, r in zip(steps_, steps_[1:]):
             if r["block"] == prev["block"]:  # within an activation: no eval or block switch in between
                 step_wall.append(r["time"] - prev["time"])
+                if "cpu_s" in r and "cpu_s" in prev:
+                    cpu.append(r["cpu_s"] - prev["cpu_s"])
+        if cpu:
+            cpu_step.append(statistics.median(cpu))
         for r in steps_:
             compute.append(r["compute_s"])
             waits += r.get("wait_s") or 0.0
@@ -89,8 +100,14 @@ def measure(run_dir: Path, latency: float, bw: float | None) -> dict:
     expected = c + latency / 1e3 + (S * 8 / (bw * 1e6) if bw else 0.0)
     return {"latency": latency, "bw": bw, "S": S, "goodput": statistics.median(goodput) if goodput else None,
             "n_goodput": len(goodput), "step_wall": statistics.median(step_wall), "compute": c, "expected": expected,
+            # what a step costs a run: the mean over an activation (the median of single steps misreads runs whose
+            # steps alternate long and short, as ring8's two halves do with --overlap)
+            "step_mean": statistics.median(act_mean) if act_mean else statistics.median(step_wall),
             "wait_share": waits / walls, "eval_loss": statistics.mean(f["eval_loss"] for f in finals),
-            "late_ms": statistics.mean(late) if late else None}
+            "late_ms": statistics.mean(late) if late else None,
+            # what the peers' processes together ask of the CPU per inner step: with more peers than cores, no step
+            # can be shorter than this ÷ cores, whatever the overlap hides
+            "cpu_step_total": sum(cpu_step) if cpu_step else None}
 
 
 def _raw_child(role: str, port: int, size: int, gap: float, n: int) -> None:
