@@ -123,7 +123,7 @@ def sq_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor] | None = No
         y = None if b is None else b[k]
         d = _f64(x, x.device if y is None else y.device)
         if y is not None:
-            d.sub_(_f64(y, y.device))
+            d.sub_(y.detach())  # y is widened element by element, exactly: as a float64 copy of it would be, one pass less
         if d.device.type == "cpu":
             arr = d.numpy().reshape(-1)
             np.square(arr, out=arr)
@@ -134,8 +134,10 @@ def sq_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor] | None = No
 
 
 def sample(block: Sequence[torch.Tensor], stride: int) -> list[torch.Tensor]:
-    """Every stride-th element of each tensor (flattened), a float64 copy on the CPU: what `fast` compares."""
-    return [_f64(t.detach().reshape(-1)[::stride], "cpu") for t in block]
+    """Every stride-th element of each tensor (flattened), a copy on the CPU in the block's dtype: what `fast`
+    compares (sq_distance widens it to float64 exactly, so keeping float64 copies would change no distance and
+    cost twice the bytes)."""
+    return [t.detach().reshape(-1)[::stride].to("cpu", copy=True) for t in block]
 
 
 def lower_median(values: Sequence[float]) -> float:

@@ -1,6 +1,8 @@
 """Robust mixing (robust.py) and the attack hook (attacks.py): pure maths, fast."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -238,6 +240,20 @@ def test_distances_do_not_depend_on_torch_threads():
         torch.set_num_threads(n)
     assert a == b
     assert own  # (the block helper is exercised elsewhere)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_distances_are_the_float64_ones_exactly_and_samples_keep_the_blocks_dtype(dtype):
+    g = torch.Generator().manual_seed(3)
+    a = [torch.randn(301, 17, generator=g).to(dtype), torch.randn(999, generator=g).to(dtype)]
+    b = [t + torch.randn(t.shape, generator=g).to(dtype) * 1e-2 for t in a]
+    # the reference: both widened to float64 first, then numpy's pairwise sum of the squares, tensor by tensor
+    ref = sum(float(np.square(x.double().numpy().ravel() - y.double().numpy().ravel()).sum()) for x, y in zip(a, b))
+    assert robust.sq_distance(a, b) == ref
+    s = robust.sample(a, 3)
+    assert [t.dtype for t in s] == [dtype, dtype] and [t.numel() for t in s] == [(301 * 17 + 2) // 3, 333]
+    s[0].zero_()  # a copy: the block itself is untouched
+    assert bool(a[0].abs().sum() > 0)
 
 
 def test_mixer_rejects_bad_settings():
