@@ -115,12 +115,16 @@ def run_peer(args: PeerArgs, stop: threading.Event | None = None) -> None:
     transport.start()
     restarted = (peer_dir(args.run_dir, me) / METRICS_FILE).is_file()  # this peer ran here before: a rejoin
     log = MetricsLog(args.run_dir, me)
+    said_bye = False
     try:
-        _train(args, topo, inputs, trainer, transport, log, stop, restarted)
+        said_bye = _train(args, topo, inputs, trainer, transport, log, stop, restarted)
     finally:
         log.close()
         transport.flush(5.0)
-        transport.close(send_bye=True)  # a repeat of gossip's bye is harmless; it matters when training failed
+        # the transport's bye matters when training failed before gossip said its own. After it, a second one is
+        # worse than useless: the neighbours that answered have closed their sockets, so it waits out its whole
+        # timeout (1 s) to be refused, and the peer's exit with it
+        transport.close(send_bye=not said_bye)
 
 
 @dataclass
@@ -203,7 +207,8 @@ def _say_alone(me: int, gossip: Gossip, alone: bool) -> None:
 
 
 def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transport, log: MetricsLog,
-           stop: threading.Event, restarted: bool) -> None:
+           stop: threading.Event, restarted: bool) -> bool:
+    """Train to the end (or a stop); True: gossip said bye to the neighbours."""
     cfg, me = args.cfg, args.peer_id
     sched = trainer.schedule
     acts = sched.activations()
@@ -309,7 +314,7 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
             log.write("eval", round=rnd, activation=a, **evaluated[1])
     # the model has not changed since an evaluation after the last activation: its numbers are the final ones
     final = evaluated[1] if evaluated[0] == len(acts) - 1 else _evaluate(trainer, inputs)
-    gossip.finish(cfg.exchange_timeout_s)  # slower neighbours may still need our last block
+    gossip.finish(cfg.exchange_timeout_s)  # slower neighbours may still need our last block (and we said bye)
     sent, recv = _bytes(transport)
     cs = [c for c in transport.counters().values() if c.data_sent]
     log.write("final", stopped=stop.is_set(), bytes_sent=sent, bytes_recv=recv, peak_rss_mb=peak_rss / 2**20,
@@ -322,3 +327,4 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
               send_failures=sum(c.send_failures for c in transport.counters().values()),
               nonfinite_stats=gossip.nonfinite_stats, **gossip.robust.final_record(),
               **(trainer.privacy.final_record() if trainer.privacy is not None else {}), **final)
+    return True

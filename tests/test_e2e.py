@@ -47,6 +47,9 @@ def test_network_reproduces_in_process_simulation(deca_cache, tmp_path, extra):
         out, _ = p.communicate(timeout=240)
         outs.append(out.decode(errors="replace"))
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(o[-2000:] for o in outs)
+    # `start` leaves with os._exit once its files are closed: every metrics file is whole, ending with `final`
+    for i in range(4):
+        assert json.loads((run_dir / f"peer-{i}" / "metrics.jsonl").read_text().splitlines()[-1])["event"] == "final"
 
     worst = max_diff_to_simulation(run_dir, topo_path, cfg)
     assert worst <= 1e-6, worst
