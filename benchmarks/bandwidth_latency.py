@@ -65,20 +65,22 @@ def measure(run_dir: Path, latency: float, bw: float | None) -> dict:
     encode = {(pid, r["seq"]): r.get("encode_s") or 0.0 for pid, recs in data.items() for r in recs
               if r.get("event") == "step" and r.get("seq") is not None}
     goodput, sizes, step_wall, compute, waits, walls = [], [], [], [], 0.0, 0.0
-    cpu_step: list[float] = []  # per peer: the median CPU its process (every thread) spent per inner step
-    act_mean: list[float] = []  # per peer and activation: its wall time ÷ its steps
+    cpu_step: list[float] = []  # per peer: the CPU its process (every thread) spent per inner step
+    act_mean: list[float] = []  # per peer and activation: wall time per step over the steps after its first
     for recs in data.values():
         steps_ = [r for r in recs if r.get("event") == "step"]
-        acts: dict[tuple, list[float]] = {}
+        acts: dict[tuple, list[dict]] = {}
         for r in steps_:
-            acts.setdefault((r.get("round"), r["block"]), []).append(r["time"])
-        act_mean += [(ts[-1] - ts[0]) / (len(ts) - 1) for ts in acts.values() if len(ts) > 2]
+            acts.setdefault((r.get("round"), r["block"]), []).append(r)
         cpu = []
+        for rs in acts.values():  # from the first step's record to the last: no eval or block switch in between
+            if len(rs) > 2:
+                act_mean.append((rs[-1]["time"] - rs[0]["time"]) / (len(rs) - 1))
+                if "cpu_s" in rs[0] and "cpu_s" in rs[-1]:
+                    cpu.append((rs[-1]["cpu_s"] - rs[0]["cpu_s"]) / (len(rs) - 1))
         for prev, r in zip(steps_, steps_[1:]):
             if r["block"] == prev["block"]:  # within an activation: no eval or block switch in between
                 step_wall.append(r["time"] - prev["time"])
-                if "cpu_s" in r and "cpu_s" in prev:
-                    cpu.append(r["cpu_s"] - prev["cpu_s"])
         if cpu:
             cpu_step.append(statistics.median(cpu))
         for r in steps_:

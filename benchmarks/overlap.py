@@ -150,12 +150,12 @@ def main() -> None:
     L += ["", "Ring of 2: one peer per core, batch 32. Ring8: 8 peers on 2 cores, batch as the cluster default; there "
           "a message also waits for a CPU on both ends, which no overlap hides. The waiting share counts the time a "
           "peer's exchange waits (with overlap, only what the gradient did not hide).", "",
-          "A step time is what a step costs the run: an activation's wall time ÷ its steps, the median over peers "
-          "and activations. The median of single steps (its own column) misreads ring8 with overlap: ring8 is "
+          "A step time is what a step costs the run: an activation's wall time from its first step's end to its "
+          "last's ÷ the steps in between, the median over peers and activations. The median of single steps (its own column) misreads ring8 with overlap: ring8 is "
           "bipartite, its two halves settle half a step apart, and every peer's steps alternate long and short "
           "(e.g. 0.26 s, 0.10 s, 0.28 s, 0.10 s), so the median of single steps is the long ones. The CPU column is "
-          "what all the peers' processes (every thread) used per step, ÷ the cores they share: no step can be "
-          "shorter.", ""]
+          "what all the peers' processes (every thread) used per step, the same way, ÷ the cores they share (the "
+          "larger of the blocking and the overlap run's): no step can be shorter.", ""]
     if conv:
         L += convergence_lines(conv, a.quick)
     RESULTS.mkdir(parents=True, exist_ok=True)

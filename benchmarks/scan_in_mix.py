@@ -72,7 +72,8 @@ def child(reps: int) -> dict:
         for r in range(reps + 1):  # r 0: warm-up
             for kind in KINDS:
                 go.set()
-                done.wait()
+                if not done.wait(60):
+                    raise SystemExit(f"the writer process stopped (exit {w.exitcode})")
                 done.clear()
                 t = time.perf_counter()
                 if kind.startswith("scan"):

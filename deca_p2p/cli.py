@@ -249,12 +249,16 @@ def start(peer_id, topology_file, bootstrap_file, run_dir, no_initial_eval, **kw
         _fail(f"peer {peer_id}: {e}")
     except TrainingDiverged as e:
         _fail(f"peer {peer_id}: {e}", code=3)
-    if _OWN_PROCESS:
+    if _OWN_PROCESS and sys.getprofile() is None and sys.gettrace() is None:
         # Everything the run wrote is closed and on disk (metrics, checkpoints: atomic; the transport: closed).
         # Tearing down an interpreter that holds torch and transformers took 1.35 s of CPU after that (strace of
-        # one peer): skip it, as multiprocessing's children (cluster's peers) already do.
-        sys.stdout.flush()
-        sys.stderr.flush()
+        # one peer): skip it, as multiprocessing's children (cluster's peers) already do. Not under a profiler or
+        # coverage, which write their results at exit.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
+                pass
         os._exit(0)
 
 

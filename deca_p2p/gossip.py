@@ -288,9 +288,8 @@ class Gossip:
         """Say bye, then keep reading until every neighbour has said bye too (bounded): a slower neighbour may
         still need our last block, which sits in the transport's queue until then."""
         bye = wire.encode(wire.Message(kind="bye", src=self.me, inc=self.inc))
-        for j in self.neighbours:
-            if j not in self.gone:
-                self.tr.send(j, bye)
+        for j in self.neighbours:  # also to one that said bye first: it waits in its own finish for this answer
+            self.tr.send(j, bye)
         deadline = time.perf_counter() + timeout_s
         while any(j not in self.gone for j in self.neighbours) and time.perf_counter() < deadline:
             got = self.tr.recv(min(0.25, max(0.0, deadline - time.perf_counter())))

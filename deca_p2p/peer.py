@@ -121,9 +121,9 @@ def run_peer(args: PeerArgs, stop: threading.Event | None = None) -> None:
     finally:
         log.close()
         transport.flush(5.0)
-        # the transport's bye matters when training failed before gossip said its own. After it, a second one is
-        # worse than useless: the neighbours that answered have closed their sockets, so it waits out its whole
-        # timeout (1 s) to be refused, and the peer's exit with it
+        # the transport's bye matters when training failed before gossip said its own (to every neighbour, also
+        # those that said theirs first). After it, a second one only waits out its 1 s timeout, refused by the
+        # closed sockets of the neighbours that answered, and holds the peer's exit with it
         transport.close(send_bye=not said_bye)
 
 

@@ -136,3 +136,18 @@ def test_a_resync_gets_a_full_block_on_that_link_only():
     finally:
         for t in trs:
             t.close(send_bye=False)
+
+
+def test_a_neighbour_that_said_bye_first_still_gets_ours(pair):
+    """PROTOCOL.md §10.4: peer 1 leaves first and waits in its finish for 0's answer; 0 has marked it gone (it read
+    1's bye in an exchange) and must still say bye to it, or 1 waits out its whole timeout."""
+    trs, _ = pair
+    gs = [_gossip(trs[i], i) for i in range(2)]
+    th = threading.Thread(target=gs[1].finish, args=(20.0,))
+    th.start()
+    r = gs[0].exchange(0, 0, 0, _block(0))
+    assert 1 in gs[0].gone and r.missing == [1]
+    gs[0].finish(5.0)
+    th.join(15.0)
+    assert not th.is_alive()
+    assert 0 in gs[1].gone  # 1's finish ended on 0's bye, not on its timeout
