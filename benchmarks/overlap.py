@@ -153,7 +153,7 @@ def main() -> None:
           "A step time is what a step costs the run: an activation's wall time from its first step's end to its "
           "last's ÷ the steps in between, the median over peers and activations. The median of single steps (its own column) misreads ring8 with overlap: ring8 is "
           "bipartite, its two halves settle half a step apart, and every peer's steps alternate long and short "
-          "(e.g. 0.26 s, 0.10 s, 0.28 s, 0.10 s), so the median of single steps is the long ones. The CPU column is "
+          "(e.g. 0.258 s, 0.108 s, 0.282 s, 0.102 s in one run), so the median of single steps is the long ones. The CPU column is "
           "what all the peers' processes (every thread) used per step, the same way, ÷ the cores they share (the "
           "larger of the blocking and the overlap run's): no step can be shorter.", ""]
     if conv:
