@@ -73,14 +73,12 @@ def measure(run_dir: Path, latency: float, bw: float | None) -> dict:
         for r in steps_:
             acts.setdefault((r.get("round"), r["block"]), []).append(r)
         cpu = []
-        for rs in acts.values():  # from the first step's record to the last: no eval or block switch in between
-            if len(rs) > 2:
+        for rs in acts.values():  # within an activation: no eval or block switch in between
+            step_wall += [r["time"] - prev["time"] for prev, r in zip(rs, rs[1:])]
+            if len(rs) > 2:  # from the first step's record to the last
                 act_mean.append((rs[-1]["time"] - rs[0]["time"]) / (len(rs) - 1))
                 if "cpu_s" in rs[0] and "cpu_s" in rs[-1]:
                     cpu.append((rs[-1]["cpu_s"] - rs[0]["cpu_s"]) / (len(rs) - 1))
-        for prev, r in zip(steps_, steps_[1:]):
-            if r["block"] == prev["block"]:  # within an activation: no eval or block switch in between
-                step_wall.append(r["time"] - prev["time"])
         if cpu:
             cpu_step.append(statistics.median(cpu))
         for r in steps_:

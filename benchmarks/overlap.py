@@ -151,11 +151,12 @@ def main() -> None:
           "a message also waits for a CPU on both ends, which no overlap hides. The waiting share counts the time a "
           "peer's exchange waits (with overlap, only what the gradient did not hide).", "",
           "A step time is what a step costs the run: an activation's wall time from its first step's end to its "
-          "last's ÷ the steps in between, the median over peers and activations. The median of single steps (its own column) misreads ring8 with overlap: ring8 is "
-          "bipartite, its two halves settle half a step apart, and every peer's steps alternate long and short "
-          "(e.g. 0.258 s, 0.108 s, 0.282 s, 0.102 s in one run), so the median of single steps is the long ones. The CPU column is "
-          "what all the peers' processes (every thread) used per step, the same way, ÷ the cores they share (the "
-          "larger of the blocking and the overlap run's): no step can be shorter.", ""]
+          "last's ÷ the steps in between, the median over peers and activations. The median of single steps (its "
+          "own column) misreads ring8 with overlap: ring8 is bipartite, its two halves settle half a step apart, "
+          "and every peer's steps alternate long and short (e.g. 0.258 s, 0.108 s, 0.282 s, 0.102 s in one run), "
+          "so the median of single steps is the long ones. The CPU column is what all the peers' processes (every "
+          "thread) used per step, the same way, ÷ the cores they share (the larger of the blocking and the overlap "
+          "run's): no step can be shorter.", ""]
     if conv:
         L += convergence_lines(conv, a.quick)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -117,7 +117,8 @@ def run_peer(args: PeerArgs, stop: threading.Event | None = None) -> None:
     log = MetricsLog(args.run_dir, me)
     said_bye = False
     try:
-        said_bye = _train(args, topo, inputs, trainer, transport, log, stop, restarted)
+        _train(args, topo, inputs, trainer, transport, log, stop, restarted)
+        said_bye = True  # _train ends with gossip's bye
     finally:
         log.close()
         transport.flush(5.0)
@@ -207,8 +208,7 @@ def _say_alone(me: int, gossip: Gossip, alone: bool) -> None:
 
 
 def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transport, log: MetricsLog,
-           stop: threading.Event, restarted: bool) -> bool:
-    """Train to the end (or a stop); True: gossip said bye to the neighbours."""
+           stop: threading.Event, restarted: bool) -> None:
     cfg, me = args.cfg, args.peer_id
     sched = trainer.schedule
     acts = sched.activations()
@@ -327,4 +327,3 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
               send_failures=sum(c.send_failures for c in transport.counters().values()),
               nonfinite_stats=gossip.nonfinite_stats, **gossip.robust.final_record(),
               **(trainer.privacy.final_record() if trainer.privacy is not None else {}), **final)
-    return True
