@@ -249,17 +249,8 @@ def start(peer_id, topology_file, bootstrap_file, run_dir, no_initial_eval, **kw
         _fail(f"peer {peer_id}: {e}")
     except TrainingDiverged as e:
         _fail(f"peer {peer_id}: {e}", code=3)
-    if _OWN_PROCESS and sys.getprofile() is None and sys.gettrace() is None:
-        # Everything the run wrote is closed and on disk (metrics, checkpoints: atomic; the transport: closed).
-        # Tearing down an interpreter that holds torch and transformers took 1.35 s of CPU after that (strace of
-        # one peer): skip it, as multiprocessing's children (cluster's peers) already do. Not under a profiler or
-        # coverage, which write their results at exit.
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
-                pass
-        os._exit(0)
+    # Everything the run wrote is closed and on disk (metrics, checkpoints: atomic; the transport: closed)
+    _exit_without_teardown(0)
 
 
 def _passthrough(kw: dict) -> list[str]:
@@ -302,14 +293,16 @@ def cluster(topology_file, bootstrap_file, run_dir, no_live, no_average, **kw) -
 
     from deca_p2p.cluster import run_cluster
     from deca_p2p.launch import Launcher
-    from deca_p2p.models import ensure_default_model
-    from deca_p2p.runtime import default_threads
 
     topo = _load_topology(topology_file)
     cfg = _make_config(kw)  # validate once here rather than in n processes
-    # the peers' fork server starts importing torch and transformers now, while we check and split the data
+    # the peers' fork server starts importing torch and transformers now, while we check and split the data. Nothing
+    # above imports torch: its 1.3 s here would come before the server's import, with the other core idle
     launcher = Launcher(kw.get("model_path"), ["peft"] if cfg.algo == "declora" else [])
     try:
+        from deca_p2p.models import ensure_default_model
+        from deca_p2p.runtime import default_threads
+
         if not kw.get("model_path"):
             ensure_default_model()  # build it once, not n times in parallel
         if not kw.get("threads"):  # 0 too: the peers' environment holds OpenMP at 1 thread until they set theirs
@@ -342,6 +335,8 @@ def cluster(topology_file, bootstrap_file, run_dir, no_live, no_average, **kw) -
                            average_eval=None if no_average else evals, launcher=launcher)
     finally:
         launcher.close()
+    # the peers, the averaging process and the fork server have exited; the report and plots are written
+    _exit_without_teardown(code)
     raise SystemExit(code)
 
 
@@ -647,6 +642,21 @@ def average(run_dir, out, weighted) -> None:
 
 
 _OWN_PROCESS = False  # True when this process is the `deca-peer` program itself, not a caller of `main` (tests)
+
+
+def _exit_without_teardown(code: int) -> None:
+    """End this process now with `code`, when it is the `deca-peer` program itself and everything it wrote is
+    closed. Tearing down an interpreter that holds torch and transformers took 1.35 s of CPU (strace of one peer;
+    0.5 s for `cluster`): skip it, as multiprocessing's children (cluster's peers) already do. Returns, doing
+    nothing, under a caller of `main` (tests), a profiler or coverage, which write their results at exit."""
+    if not _OWN_PROCESS or sys.getprofile() is not None or sys.gettrace() is not None:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
+            pass
+    os._exit(code)
 
 
 def entry() -> None:

@@ -52,6 +52,11 @@ class PeerProcess:
     def poll(self) -> int | None:
         return self._p.exitcode
 
+    @property
+    def sentinel(self) -> int:
+        """Readable once the peer has exited (multiprocessing.connection.wait)."""
+        return self._p.sentinel
+
     def wait(self, timeout: float | None = None) -> int:
         self._p.join(timeout)
         if self._p.exitcode is None:
@@ -139,25 +144,52 @@ class Launcher:
         return Pending(self._ctx, fn, args)
 
 
+def _send_result(conn, fn, args) -> None:
+    """In the forked child: fn(*args) and its outcome down `conn`. What cannot be pickled is sent as a message."""
+    try:
+        outcome = (True, fn(*args))
+    except Exception as e:  # noqa: BLE001 - re-raised by Pending.get in the caller
+        outcome = (False, e)
+    try:
+        conn.send(outcome)  # pickles first, then writes: a pickling error sends nothing
+    except Exception as e:  # noqa: BLE001
+        conn.send((False, RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]}" if not outcome[0] else
+                                       f"the result could not be sent back: {e}")))
+    finally:
+        conn.close()
+
+
 class Pending:
+    """One call in a forked process and a pipe for its result. Not a multiprocessing Pool: a Pool's queues hold
+    POSIX semaphores, which `Launcher.close` (stopping the resource tracker) unlinked before their finalizers ran,
+    and each then printed a FileNotFoundError traceback as `cluster` exited."""
+
     def __init__(self, ctx, fn, args):
-        self._pool = self._async = None
+        self._proc = None
         if ctx is None:
             try:
                 self._value, self._error = fn(*args), None
-            except Exception as e:  # noqa: BLE001 - raised by get(), as the pool would
+            except Exception as e:  # noqa: BLE001 - raised by get(), as the child's would be
                 self._value, self._error = None, e
             return
-        self._pool = ctx.Pool(1)
-        self._async = self._pool.apply_async(fn, args)
+        self._conn, child_end = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_send_result, args=(child_end, fn, args), daemon=True)
+        self._proc.start()
+        child_end.close()  # ours: the child holds its own copy, so its exit ends our recv with EOFError
 
     def get(self):
-        if self._pool is None:
+        if self._proc is None:
             if self._error is not None:
                 raise self._error
             return self._value
         try:
-            return self._async.get()
+            ok, value = self._conn.recv()
+        except EOFError:
+            self._proc.join()
+            raise RuntimeError(f"its process ended without a result (exit code {self._proc.exitcode})") from None
         finally:
-            self._pool.close()
-            self._pool.join()
+            self._conn.close()
+        self._proc.join()
+        if not ok:
+            raise value
+        return value

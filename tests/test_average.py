@@ -207,6 +207,8 @@ def test_average_of_a_real_two_peer_network(deca_cache, tmp_path):
                                      "--set", "train_per_task=100", "--set", "eval_per_task=3"),
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    # nothing at exit either (a Pool's semaphores, unlinked by the stopped resource tracker, once printed tracebacks)
+    assert "Traceback" not in p.stderr and "leaked" not in p.stderr, p.stderr[-3000:]
     out = tmp_path / "final"
     a = subprocess.run(deca_peer_cmd("average", run, "--out", out), capture_output=True, text=True, env=env,
                        cwd=tmp_path, timeout=300)

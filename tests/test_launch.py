@@ -56,6 +56,25 @@ def test_forked_peers_get_the_peer_environment(monkeypatch):
     assert "GLIBC_TUNABLES" not in os.environ  # ours is left as it was
 
 
+def _fail(msg):
+    raise ValueError(msg)
+
+
+def test_submit_returns_the_result_or_raises_the_error_in_the_caller(launcher):
+    assert launcher.submit(divmod, 7, 2).get() == (3, 1)
+    with pytest.raises(ValueError, match="no such thing"):
+        launcher.submit(_fail, "no such thing").get()
+
+
+def test_submit_says_so_when_its_process_dies_without_a_result():
+    lau = Launcher()
+    try:
+        with pytest.raises(RuntimeError, match="exit code 7"):
+            lau.submit(os._exit, 7).get()
+    finally:
+        lau.close()
+
+
 def test_the_model_module_is_named_from_the_model_config(tmp_path):
     assert launch.model_module(None) == "transformers.models.llama.modeling_llama"  # the embedded model
     (tmp_path / "config.json").write_text('{"model_type": "gpt_neox"}')
