@@ -99,7 +99,8 @@ class Launcher:
         if "forkserver" in multiprocessing.get_all_start_methods():
             self._ctx = multiprocessing.get_context("forkserver")
             mod = model_module(model_path)
-            self._ctx.set_forkserver_preload(PRELOAD + [m for m in (mod, *extra_preload) if m] + ["deca_p2p.preload_done"])
+            self._ctx.set_forkserver_preload(["deca_p2p.preload_start", *PRELOAD, *[m for m in (mod, *extra_preload) if m],
+                                              "deca_p2p.preload_done"])
             # start the server now: it imports while our caller prepares the run
             self._with_env(multiprocessing.forkserver.ensure_running)
 

@@ -56,6 +56,19 @@ def test_forked_peers_get_the_peer_environment(monkeypatch):
     assert "GLIBC_TUNABLES" not in os.environ  # ours is left as it was
 
 
+def test_forked_peers_run_the_collector_with_the_imports_frozen():
+    """The server paused the collector for its imports (preload_start) and froze what they made (preload_done)."""
+    import gc
+
+    lau = Launcher()
+    try:
+        enabled, frozen = lau.submit(gc.isenabled).get(), lau.submit(gc.get_freeze_count).get()
+    finally:
+        lau.close()
+    assert enabled is True
+    assert frozen > 100_000  # torch and transformers: hundreds of thousands of objects
+
+
 def _fail(msg):
     raise ValueError(msg)
 
