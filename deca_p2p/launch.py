@@ -28,7 +28,7 @@ PRELOAD = ["deca_p2p.cli", "deca_p2p.peer", "deca_p2p.average", "transformers.ge
 
 def model_module(model_path: str | None) -> str | None:
     """The transformers modeling module of the model the peers will load (imported once, in the server)."""
-    from .models import BASE_MODEL_DIR
+    from .paths import BASE_MODEL_DIR  # not .models: it imports torch, which the fork server should import first
 
     try:
         cfg = json.loads((Path(model_path or BASE_MODEL_DIR) / "config.json").read_text())
@@ -146,7 +146,8 @@ class Launcher:
 
 
 def _send_result(conn, fn, args) -> None:
-    """In the forked child: fn(*args) and its outcome down `conn`. What cannot be pickled is sent as a message."""
+    """In the forked child: fn(*args) and its outcome down `conn`. What cannot be pickled is sent as a message (what
+    pickles but cannot be unpickled is reported by Pending.get)."""
     try:
         outcome = (True, fn(*args))
     except Exception as e:  # noqa: BLE001 - re-raised by Pending.get in the caller
@@ -174,9 +175,14 @@ class Pending:
                 self._value, self._error = None, e
             return
         self._conn, child_end = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_send_result, args=(child_end, fn, args), daemon=True)
-        self._proc.start()
-        child_end.close()  # ours: the child holds its own copy, so its exit ends our recv with EOFError
+        try:
+            self._proc = ctx.Process(target=_send_result, args=(child_end, fn, args), daemon=True)
+            self._proc.start()
+        except BaseException:
+            self._conn.close()
+            raise
+        finally:
+            child_end.close()  # ours: the child holds its own copy, so its exit ends our recv with EOFError
 
     def get(self):
         if self._proc is None:
@@ -188,9 +194,11 @@ class Pending:
         except EOFError:
             self._proc.join()
             raise RuntimeError(f"its process ended without a result (exit code {self._proc.exitcode})") from None
+        except Exception as e:  # noqa: BLE001 - sent, but not rebuilt here (e.g. an exception class's own arguments)
+            raise RuntimeError(f"its result could not be read: {type(e).__name__}: {e}") from None
         finally:
             self._conn.close()
-        self._proc.join()
+            self._proc.join()
         if not ok:
             raise value
         return value

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .paths import BASE_MODEL_DIR
+
 
 class ModelError(ValueError):
     """A model path that cannot be used as a causal LM (missing, no config.json, wrong kind)."""
@@ -27,8 +29,7 @@ class ModelError(ValueError):
 # The embedded default model
 # --------------------------------------------------------------------------------------------------
 
-BASE_MODEL_DIR = Path(__file__).resolve().parent / "base_model"
-"""The packaged pretrained base (the embedded default model); made by ``scripts/pretrain_base.py``."""
+# BASE_MODEL_DIR (paths.py): the packaged pretrained base, named where importing it does not import torch
 
 _SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 # Every printable ASCII character plus newline and tab: covers the tasks and most user JSONL.

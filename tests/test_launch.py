@@ -3,6 +3,7 @@
 import multiprocessing
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -56,6 +57,21 @@ def test_forked_peers_get_the_peer_environment(monkeypatch):
     assert "GLIBC_TUNABLES" not in os.environ  # ours is left as it was
 
 
+FORKSERVER = pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(),
+                                reason="no forkserver here: submit runs its function in this process")
+
+
+def test_the_fork_server_starts_before_the_caller_imports_torch():
+    """`cluster` starts the server first: torch imported here before would delay the server's import (the other core
+    idle meanwhile)."""
+    code = ("import sys; from deca_p2p.launch import Launcher; lau = Launcher(); "
+            "print('torch' in sys.modules); lau.close()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@FORKSERVER
 def test_forked_peers_run_the_collector_with_the_imports_frozen():
     """The server paused the collector for its imports (preload_start) and froze what they made (preload_done)."""
     import gc
@@ -79,6 +95,26 @@ def test_submit_returns_the_result_or_raises_the_error_in_the_caller(launcher):
         launcher.submit(_fail, "no such thing").get()
 
 
+class _Unreadable(Exception):
+    def __init__(self, a, b):  # pickles, but unpickling calls __init__ with one argument
+        super().__init__(f"{a} {b}")
+
+
+def _raise_unreadable():
+    raise _Unreadable("x", "y")
+
+
+@FORKSERVER
+def test_submit_says_so_when_its_result_cannot_be_read():
+    lau = Launcher()
+    try:
+        with pytest.raises(RuntimeError, match="could not be read"):
+            lau.submit(_raise_unreadable).get()
+    finally:
+        lau.close()
+
+
+@FORKSERVER
 def test_submit_says_so_when_its_process_dies_without_a_result():
     lau = Launcher()
     try:
