@@ -1,6 +1,8 @@
 """The `deca-peer` command."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import sys
 from typing import NoReturn
@@ -231,10 +233,14 @@ def _env_id() -> int | None:
 @_train_options
 def start(peer_id, topology_file, bootstrap_file, run_dir, no_initial_eval, **kw) -> None:
     """Run one peer."""
-    from deca_p2p.bootstrap import BootstrapError
-    from deca_p2p.peer import PeerArgs, run_peer
-    from deca_p2p.trainer import TrainingDiverged
-    from deca_p2p.transport import TransportError
+    with _collector_paused():  # a peer started on its own imports torch and transformers here (forked ones have them)
+        from deca_p2p.bootstrap import BootstrapError
+        from deca_p2p.launch import import_model_module
+        from deca_p2p.peer import PeerArgs, run_peer
+        from deca_p2p.trainer import TrainingDiverged
+        from deca_p2p.transport import TransportError
+
+        import_model_module(kw.get("model_path"))
 
     if peer_id is None:
         peer_id = _env_id()
@@ -642,6 +648,23 @@ def average(run_dir, out, weighted) -> None:
 
 
 _OWN_PROCESS = False  # True when this process is the `deca-peer` program itself, not a caller of `main` (tests)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Import with Python's cyclic garbage collector paused: torch and transformers make hundreds of thousands of
+    objects that all live on, and collecting over them was 0.7 s of a 4.4 s import here (the fork server does the
+    same: preload_start.py). In the `deca-peer` program itself the imported objects are then frozen, as in a peer
+    forked from that server; a caller of `main` (tests) keeps its collector as it was."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if _OWN_PROCESS:
+            gc.freeze()
+        if was:
+            gc.enable()
 
 
 def _exit_without_teardown(code: int) -> None:

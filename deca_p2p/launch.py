@@ -10,6 +10,7 @@ peer on request. Where forkserver is missing, peers start as plain subprocesses.
 """
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import multiprocessing
@@ -36,6 +37,17 @@ def model_module(model_path: str | None) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None  # the peers will say what is wrong with the model; nothing to preload
     return f"transformers.models.{kind}.modeling_{kind}"
+
+
+def import_model_module(model_path: str | None) -> None:
+    """Import the model's modeling module now (a peer started on its own would import it when loading the model).
+    A module that cannot be imported is left to the model loading, which says what is wrong."""
+    mod = model_module(model_path)
+    if mod is not None:
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            pass
 
 
 class PeerProcess:

@@ -101,3 +101,23 @@ def test_divergence_stops_with_one_line(deca_cache, tmp_path):
     assert p.returncode == 3, (p.returncode, p.stderr[-2000:])
     assert "Traceback" not in p.stderr
     assert "training diverged" in p.stderr.strip().splitlines()[-1]
+
+
+def test_imports_run_with_the_collector_paused_and_frozen_only_in_the_program_itself(monkeypatch):
+    import gc
+
+    from deca_p2p import cli
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    with cli._collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() == frozen  # a caller of main (this test) keeps its collector
+    monkeypatch.setattr(cli, "_OWN_PROCESS", True)
+    try:
+        with cli._collector_paused():
+            keep = [object() for _ in range(10)]
+        assert gc.isenabled() and gc.get_freeze_count() > frozen  # the `deca-peer` program freezes what it imported
+    finally:
+        gc.unfreeze()
+    assert keep
