@@ -47,7 +47,6 @@ def speed(sizes, reps) -> dict:
 
 
 def outcome(rounds: int) -> dict:
-
     from deca_p2p.config import make_config
     from deca_p2p.simulate import simulate
     from deca_p2p.topology import load
