@@ -1,6 +1,8 @@
 """One outgoing link of a Transport: its emulated latency, bandwidth and jitter, its bounded queue, and the sender
 thread that owns the link's DEALER socket (deca_p2p/transport.py has the rest: the ROUTER, the hello barrier,
-security). A message is handed to ZeroMQ at its emulated due time, whole; ``LinkCounters`` counts what went out."""
+security). On an emulated link a message is handed to ZeroMQ, whole, when its emulated transmission starts, stamped
+with the time the link would deliver it, and the receiver holds it until then (delay_line.py says why);
+``LinkCounters`` counts what went out."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from .delay_line import stamp_frame
 from .transport_base import RECONNECT_IVL_MAX_MS, RECONNECT_IVL_MS, SNDHWM, _POLL_SLICE_S, TransportError
 
 if TYPE_CHECKING:
@@ -44,7 +47,7 @@ class LinkCounters:
     msgs_recv: int = 0
     send_failures: int = 0
     data_sent: int = 0              # caller's messages handed to ZeroMQ ...
-    handoff_late_s: float = 0.0     # ... and how long after their emulated due time, summed (emulator accuracy)
+    handoff_late_s: float = 0.0     # ... and how long after their emulated start, summed (emulator accuracy)
     handoff_late_max_s: float = 0.0
 
 
@@ -105,13 +108,13 @@ WAKE_EARLY_S = 0.5e-3
 
 
 class _Item:
-    __slots__ = ("frames", "header", "payload", "deliver_at", "timeout", "data", "hello_inc")
+    __slots__ = ("frames", "header", "payload", "send_at", "timeout", "data", "hello_inc")
 
-    def __init__(self, frames, header, payload, deliver_at, timeout, data, hello_inc):
+    def __init__(self, frames, header, payload, send_at, timeout, data, hello_inc):
         self.frames = frames
         self.header = header
         self.payload = payload
-        self.deliver_at = deliver_at
+        self.send_at = send_at          # when the emulated link starts transmitting it (monotonic clock)
         self.timeout = timeout          # seconds to keep trying to hand it to zmq (0: one try)
         self.data = data                # True: caller's message (failures are counted)
         self.hello_inc = hello_inc      # not None: our hello with this incarnation
@@ -130,6 +133,7 @@ class _Link:
         self.queue: deque[_Item] = deque()
         self.free_at = 0.0
         self.last_deliver = 0.0
+        self.last_stamp = 0.0
         self.outstanding = 0            # queued or being handed to zmq
         self.hellos_outstanding = 0
         self.hello_ok_inc: int | None = None   # incarnation of the last hello zmq accepted
@@ -154,23 +158,27 @@ class _Link:
                     self.tr._count_failures(self.dst, 1)
                 return
             now = time.monotonic()
-            # Fast path: nothing to emulate and nothing ahead of it. The caller hands it to zmq itself: waking the
-            # sender thread for it cost ~0.5 ms a message (GIL hand-off; benchmarks/wire_throughput.py).
-            direct = self.direct and not self.outstanding and self.sock is not None
-            deliver = now
-            if not direct:
-                t_tx = now
+            send_at = now
+            if not self.direct:  # the emulated link: it starts sending at send_at and delivers at `deliver`
+                send_at = max(now, self.free_at)
+                t_tx = send_at
                 if self.rate is not None:
-                    t_tx = max(now, self.free_at) + (header + payload) / self.rate
+                    t_tx = send_at + (header + payload) / self.rate
                     self.free_at = t_tx
                 deliver = t_tx + self.latency
                 if self.jitter > 0:
                     deliver += self.rng.uniform(-self.jitter, self.jitter)
                 deliver = max(deliver, t_tx, self.last_deliver)
                 self.last_deliver = deliver
-                if data:
-                    self._bound_queue_locked()
-            item = _Item(frames, header, payload, deliver, timeout, data, hello_inc)
+                # the receiver holds it till then; in order: the two clocks' offset wobbles by microseconds
+                self.last_stamp = max(time.time() + (deliver - now), self.last_stamp)
+                frames = [stamp_frame(self.last_stamp), *frames]
+            # Fast path: due to go out now and nothing ahead of it. The caller hands it to zmq itself: waking the
+            # sender thread for it cost ~0.5 ms a message (GIL hand-off; benchmarks/wire_throughput.py).
+            direct = send_at <= now and not self.outstanding and self.sock is not None
+            if not direct and data:
+                self._bound_queue_locked()
+            item = _Item(frames, header, payload, send_at, timeout, data, hello_inc)
             self.outstanding += 1
             if hello_inc is not None:
                 self.hellos_outstanding += 1
@@ -269,10 +277,10 @@ class _Link:
             while True:
                 if self.queue:
                     head = self.queue[0]
-                    if self.closing and head.deliver_at > self.close_deadline:
+                    if self.closing and head.send_at > self.close_deadline:
                         self._drop_all_locked()
                         return None
-                    due = head.deliver_at
+                    due = head.send_at
                     wait = due - time.monotonic()
                     if wait <= 0:
                         return self.queue.popleft()
@@ -333,7 +341,7 @@ class _Link:
     def _done(self, item: _Item, ok: bool) -> None:
         if ok:
             self.tr._count_sent(self.dst, item.header, item.payload,
-                                time.monotonic() - item.deliver_at if item.data else None)
+                                time.monotonic() - item.send_at if item.data else None)
         elif item.data:
             self.tr._count_failures(self.dst, 1)
         with self.cond:

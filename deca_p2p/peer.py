@@ -324,6 +324,7 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
               # what the transport refused or lost before gossip saw it (PROTOCOL.md §5.6, §12.2)
               rejected_handshakes=transport.rejected_handshakes, handshake_failures=dict(transport.handshake_failures),
               spoofed_routing_ids=transport.spoofed_routing_ids, unknown_msgs_recv=transport.unknown_msgs_recv,
+              **transport.held_stamps(),
               send_failures=sum(c.send_failures for c in transport.counters().values()),
               nonfinite_stats=gossip.nonfinite_stats, **gossip.robust.final_record(),
               **(trainer.privacy.final_record() if trainer.privacy is not None else {}), **final)

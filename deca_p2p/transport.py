@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import random
 import re
 import secrets
@@ -61,6 +60,7 @@ from typing import Any, Callable, Mapping, Sequence
 import zmq
 
 # the outgoing links (emulation, queue, sender thread) live in link.py; what both use, in transport_base.py
+from .delay_line import DelayLine, split_stamp
 from .link import (LinkCounters, LinkSpec, MAX_QUEUED_BYTES, MAX_QUEUED_DATA, _as_buffer, _Item,  # noqa: F401
                    _Link, _link_params, _nbytes)
 from .transport_base import (HELLO_INTERVAL_S, RCVHWM, RECONNECT_IVL_MAX_MS, RECONNECT_IVL_MS,  # noqa: F401
@@ -260,6 +260,8 @@ class Transport:
         self._router: zmq.Socket | None = None
         self.bound_endpoint: str | None = None
         self._pending: deque[tuple[int | None, list]] = deque()
+        self._delay = DelayLine()       # neighbours' messages from emulated links, until their due time
+        self.bad_stamps = 0             # stamp frames without a finite time (delay_line.py)
         self._answered: dict[tuple[int, int], float] = {}  # (neighbour, inc) -> when we last answered its hello
         self._inc = 0
         self._hello_frames: list | None = None
@@ -544,6 +546,11 @@ class Transport:
         with self._ctr_lock:
             self._counters[dst].send_failures += k
 
+    def held_stamps(self) -> dict[str, int]:
+        """What the delay line defused (delay_line.py): stamps clamped, holds cut short, stamps unreadable."""
+        return {"stamps_clamped": self._delay.clamped, "holds_cut_short": self._delay.cut_short,
+                "bad_stamps": self.bad_stamps}
+
     def counters(self) -> dict[int, LinkCounters]:
         """Snapshot of the per-link counters (neighbours, plus any other peer in ``endpoints`` heard from)."""
         with self._ctr_lock:
@@ -551,16 +558,41 @@ class Transport:
 
     # -- receiving -------------------------------------------------------------------------
     def _recv_raw(self, timeout_s: float | None) -> tuple[int | None, list] | None:
+        """The next message whose time has come: one the delay line held (an emulated link's, delay_line.py) or
+        one read now. None after ``timeout_s`` (None: wait forever)."""
+        deadline = None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
+        while True:
+            r = self._delay.pop_due(time.time())
+            if r is not None:
+                return r
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            nxt = self._delay.next_due()
+            if nxt is not None:
+                until = max(0.0, nxt - time.time())
+                wait = until if wait is None else min(wait, until)
+            got = self._read(wait)
+            if got is not None:
+                return got
+            if deadline is not None and time.monotonic() >= deadline:
+                return self._delay.pop_due(time.time())
+
+    def _read(self, wait_s: float | None) -> tuple[int | None, list] | None:
+        """Read one message if one comes within ``wait_s``; None also when it goes to the delay line."""
         router = self._router
         assert router is not None
-        ms = None if timeout_s is None else max(0, int(math.ceil(timeout_s * 1e3)))
-        if not router.poll(ms, zmq.POLLIN):
+        if wait_s is not None and wait_s < 1e-3:  # zmq polls in whole ms: sleep the last stretch instead
+            if not router.poll(0, zmq.POLLIN):
+                time.sleep(wait_s)
+                return None
+        elif not router.poll(None if wait_s is None else int(wait_s * 1e3), zmq.POLLIN):
             return None
         try:
             parts = router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
-        frames = parts[1:]
+        due, stamped, frames = split_stamp(parts[1:])
+        if stamped and due is None:
+            self.bad_stamps += 1  # a stamp whose time is no number: ignored, the message goes on at once
         src = _parse_src(parts[0].bytes) if self.curve is None else self._authenticated_src(parts)
         if src not in self._links:  # gossip drops it unread: hand the freed frames' pages back now and then
             self._unwanted_bytes += sum(len(f) for f in frames)  # (TRIM_AFTER_UNWANTED_BYTES says why)
@@ -580,6 +612,8 @@ class Transport:
                 c.recv_header += hdr
                 c.recv_payload += pay
                 c.msgs_recv += 1
+        if due is not None and src in self._links and self._delay.hold(src, (src, frames), due, time.time()):
+            return None  # (only a neighbour's: anything else is dropped unread, so holding it would only cost memory)
         return src, frames
 
     def _authenticated_src(self, parts: list) -> int | None:

@@ -399,7 +399,10 @@ class Peer:
             return None
         parts = self.router.recv_multipart()
         m = ROUTING_ID.fullmatch(parts[0])
-        return (int(m.group(1)) if m else None), parts[1:]
+        frames = parts[1:]
+        if frames and len(frames[0]) == 9 and frames[0][0] == 0xC1:
+            frames = frames[1:]  # an emulated link's stamp (§4.5): this peer emulates nothing, so it takes it now
+        return (int(m.group(1)) if m else None), frames
 
     def hello(self, stats=None) -> list[bytes]:
         return pack({"v": VERSION, "kind": "hello", "src": self.me, "inc": self.inc, "round": 0, "block": 0, "step": 0,

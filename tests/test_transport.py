@@ -241,14 +241,17 @@ def test_send_to_down_neighbour_never_blocks_and_counts_failure(make):
 def test_close_is_prompt_with_stuck_and_queued_messages(make):
     eps = endpoints(3)
     before = set(threading.enumerate())
-    a = make(0, eps, [1, 2], {1: LinkSpec(latency_ms=5000.0)}, send_timeout_s=10.0, linger_ms=1000)
+    # 100 bit/s: what goes first on peer 1's link keeps it busy for seconds
+    a = make(0, eps, [1, 2], {1: LinkSpec(latency_ms=5000.0, bandwidth_mbps=1e-4)}, send_timeout_s=10.0,
+             linger_ms=1000)
     b = make(1, eps, [0])
     assert len(link_threads()) == 3
+    a.send(1, [b"first" * 100])  # handed to zmq at once: its emulated transmission starts now and takes 40 s
     # peer 2 is down: its message would wait up to 10 s for a connection;
-    # peer 1's link has 5 s latency: its message is still in the emulation queue at close()
+    # peer 1's link is busy: its message is still in the emulation queue at close()
     a.send(2, [b"stuck", payload(1000, 0)])
     a.send(1, [b"queued"])
-    time.sleep(0.2)
+    time.sleep(0.2)  # peer 2's message waits for a connection, "queued" for "first" to be transmitted
     t0 = time.monotonic()
     a.close()
     b.close()
