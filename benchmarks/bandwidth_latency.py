@@ -249,7 +249,9 @@ def main() -> None:
               "waking up at the due time. Each of those wake-ups needs a CPU; with 8 peers on 2 cores, 4 "
               "compute-bound peers share each core, and those waits add a few ms to a message when they end after "
               "its due time. At 100 Mbit/s (S/R = 68 ms) that is noise; at 1 Gbit/s (S/R = 6.8 ms) it is as long as "
-              "the transmission itself. The control rows show the same stack with a core per peer.", "",
+              "the transmission itself. The control rows show the same stack with a core per peer. On an unlimited "
+              "link with latency, the delivery runs inside L, so the goodput column there is no rate: it shows how "
+              "little of the one-way delay is left after L.", "",
               f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (the 8 peers themselves "
               "load the 2 cores)."]
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -391,8 +391,9 @@ def report(res: dict, inner_steps: int, command: str) -> str:
               f"Its gap to {rate:g} is the link itself: the headers (at most {payload_max:.1f} Mbit/s of payload) and, "
               "on a loaded "
               "machine, the wake-ups every transfer needs while the message trickles through for S/R. The emulator "
-              "models neither: it is a pipe of R bytes/s of message per direction, which hands the message to "
-              "ZeroMQ in one piece at its due time.", "",
+              "models neither: it is a pipe of R bytes/s of message per direction, whose receiver takes the "
+              "message whole at its due time, the hosts' own copying overlapped with its transmission "
+              "(PROTOCOL.md §4.5).", "",
               "tc statistics after the last kernel run (host 0; host 1): "
               + "; ".join(f"`{q}`" for q in res["qdisc"]), "",
               f"Target: both within 10%. Step time (at equal compute) {abs(s['step_ratio'] - 1) * 100:.1f}% apart, goodput "
