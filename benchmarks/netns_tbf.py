@@ -256,7 +256,8 @@ def shaped_vs_emulated(lab: NetnsLab, tmp: Path, inner_steps: int, repeats: int 
     lab.shape(0, rate_mbit)
     lab.shape(1, rate_mbit)
     try:
-        out["raw_tcp"] = {w: raw_tcp_goodput(lab, int(out["kernel"][0]["S"]), w == "both") for w in ("one", "both")}
+        out["raw_tcp"] = {w: raw_tcp_goodput(lab, int(out["kernel"][0]["S"]), w == "both", rate_mbit)
+                          for w in ("one", "both")}
     finally:
         lab.unshape(0)
         lab.unshape(1)
@@ -266,40 +267,46 @@ def shaped_vs_emulated(lab: NetnsLab, tmp: Path, inner_steps: int, repeats: int 
 
 
 _RAW_TCP = r"""
-import socket, statistics, sys, time
+import socket, statistics, struct, sys, time
 mode, host, port, size, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-if mode == "server":
+if mode == "server":  # prints the median one-way time: sent (the client's stamp) to fully received, one clock
     ls = socket.socket()
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind((host, port))
     ls.listen(1)
     print("ready", flush=True)
     c, _ = ls.accept()
+    ts, data = [], bytearray(8 + size)
+    view = memoryview(data)
     for _ in range(n):
         got = 0
-        while got < size:
-            b = c.recv(1 << 20)
-            if not b:
-                sys.exit(0)
-            got += len(b)
-        c.sendall(b"k")
+        while got < len(data):
+            k = c.recv_into(view[got:])
+            if not k:
+                sys.exit(1)
+            got += k
+        ts.append(time.time() - struct.unpack(">d", data[:8])[0])
+    print(statistics.median(ts[3:]), flush=True)
 else:
+    start, period = float(sys.argv[6]), float(sys.argv[7])
     c = socket.create_connection((host, port))
-    buf, ts = b"x" * size, []
-    for _ in range(n):
-        t = time.perf_counter()
-        c.sendall(buf)
-        c.recv(1)
-        ts.append(time.perf_counter() - t)
-        time.sleep(0.06)  # idle between messages, as between a peer's blocks
-    print(statistics.median(ts[3:]))
+    buf = b"x" * size
+    for k in range(n):
+        while time.time() < start + k * period:  # both directions on one grid: sent at the same moments
+            time.sleep(0.0005)
+        c.sendall(struct.pack(">d", time.time()) + buf)
+    time.sleep(1.0)
 """
 
 
-def raw_tcp_goodput(lab: NetnsLab, size: int, both_ways: bool, n: int = 24) -> float:
+def raw_tcp_goodput(lab: NetnsLab, size: int, both_ways: bool, rate_mbit: float, n: int = 24) -> float:
     """Mbit/s (median) of plain TCP moving ``size``-byte messages from host 0 to host 1 (``both_ways``: and from 1 to
-    0 at the same time, as the two peers of a ring send their blocks), each acknowledged by one byte, 60 ms apart:
-    what the link as it is now (shaped or not) gives, without ZeroMQ or a peer."""
+    0 at the same moments, as the two peers of a ring send their blocks), from the sender's stamp to the last byte
+    read (both hosts share this machine's clock): what the link as it is now (shaped or not) gives, without ZeroMQ
+    or a peer."""
+    # one clock for both namespaces: each message k leaves at start + k * period (60 ms idle after a transfer
+    # that takes ~S/R; 3 S/R leaves room for a slow one, so no sender falls behind the grid)
+    grid = [time.time() + 1.5, 0.06 + 3 * size * 8 / (rate_mbit * 1e6)]
     argv = [sys.executable, "-c", _RAW_TCP]
     pairs = [(0, 1), (1, 0)] if both_ways else [(0, 1)]
     servers = [lab.popen(dst, [*argv, "server", lab.addr(dst), PORT + 1, size, n], stdout=subprocess.PIPE, text=True)
@@ -307,14 +314,15 @@ def raw_tcp_goodput(lab: NetnsLab, size: int, both_ways: bool, n: int = 24) -> f
     try:
         for srv in servers:
             srv.stdout.readline()  # "ready": listening
-        clients = [lab.popen(src, [*argv, "client", lab.addr(dst), PORT + 1, size, n], stdout=subprocess.PIPE,
+        clients = [lab.popen(src, [*argv, "client", lab.addr(dst), PORT + 1, size, n, *grid], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for src, dst in pairs]
         rates = []
-        for c in clients:
-            out, err = c.communicate(timeout=120)
-            if c.returncode != 0:
+        for srv, c in zip(servers, clients):
+            out, _ = srv.communicate(timeout=120)
+            _, err = c.communicate(timeout=60)
+            if srv.returncode != 0 or c.returncode != 0:
                 raise NetnsError(f"raw TCP transfer failed: {err.strip()[-500:]}")
-            rates.append(size * 8 / float(out) / 1e6)
+            rates.append(size * 8 / float(out.split()[-1]) / 1e6)
         return statistics.median(rates)
     finally:
         for srv in servers:
@@ -381,14 +389,16 @@ def report(res: dict, inner_steps: int, command: str) -> str:
               "compared at one compute, the median over all runs (the as-measured row shows the raw medians).", "",
               "Goodput = S / (one-way delay − encode time) over the block messages a receiver read while it was "
               f"already waiting for them (`bandwidth_latency.measure`). The kernel's {rate:g} Mbit/s counts Ethernet, "
-              f"IP and TCP headers (66 bytes per 1448-byte segment: at most ~{payload_max:.1f} Mbit/s of payload); "
+              f"IP and TCP headers (66 bytes per 1448-byte segment: ~{payload_max:.1f} Mbit/s of payload, beyond the "
+              "bucket's burst, which an idle link sends at once); "
               "the emulator's "
               "counts the message's bytes only.", "",
               f"Control, measured right after the runs: plain TCP (Python sockets, no ZeroMQ, no peer) moving S-byte "
-              f"messages through the same tbf link, 60 ms apart, gets **{res['raw_tcp']['one']:.1f} Mbit/s** one "
-              f"way and **{res['raw_tcp']['both']:.1f} Mbit/s** both ways at once (as the two peers send their blocks "
-              "to each other; each host's FIFO queue then holds its own data and the ACKs of the other direction). "
-              f"Its gap to {rate:g} is the link itself: the headers (at most {payload_max:.1f} Mbit/s of payload) and, "
+              "messages through the same tbf link (each timed from its send to its last byte read, 60 ms idle "
+              f"between them), gets **{res['raw_tcp']['one']:.1f} Mbit/s** one way and "
+              f"**{res['raw_tcp']['both']:.1f} Mbit/s** both ways at the same moments (as the two peers send their "
+              "blocks to each other; each host's FIFO queue then holds its own data and the ACKs of the other direction). "
+              f"Its gap to {rate:g} is the link itself: the headers (~{payload_max:.1f} Mbit/s of payload) and, "
               "on a loaded "
               "machine, the wake-ups every transfer needs while the message trickles through for S/R. The emulator "
               "models neither: it is a pipe of R bytes/s of message per direction, whose receiver takes the "
