@@ -23,6 +23,7 @@ from . import lora
 from .blocks import ActiveBlock, Block, block_order, partition, whole_model_block
 from .config import ConfigError, TrainConfig
 from .encoding import Batcher
+from .heap import malloc_trim
 from .optim import GossipOptimizer, make_optimizer
 from .privacy import make_privacy
 
@@ -179,6 +180,9 @@ class PeerTrainer:
             return  # a single whole-model block keeps its optimizer state across rounds
         if self.active is not None:
             self.active.release()
+            self.active = self.opt = None  # the previous block's optimizer state goes now, and its pages back to the
+            malloc_trim()  # OS: glibc keeps freed chunks under its (growing) mmap threshold, which raised every
+            # later activation's peak by the earlier ones' (benchmarks/results/memory.md)
         self.active = ActiveBlock(self.model, self.blocks[block])
         c = self.cfg
         self.opt = make_optimizer(c.algo, self.active.params, c.lr, alphas=c.alphas, betas=c.betas, eps=c.eps,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
-from collections.abc import Callable
 
 import zmq
+
+from .heap import malloc_trim  # noqa: F401  (transport.py trims after floods from non-neighbours)
 
 HELLO_INTERVAL_S = 0.2          # barrier: re-send hellos to unfinished neighbours this often
 SNDHWM = 4                      # DEALER send high-water mark (messages)
@@ -36,21 +36,3 @@ def _zmq_reason(e: zmq.ZMQError) -> str:
         return "address already in use"
     msg = str(e.strerror or e)
     return msg[:1].lower() + msg[1:]
-
-
-def _find_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        fn = ctypes.CDLL(None).malloc_trim  # glibc only
-    except (OSError, AttributeError):
-        return None                         # macOS, musl: nothing to hand back this way
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
-
-
-_malloc_trim = _find_malloc_trim()
-
-
-def malloc_trim() -> None:
-    """Give the heap's free pages back to the OS (glibc's malloc_trim(0); ~1 ms); a no-op elsewhere."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)

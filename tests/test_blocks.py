@@ -136,3 +136,39 @@ def test_layers_per_block_groups_consecutive_layers(deca_cache):
     assert two[1].param_names == one[1].param_names + one[2].param_names
     assert [b.index for b in two] == list(range(len(two)))
     assert sorted(n for b in two for n in b.param_names) == sorted(n for b in one for n in b.param_names)
+
+
+def _peer_trainer():
+    import random
+
+    from deca_p2p.config import make_config
+    from deca_p2p.encoding import Batcher
+    from deca_p2p.models import DEFAULT_MODEL_CONFIG, _build_tokenizer
+    from deca_p2p.tasks import make_task_examples
+    from deca_p2p.trainer import PeerTrainer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**DEFAULT_MODEL_CONFIG, "hidden_size": 32, "intermediate_size": 64,
+                                            "num_hidden_layers": 2}))
+    cfg = make_config(None, {"batch_size": 4, "rounds": 1, "inner_steps": 2})
+    examples = make_task_examples("rev", 16, random.Random(0))
+    return PeerTrainer(model, Batcher(examples, _build_tokenizer(), 4, 0, 32), cfg)
+
+
+def test_a_block_switch_frees_the_previous_blocks_state_and_trims_the_heap(monkeypatch):
+    """The previous block's optimizer state is gone before the heap is trimmed (else the trim could not hand its
+    pages back: benchmarks/results/memory.md), and the trim runs once per switch, not per step."""
+    import weakref
+
+    import deca_p2p.trainer as trainer_mod
+
+    t = _peer_trainer()
+    t.activate(0)
+    t.local_step()
+    old = weakref.ref(t.opt)
+    alive_at_trim = []
+    monkeypatch.setattr(trainer_mod, "malloc_trim", lambda: alive_at_trim.append(old() is not None))
+    t.local_step()
+    t.activate(0)                # the same block: nothing to free
+    t.activate(1)
+    assert alive_at_trim == [False] and old() is None
