@@ -11,9 +11,12 @@ the receiver holds it until then: the host's copying runs inside the emulated tr
 The stamp is one frame before the header (PROTOCOL.md §4.5): 0xC1, a byte msgpack never uses (so no header starts
 with it), then the due time as a big-endian float64 of Unix seconds. Unix time because the two ends are different
 processes, maybe different hosts: on one host it is one clock; across hosts it needs synchronised clocks (NTP).
-A stamp cannot hurt anyone but its own sender's messages: a message is held at most MAX_HOLD_S past its arrival,
-and each sender at most MAX_HELD_PER_SRC at a time (the earliest goes out early when more arrive); messages from
-different senders never wait for each other.
+The receiver turns it into its own monotonic clock on arrival, so a later step of the wall clock changes nothing.
+
+What a stamp cannot do: overtake (a sender's messages leave the line in the order they came, whatever their
+stamps say), delay another sender's messages, or pin unbounded memory (per sender at most MAX_HELD_PER_SRC
+messages and MAX_HELD_BYTES_PER_SRC bytes, the earliest going out early when more come; and a message is held at
+most MAX_HOLD_S plus its size at MIN_HOLD_RATE past its arrival).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from typing import Any
 
 STAMP_TAG = 0xC1                # never the first byte of a msgpack object
 STAMP_LEN = 9                   # tag + float64
-MAX_HOLD_S = 60.0               # a stamp further ahead than this (a skewed clock, a hostile sender) is clamped
-MAX_HELD_PER_SRC = 64           # as many as a sender's link queue holds (link.MAX_QUEUED_DATA)
+MAX_HOLD_S = 60.0               # a stamp further ahead than this (plus the size term) is clamped ...
+MIN_HOLD_RATE = 1e6             # ... bytes/s: an honest link slower than 8 Mbit/s may hold a large block longer
+MAX_HELD_PER_SRC = 64           # messages held from one sender at once: its link queue's bound (link.py) ...
+MAX_HELD_BYTES_PER_SRC = 1 << 31  # ... and bytes (but always room for the newest)
 
 _DUE = struct.Struct(">d")
 
@@ -52,32 +57,46 @@ def split_stamp(frames: list) -> tuple[float | None, bool, list]:
 
 
 class DelayLine:
-    """Messages held until their due time, released in due order (ties: arrival order)."""
+    """Messages held until their due time (one monotonic clock, the caller's), released in due order; one sender's
+    always in the order they came."""
 
-    def __init__(self, max_hold_s: float = MAX_HOLD_S, max_held_per_src: int = MAX_HELD_PER_SRC):
+    def __init__(self, max_hold_s: float = MAX_HOLD_S, max_held_per_src: int = MAX_HELD_PER_SRC,
+                 max_held_bytes_per_src: int = MAX_HELD_BYTES_PER_SRC):
         self.max_hold_s = float(max_hold_s)
         self.max_held_per_src = int(max_held_per_src)
-        self._heap: list[tuple[float, int, Any, Any]] = []   # (due, arrival number, src, item)
-        self._held: dict[Any, int] = {}
+        self.max_held_bytes_per_src = int(max_held_bytes_per_src)
+        self._heap: list[tuple[float, int, Any, Any, int]] = []   # (due, arrival number, src, item, nbytes)
+        self._held: dict[Any, list[int]] = {}    # src -> [messages in the heap, of them counted, their bytes]
+        self._last: dict[Any, float] = {}        # src -> the latest due time in the heap from it
         self._n = 0
-        self.clamped = 0     # stamps more than max_hold_s ahead of their arrival, held only that long
-        self.cut_short = 0   # messages released before their due time: their sender had too many held
+        self.clamped = 0     # stamps further ahead than the bound, held only that long
+        self.cut_short = 0   # messages released before their due time: their sender had too much held
 
     def __len__(self) -> int:
         return len(self._heap)
 
-    def hold(self, src: Any, item: Any, due: float, now: float) -> bool:
-        """Hold ``item`` from ``src`` until ``due``; False (nothing held) when it is due already."""
-        if not due > now:
+    def hold(self, src: Any, item: Any, nbytes: int, due: float | None, now: float) -> bool:
+        """Hold ``item`` (``nbytes``) from ``src`` until ``due`` (None: no usable stamp). False, nothing held: it
+        may go at once (due already, and nothing of its sender's is waiting, which it must not overtake)."""
+        last = self._last.get(src)
+        if last is None and (due is None or not due > now):
             return False
-        if due > now + self.max_hold_s:
-            due = now + self.max_hold_s
+        bound = now + self.max_hold_s + nbytes / MIN_HOLD_RATE
+        if due is not None and due > bound:
+            due = bound
             self.clamped += 1
-        if self._held.get(src, 0) >= self.max_held_per_src:
+        due = now if due is None else due
+        if last is not None:
+            due = max(due, last)           # behind what its sender sent before
+        held = self._held.setdefault(src, [0, 0, 0])
+        while held[1] and (held[1] >= self.max_held_per_src or held[2] + nbytes > self.max_held_bytes_per_src):
             self._release_earliest_of(src, now)
         self._n += 1
-        heapq.heappush(self._heap, (due, self._n, src, item))
-        self._held[src] = self._held.get(src, 0) + 1
+        heapq.heappush(self._heap, (due, self._n, src, item, nbytes))
+        held[0] += 1
+        held[1] += 1
+        held[2] += nbytes
+        self._last[src] = due
         return True
 
     def next_due(self) -> float | None:
@@ -87,15 +106,25 @@ class DelayLine:
         """The earliest held item whose time has come, or None."""
         if not self._heap or self._heap[0][0] > now:
             return None
-        _, _, src, item = heapq.heappop(self._heap)
-        self._held[src] -= 1
-        if not self._held[src]:
+        _, _, src, item, nbytes = heapq.heappop(self._heap)
+        held = self._held[src]
+        held[0] -= 1
+        if nbytes >= 0:  # not released early (then it was no longer counted)
+            held[1] -= 1
+            held[2] -= nbytes
+        if not held[0]:
             del self._held[src]
+            del self._last[src]
         return item
 
     def _release_earliest_of(self, src: Any, now: float) -> None:
-        i = min((k for k, e in enumerate(self._heap) if e[2] == src), key=lambda k: self._heap[k][:2])
-        due, n, _, item = self._heap[i]
-        self._heap[i] = (min(due, now), n, src, item)   # due now; still behind anything due earlier
+        """Make the earliest held message of ``src`` due now (it stays ahead of its sender's later ones); it no
+        longer counts against its sender's bound."""
+        i = min((k for k, e in enumerate(self._heap) if e[2] == src and e[4] >= 0), key=lambda k: self._heap[k][:2])
+        due, n, _, item, nbytes = self._heap[i]
+        self._heap[i] = (min(due, now), n, src, item, -1)  # -1: released, already forgotten
         heapq.heapify(self._heap)
+        held = self._held[src]
+        held[1] -= 1
+        held[2] -= nbytes
         self.cut_short += 1

@@ -133,7 +133,6 @@ class _Link:
         self.queue: deque[_Item] = deque()
         self.free_at = 0.0
         self.last_deliver = 0.0
-        self.last_stamp = 0.0
         self.outstanding = 0            # queued or being handed to zmq
         self.hellos_outstanding = 0
         self.hello_ok_inc: int | None = None   # incarnation of the last hello zmq accepted
@@ -170,9 +169,8 @@ class _Link:
                     deliver += self.rng.uniform(-self.jitter, self.jitter)
                 deliver = max(deliver, t_tx, self.last_deliver)
                 self.last_deliver = deliver
-                # the receiver holds it till then; in order: the two clocks' offset wobbles by microseconds
-                self.last_stamp = max(time.time() + (deliver - now), self.last_stamp)
-                frames = [stamp_frame(self.last_stamp), *frames]
+                # the receiver holds it till then (and never lets it overtake the messages before it)
+                frames = [stamp_frame(time.time() + (deliver - now)), *frames]
             # Fast path: due to go out now and nothing ahead of it. The caller hands it to zmq itself: waking the
             # sender thread for it cost ~0.5 ms a message (GIL hand-off; benchmarks/wire_throughput.py).
             direct = send_at <= now and not self.outstanding and self.sock is not None

@@ -13,10 +13,12 @@ Threads.  ZeroMQ sockets are not thread-safe, so:
   ``send`` only appends to the link's queue, so it never blocks the caller.
 
 Link emulation.  The kernel has no netem, so each link models a pipe of rate R (bytes/s) and
-one-way latency L exactly: a message of S bytes (all frames) finishes transmission at
-``t_tx = max(now, link_free_at) + S/R`` (``link_free_at = t_tx``) and is handed to ZeroMQ at
+one-way latency L exactly: a message of S bytes (all frames) starts transmission at
+``t_0 = max(now, link_free_at)``, finishes at ``t_tx = t_0 + S/R`` (``link_free_at = t_tx``) and is due at
 ``t_tx + L + jitter``, jitter ~ U[-J, J] from a seeded RNG, clamped so that delivery order is
-preserved (TCP does not reorder) and no message is delivered before it was transmitted.
+preserved (TCP does not reorder) and no message is delivered before it was transmitted.  The sender hands it to
+ZeroMQ at ``t_0`` with a stamp frame naming its due time; the receiver's delay line (delay_line.py) holds it until
+then, so the hosts' own copying overlaps the emulated transmission (PROTOCOL.md §4.5).
 
 Failures.  A send that cannot be handed to ZeroMQ within ``send_timeout_s`` (peer down:
 ``IMMEDIATE=1`` refuses to queue; or its high-water mark stays full) is dropped and counted in
@@ -186,6 +188,7 @@ def _bind_address(endpoint: str) -> str:
 
 
 MAX_PENDING_DURING_BARRIER = 64  # messages kept for recv() while the hello barrier runs
+MAX_DRAIN_AT_DEADLINE = 64      # recv at its deadline reads on while the delay line takes what it reads (held ones)
 
 
 class Transport:
@@ -260,7 +263,7 @@ class Transport:
         self._router: zmq.Socket | None = None
         self.bound_endpoint: str | None = None
         self._pending: deque[tuple[int | None, list]] = deque()
-        self._delay = DelayLine()       # neighbours' messages from emulated links, until their due time
+        self._delay = DelayLine()       # neighbours' messages from emulated links, until their due time (monotonic)
         self.bad_stamps = 0             # stamp frames without a finite time (delay_line.py)
         self._answered: dict[tuple[int, int], float] = {}  # (neighbour, inc) -> when we last answered its hello
         self._inc = 0
@@ -562,34 +565,42 @@ class Transport:
         one read now. None after ``timeout_s`` (None: wait forever)."""
         deadline = None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
         while True:
-            r = self._delay.pop_due(time.time())
+            now = time.monotonic()
+            r = self._delay.pop_due(now)
             if r is not None:
                 return r
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if deadline is not None and now >= deadline:
+                # what zmq already has may be due now, queued behind a message the delay line just took
+                for _ in range(MAX_DRAIN_AT_DEADLINE):
+                    read, r = self._read(0.0)
+                    if r is not None or not read:
+                        return r if r is not None else self._delay.pop_due(time.monotonic())
+                return self._delay.pop_due(time.monotonic())
+            wait = None if deadline is None else deadline - now
             nxt = self._delay.next_due()
             if nxt is not None:
-                until = max(0.0, nxt - time.time())
-                wait = until if wait is None else min(wait, until)
-            got = self._read(wait)
-            if got is not None:
-                return got
-            if deadline is not None and time.monotonic() >= deadline:
-                return self._delay.pop_due(time.time())
+                wait = nxt - now if wait is None else min(wait, nxt - now)
+            _, r = self._read(wait)
+            if r is not None:
+                return r
 
-    def _read(self, wait_s: float | None) -> tuple[int | None, list] | None:
-        """Read one message if one comes within ``wait_s``; None also when it goes to the delay line."""
+    def _read(self, wait_s: float | None) -> tuple[bool, tuple[int | None, list] | None]:
+        """(whether a message was read within ``wait_s``, it, or None when the delay line took it)."""
         router = self._router
         assert router is not None
-        if wait_s is not None and wait_s < 1e-3:  # zmq polls in whole ms: sleep the last stretch instead
-            if not router.poll(0, zmq.POLLIN):
-                time.sleep(wait_s)
-                return None
+        if wait_s is not None and wait_s < 1e-3:  # zmq polls in whole ms: look every 0.1 ms for the last stretch
+            end = time.monotonic() + wait_s
+            while not router.poll(0, zmq.POLLIN):
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False, None
+                time.sleep(min(left, 1e-4))
         elif not router.poll(None if wait_s is None else int(wait_s * 1e3), zmq.POLLIN):
-            return None
+            return False, None
         try:
             parts = router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            return None
+            return False, None
         due, stamped, frames = split_stamp(parts[1:])
         if stamped and due is None:
             self.bad_stamps += 1  # a stamp whose time is no number: ignored, the message goes on at once
@@ -612,9 +623,13 @@ class Transport:
                 c.recv_header += hdr
                 c.recv_payload += pay
                 c.msgs_recv += 1
-        if due is not None and src in self._links and self._delay.hold(src, (src, frames), due, time.time()):
-            return None  # (only a neighbour's: anything else is dropped unread, so holding it would only cost memory)
-        return src, frames
+        if src in self._links:  # (only a neighbour's: anything else is dropped unread, so holding it would only cost
+            # memory) its stamp in this process's monotonic clock, so that a later step of the wall clock changes nothing
+            now = time.monotonic()
+            due_mono = None if due is None else now + (due - time.time())
+            if self._delay.hold(src, (src, frames), sum(len(f) for f in frames), due_mono, now):
+                return True, None
+        return True, (src, frames)
 
     def _authenticated_src(self, parts: list) -> int | None:
         """Secure mode: the peer owning the CURVE key the message came with (ZAP's User-Id), or None."""

@@ -246,7 +246,11 @@ def test_close_is_prompt_with_stuck_and_queued_messages(make):
              linger_ms=1000)
     b = make(1, eps, [0])
     assert len(link_threads()) == 3
-    a.send(1, [b"first" * 100])  # handed to zmq at once: its emulated transmission starts now and takes 40 s
+    a.send(1, [b"first" * 100])  # its emulated transmission starts now and takes 40 s: zmq gets it once connected
+    deadline = time.monotonic() + 5
+    while a.counters()[1].msgs_sent < 1:
+        assert time.monotonic() < deadline, "the link to peer 1 never came up"
+        time.sleep(0.01)
     # peer 2 is down: its message would wait up to 10 s for a connection;
     # peer 1's link is busy: its message is still in the emulation queue at close()
     a.send(2, [b"stuck", payload(1000, 0)])
