@@ -270,6 +270,7 @@ _RAW_TCP = r"""
 import socket, statistics, struct, sys, time
 mode, host, port, size, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 if mode == "server":  # prints the median one-way time: sent (the client's stamp) to fully received, one clock
+    # (CLOCK_MONOTONIC: network namespaces share it)
     ls = socket.socket()
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind((host, port))
@@ -285,16 +286,17 @@ if mode == "server":  # prints the median one-way time: sent (the client's stamp
             if not k:
                 sys.exit(1)
             got += k
-        ts.append(time.time() - struct.unpack(">d", data[:8])[0])
+        ts.append(time.monotonic() - struct.unpack(">d", data[:8])[0])
     print(statistics.median(ts[3:]), flush=True)
 else:
     start, period = float(sys.argv[6]), float(sys.argv[7])
     c = socket.create_connection((host, port))
-    buf = b"x" * size
+    buf = bytearray(8 + size)
     for k in range(n):
-        while time.time() < start + k * period:  # both directions on one grid: sent at the same moments
+        while time.monotonic() < start + k * period:  # both directions on one grid: sent at the same moments
             time.sleep(0.0005)
-        c.sendall(struct.pack(">d", time.time()) + buf)
+        struct.pack_into(">d", buf, 0, time.monotonic())
+        c.sendall(buf)
     time.sleep(1.0)
 """
 
@@ -304,24 +306,28 @@ def raw_tcp_goodput(lab: NetnsLab, size: int, both_ways: bool, rate_mbit: float,
     0 at the same moments, as the two peers of a ring send their blocks), from the sender's stamp to the last byte
     read (both hosts share this machine's clock): what the link as it is now (shaped or not) gives, without ZeroMQ
     or a peer."""
-    # one clock for both namespaces: each message k leaves at start + k * period (60 ms idle after a transfer
-    # that takes ~S/R; 3 S/R leaves room for a slow one, so no sender falls behind the grid)
-    grid = [time.time() + 1.5, 0.06 + 3 * size * 8 / (rate_mbit * 1e6)]
     argv = [sys.executable, "-c", _RAW_TCP]
     pairs = [(0, 1), (1, 0)] if both_ways else [(0, 1)]
-    servers = [lab.popen(dst, [*argv, "server", lab.addr(dst), PORT + 1, size, n], stdout=subprocess.PIPE, text=True)
-               for _, dst in pairs]
+    servers = [lab.popen(dst, [*argv, "server", lab.addr(dst), PORT + 1, size, n], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True) for _, dst in pairs]
     try:
         for srv in servers:
             srv.stdout.readline()  # "ready": listening
+        # one clock for both namespaces: message k leaves at start + k * period, 60 ms + 1.5 S/R apart (a transfer
+        # takes ~S/R; the half S/R to spare keeps a slow one from pushing its sender off the grid)
+        grid = [time.monotonic() + 1.0, 0.06 + 1.5 * size * 8 / (rate_mbit * 1e6)]
         clients = [lab.popen(src, [*argv, "client", lab.addr(dst), PORT + 1, size, n, *grid], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for src, dst in pairs]
+        errs = [c.communicate(timeout=120)[1] for c in clients]  # they end ~1 s after their last message
         rates = []
-        for srv, c in zip(servers, clients):
-            out, _ = srv.communicate(timeout=120)
-            _, err = c.communicate(timeout=60)
+        for srv, c, err in zip(servers, clients, errs):
+            try:
+                out, srv_err = srv.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                out, srv_err = "", "the receiver was still waiting"
             if srv.returncode != 0 or c.returncode != 0:
-                raise NetnsError(f"raw TCP transfer failed: {err.strip()[-500:]}")
+                raise NetnsError(f"raw TCP transfer failed: sender: {err.strip()[-300:]}; "
+                                 f"receiver: {(srv_err or '').strip()[-300:]}")
             rates.append(size * 8 / float(out.split()[-1]) / 1e6)
         return statistics.median(rates)
     finally:
@@ -394,8 +400,8 @@ def report(res: dict, inner_steps: int, command: str) -> str:
               "the emulator's "
               "counts the message's bytes only.", "",
               f"Control, measured right after the runs: plain TCP (Python sockets, no ZeroMQ, no peer) moving S-byte "
-              "messages through the same tbf link (each timed from its send to its last byte read, 60 ms idle "
-              f"between them), gets **{res['raw_tcp']['one']:.1f} Mbit/s** one way and "
+              "messages through the same tbf link (each timed from its send to its last byte read, one every "
+              f"60 ms + 1.5 S/R), gets **{res['raw_tcp']['one']:.1f} Mbit/s** one way and "
               f"**{res['raw_tcp']['both']:.1f} Mbit/s** both ways at the same moments (as the two peers send their "
               "blocks to each other; each host's FIFO queue then holds its own data and the ACKs of the other direction). "
               f"Its gap to {rate:g} is the link itself: the headers (~{payload_max:.1f} Mbit/s of payload) and, "

@@ -260,6 +260,7 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     evaluated: tuple[int, dict] = (-1, {})  # (activation, metrics) of the latest evaluation
     for a in range(first, len(acts)):
         rnd, blk = acts[a]
+        flight = res = mixed = None  # the previous block's buffers go before the switch trims the heap
         trainer.activate(blk)
         gossip.begin_activation(rnd, blk)
         for step in range(first_step if a == first else 0, cfg.inner_steps):

@@ -102,6 +102,7 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
     attacks = {i: a for i in topo.nodes if (a := make_attack(cfg, i, topo.weight_row(i))) is not None}
     evaluated, evaluated_at = {}, -1  # the latest periodic evaluation (with logs) and its activation
     for a, (rnd, blk) in enumerate(schedule.activations()):
+        sent = blocks = mixed = None  # the previous block's buffers go before the switch trims the heap
         for i, t in trainers.items():
             t.activate(blk)
             copies[i].reset()

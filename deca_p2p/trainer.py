@@ -181,8 +181,9 @@ class PeerTrainer:
         if self.active is not None:
             self.active.release()
             self.active = self.opt = None  # the previous block's optimizer state goes now, and its pages back to the
-            malloc_trim()  # OS: glibc keeps freed chunks under its (growing) mmap threshold, which raised every
-            # later activation's peak by the earlier ones' (benchmarks/results/memory.md)
+            if self.privacy is not None:   # OS: glibc keeps freed chunks under its (growing) mmap threshold, which
+                self.privacy.ref = None    # raised every later activation's peak by the earlier ones'
+            malloc_trim()                  # (benchmarks/results/memory.md)
         self.active = ActiveBlock(self.model, self.blocks[block])
         c = self.cfg
         self.opt = make_optimizer(c.algo, self.active.params, c.lr, alphas=c.alphas, betas=c.betas, eps=c.eps,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import zmq
 
 from .heap import malloc_trim  # noqa: F401  (transport.py trims after floods from non-neighbours)

@@ -232,4 +232,3 @@ def test_peer_whose_only_neighbour_dies_says_it_is_alone(model, tmp_path):
     assert alone[0] is False and alone[-1] is True
     final = [r for r in recs if r["event"] == "final"][0]
     assert final["alone_exchanges"] == sum(alone) > 0
-
