@@ -176,8 +176,10 @@ class PeerTrainer:
         return 4 * max(sum(named[n].numel() for n in b.param_names) for b in self.blocks)
 
     def activate(self, block: int) -> None:
-        if self.active is not None and self.active.block.index == block:
-            return  # a single whole-model block keeps its optimizer state across rounds
+        if self.active is not None and self.active.block.index == block and len(self.blocks) == 1:
+            return  # a single whole-model block keeps its optimizer state across rounds; with several blocks, a
+            # block activated twice in a row (random order, across a round boundary) starts fresh, as any other
+            # activation does and as a peer resumed between the two would
         if self.active is not None:
             self.active.release()
             self.active = self.opt = None  # the previous block's optimizer state goes now, and its pages back to the

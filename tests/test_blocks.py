@@ -138,7 +138,7 @@ def test_layers_per_block_groups_consecutive_layers(deca_cache):
     assert sorted(n for b in two for n in b.param_names) == sorted(n for b in one for n in b.param_names)
 
 
-def _peer_trainer():
+def _peer_trainer(**overrides):
     import random
 
     from deca_p2p.config import make_config
@@ -150,14 +150,14 @@ def _peer_trainer():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**DEFAULT_MODEL_CONFIG, "hidden_size": 32, "intermediate_size": 64,
                                             "num_hidden_layers": 2}))
-    cfg = make_config(None, {"batch_size": 4, "rounds": 1, "inner_steps": 2})
+    cfg = make_config(None, {"batch_size": 4, "rounds": 1, "inner_steps": 2, **overrides})
     examples = make_task_examples("rev", 16, random.Random(0))
     return PeerTrainer(model, Batcher(examples, _build_tokenizer(), 4, 0, 32), cfg)
 
 
 def test_a_block_switch_frees_the_previous_blocks_state_and_trims_the_heap(monkeypatch):
     """The previous block's optimizer state is gone before the heap is trimmed (else the trim could not hand its
-    pages back: benchmarks/results/memory.md), and the trim runs once per switch, not per step."""
+    pages back: benchmarks/results/memory.md), and the trim runs once per activation, not per step."""
     import weakref
 
     import deca_p2p.trainer as trainer_mod
@@ -169,6 +169,16 @@ def test_a_block_switch_frees_the_previous_blocks_state_and_trims_the_heap(monke
     alive_at_trim = []
     monkeypatch.setattr(trainer_mod, "malloc_trim", lambda: alive_at_trim.append(old() is not None))
     t.local_step()
-    t.activate(0)                # the same block: nothing to free
     t.activate(1)
     assert alive_at_trim == [False] and old() is None
+    # the same block again (random order across a round boundary): a fresh activation, as for a resumed peer
+    t.local_step()
+    again = weakref.ref(t.opt)
+    t.activate(1)
+    assert alive_at_trim == [False, False] and again() is None
+    # decentralized Adam's one whole-model block keeps its state from round to round
+    whole = _peer_trainer(algo="dadam")
+    whole.activate(0)
+    opt = whole.opt
+    whole.activate(0)
+    assert whole.opt is opt and len(whole.blocks) == 1
