@@ -67,7 +67,8 @@ from .link import (LinkCounters, LinkSpec, MAX_QUEUED_BYTES, MAX_QUEUED_DATA, _a
                    _Link, _link_params, _nbytes)
 from .transport_base import (HELLO_INTERVAL_S, RCVHWM, RECONNECT_IVL_MAX_MS, RECONNECT_IVL_MS,  # noqa: F401
                              SNDHWM, TRIM_AFTER_UNWANTED_BYTES, TransportError, _POLL_SLICE_S, _wire,
-                             _zmq_reason, malloc_trim)
+                             _zmq_reason)
+from .heap import malloc_trim
 
 REANSWER_S = 1.0                # a repeated hello of the same (neighbour, inc) is answered again at most this often
 
@@ -573,8 +574,10 @@ class Transport:
                 # what zmq already has may be due now, queued behind a message the delay line just took
                 for _ in range(MAX_DRAIN_AT_DEADLINE):
                     read, r = self._read(0.0)
-                    if r is not None or not read:
-                        return r if r is not None else self._delay.pop_due(time.monotonic())
+                    if r is not None:
+                        return r
+                    if not read:
+                        break
                 return self._delay.pop_due(time.monotonic())
             wait = None if deadline is None else deadline - now
             nxt = self._delay.next_due()
@@ -605,8 +608,10 @@ class Transport:
         if stamped and due is None:
             self.bad_stamps += 1  # a stamp whose time is no number: ignored, the message goes on at once
         src = _parse_src(parts[0].bytes) if self.curve is None else self._authenticated_src(parts)
+        hdr = len(frames[0]) if frames else 0
+        nbytes = sum(len(f) for f in frames)
         if src not in self._links:  # gossip drops it unread: hand the freed frames' pages back now and then
-            self._unwanted_bytes += sum(len(f) for f in frames)  # (TRIM_AFTER_UNWANTED_BYTES says why)
+            self._unwanted_bytes += nbytes  # (TRIM_AFTER_UNWANTED_BYTES says why)
             if self._unwanted_bytes >= TRIM_AFTER_UNWANTED_BYTES:
                 self._unwanted_bytes = 0
                 malloc_trim()
@@ -614,20 +619,18 @@ class Transport:
             with self._ctr_lock:
                 self.unknown_msgs_recv += 1
         else:
-            hdr = len(frames[0]) if frames else 0
-            pay = sum(len(f) for f in frames[1:])
             with self._ctr_lock:
                 c = self._counters.get(src)
                 if c is None:
                     c = self._counters[src] = LinkCounters()
                 c.recv_header += hdr
-                c.recv_payload += pay
+                c.recv_payload += nbytes - hdr
                 c.msgs_recv += 1
         if src in self._links:  # (only a neighbour's: anything else is dropped unread, so holding it would only cost
             # memory) its stamp in this process's monotonic clock, so that a later step of the wall clock changes nothing
             now = time.monotonic()
             due_mono = None if due is None else now + (due - time.time())
-            if self._delay.hold(src, (src, frames), sum(len(f) for f in frames), due_mono, now):
+            if self._delay.hold(src, (src, frames), nbytes, due_mono, now):
                 return True, None
         return True, (src, frames)
 

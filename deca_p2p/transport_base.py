@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import zmq
 
-from .heap import malloc_trim  # noqa: F401  (transport.py trims after floods from non-neighbours)
-
 HELLO_INTERVAL_S = 0.2          # barrier: re-send hellos to unfinished neighbours this often
 SNDHWM = 4                      # DEALER send high-water mark (messages)
 RCVHWM = 1000                   # ROUTER receive high-water mark per connection (messages)

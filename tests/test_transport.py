@@ -327,7 +327,7 @@ def test_non_neighbours_get_no_counters_and_trim_the_heap(make, monkeypatch):
     """Issue 11: gossip drops what non-neighbours send unread; the ROUTER hands the pages of those freed frames back
     (malloc_trim) after every TRIM_AFTER_UNWANTED_BYTES, and a made-up peer-<n> gets no counters of its own."""
     import deca_p2p.transport as transport_mod
-    from deca_p2p.transport_base import malloc_trim
+    from deca_p2p.heap import malloc_trim
 
     malloc_trim()  # the real one: glibc's, or a no-op
     trims = []
