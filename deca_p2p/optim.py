@@ -17,6 +17,23 @@ from typing import Iterable, Sequence
 import torch
 
 DISCREPANCIES = ("paper", "qg", "consensus", "none")
+# elements per float64 temporary where a norm or a distance is summed in float64 (here and in robust.py): a
+# whole-tensor copy would cost 8-16 B per element of the largest tensor at the peak (Llama-3-8B's embeddings: 4-8 GB)
+F64_CHUNK = 1 << 20
+
+
+def f64_sum(t: torch.Tensor, ref: torch.Tensor | None = None, *, square: bool = True) -> float:
+    """Σ (t − ref)² (or Σ t with square=False) in float64, F64_CHUNK elements at a time; the difference is taken in
+    t's dtype, as `t - ref` would be. On a GPU the partial sums stay on the device: one synchronisation per tensor."""
+    flat = t.detach().reshape(-1)
+    rflat = None if ref is None else ref.detach().reshape(-1)
+    total = None
+    for lo in range(0, flat.numel(), F64_CHUNK):
+        piece = flat[lo:lo + F64_CHUNK] if rflat is None else flat[lo:lo + F64_CHUNK] - rflat[lo:lo + F64_CHUNK]
+        c = piece.to(torch.float64, copy=True)
+        part = (c.pow_(2) if square else c).sum()
+        total = part if total is None else total + part
+    return 0.0 if total is None else float(total)
 
 
 class GossipOptimizer:
@@ -66,8 +83,8 @@ class GossipOptimizer:
                     p.mul_(1.0 - self.lr * self.weight_decay)
 
     def _grad_norm(self) -> float:
-        sq = sum(float(p.grad.double().pow(2).sum()) for p in self.params if p.grad is not None)
-        return math.sqrt(sq)
+        """‖g‖ over the block, summed in float64 a chunk at a time (a statistic for the log; clipping is torch's)."""
+        return math.sqrt(sum(f64_sum(p.grad) for p in self.params if p.grad is not None))
 
 
 class DSGD(GossipOptimizer):
@@ -149,7 +166,7 @@ class DECA(GossipOptimizer):
                 h = (ref - p).div_(self.lr) if self.lr else torch.zeros_like(p)
             else:
                 h = p - before
-            h_sq += float(h.double().pow(2).sum())
+            h_sq += f64_sum(h)
             if b1 != 1.0:
                 m.mul_(b1).add_(h, alpha=1.0 - b1)
             if b2 != 1.0:
@@ -157,8 +174,8 @@ class DECA(GossipOptimizer):
         self._before = None
         self.last_stats.update(
             h_norm=math.sqrt(h_sq),
-            m_norm=math.sqrt(sum(float(m.double().pow(2).sum()) for m in self.m)),
-            v_mean=float(sum(float(v.double().sum()) for v in self.v) / max(1, sum(v.numel() for v in self.v))),
+            m_norm=math.sqrt(sum(f64_sum(m) for m in self.m)),
+            v_mean=sum(f64_sum(v, square=False) for v in self.v) / max(1, sum(v.numel() for v in self.v)),
         )
 
 

@@ -36,7 +36,8 @@ What the model mirrors in the code (and where it is approximate):
   local step and mix, the float32 mix accumulator, which is the result (20 B, +4 B master, +4 B for the previous
   step's result a peer still holds); what the exchange holds (`raw`: the snapshot sent and the neighbours' blocks
   until the mix, 4 + 4 x degree B; lossy codecs: own public copy, outgoing delta and one public copy per neighbour,
-  8 + 4 x degree B; in host memory); float64 temporaries of the largest tensor; in backward, the
+  8 + 4 x degree B; in host memory); float64 temporaries of at most F64_CHUNK elements (norms and distances are
+  summed a chunk at a time) and, at the mix, one tensor's discrepancy in the working dtype; in backward, the
   activations (saved tensors per layer and token, the logits with their float32 loss copy and gradient). The peak
   is the largest of the phases (see `memory`). On a GPU the device holds the model, the optimizer state, the mix
   and the activations; the public copies live in host memory.
@@ -94,6 +95,7 @@ def step_flops(a: Arch, method: str, block: BlockCost, tokens: int, seq: int, *,
 
 
 OPT_BYTES_PER_PARAM = 64     # Adam step: grad, m, v, p read/written, θ_r clone, float64 gradient norm temporaries
+F64_CHUNK = 1 << 20          # = optim.F64_CHUNK (a test checks; this module stays free of torch)
 # bytes touched per active parameter and exchange: encode + apply, and per mixed source (self + each; the float32
 # accumulator: read the source, read and write the sum; a neighbour's block is also scanned for NaN/Inf once).
 # raw sends θ½ whole (a snapshot: read + write); a lossy codec's delta reads θ½ and θ̂, writes the delta, adds the
@@ -201,9 +203,11 @@ def memory(a: Arch, method: str, blocks: list[BlockCost], degree: int, tokens: i
     (see the module doc). Per active parameter, with m = 4 B for a float32 master copy (working dtype not float32):
 
     * backward:     m + m, v (8) + the working-dtype gradient + the activations;
-    * gradient norm (start of the Adam step): m + float32 gradient (4) + m, v (8) + 16 B x the largest tensor;
+    * gradient norm (start of the Adam step): m + float32 gradient (4) + m, v (8) + one float64 chunk (8 B x
+                    F64_CHUNK elements, or the largest tensor when smaller);
     * mix:          m + gradient (4) + m, v (8) + θ_r (4) + the float32 accumulator, which is the result (4)
-                    + 8 B x the largest tensor (a neighbour's tensor moved to the device, its distance in float64).
+                    + the discrepancy of the largest tensor in the working dtype + one float64 chunk (the
+                    distances to the neighbours, the moments' statistics).
 
     A real peer (`peer.py`) still holds the previous step's mixed result (4 B) in every phase
     (`holds_previous_mix`; `benchmarks/memory.py` drops it). On a CPU the activations count in every phase (freed
@@ -231,9 +235,10 @@ def memory(a: Arch, method: str, blocks: list[BlockCost], degree: int, tokens: i
         # on a CPU the activations' memory stays with glibc's allocator after backward (RSS does not fall), so the
         # later phases add to it; a GPU's caching allocator reuses it (max_memory_allocated counts live tensors)
         kept = 0 if on_gpu else act
+        chunk = 8 * min(b.largest, F64_CHUNK)  # a float64 temporary (optim.f64_sum, robust.sq_distance)
         phases = {"backward": (master + 8 + prev + (wd if master else 0)) * b.params + act,
-                  "gradient norm": (master + 4 + 8 + prev) * b.params + 16 * b.largest + kept,
-                  "mix": (master + 20 + prev) * b.params + 8 * b.largest + kept}
+                  "gradient norm": (master + 4 + 8 + prev) * b.params + chunk + kept,
+                  "mix": (master + 20 + prev) * b.params + wd * b.largest + chunk + kept}
         phase = max(phases, key=phases.get)
         # raw: the snapshot in flight + the neighbours' blocks until the mix; lossy: own public copy, outgoing delta,
         # neighbours' copies (none without a neighbour: nothing is exchanged)

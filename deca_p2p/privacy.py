@@ -35,6 +35,8 @@ from typing import Sequence
 
 import torch
 
+from .optim import f64_sum
+
 PUBLIC_STATS = ("lr", "dp_epsilon", "dp_releases")  # what a block message may still carry with DP on
 
 
@@ -44,7 +46,7 @@ def clip_and_noise(params: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], 
     """In place: params <- ref + clip(params − ref, clip) + N(0, (noise · clip)²). Returns (‖params − ref‖ before
     clipping, whether it was clipped). A change within the radius is left as it is (not recomputed as ref + change,
     which would round), so noise = 0 and a radius never reached change nothing, bit for bit."""
-    norm = math.sqrt(sum(float((p - r).double().pow(2).sum()) for p, r in zip(params, ref)))
+    norm = math.sqrt(sum(f64_sum(p, r) for p, r in zip(params, ref)))  # no tensor-sized float64 copy
     clipped = norm > clip
     if clipped:
         scale = clip / norm

@@ -92,7 +92,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .optim import MixAccumulator, self_weight
+from .optim import F64_CHUNK, MixAccumulator, self_weight
 
 ROBUST_MODES = ("none", "clip", "trim")
 TAU_WINDOW = 8      # exchanges of the current activation whose neighbour distances set the automatic τ
@@ -113,7 +113,8 @@ def _f64(t: torch.Tensor, device) -> torch.Tensor:
 
 
 def sq_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor] | None = None) -> float:
-    """‖a − b‖² (or ‖a‖²) over a whole block, in float64 on b's device, one tensor at a time (no block-sized copy).
+    """‖a − b‖² (or ‖a‖²) over a whole block, in float64 on b's device, F64_CHUNK elements at a time (no block- or
+    tensor-sized copy: the float64 temporary stays 8 MiB however large the embeddings are).
 
     On the CPU the sum is numpy's pairwise sum: single-threaded, so it does not depend on torch's thread count
     (a peer and `simulate` may run with different ones) and stays bit-identical between them.
@@ -121,15 +122,23 @@ def sq_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor] | None = No
     total = 0.0
     for k, x in enumerate(a):
         y = None if b is None else b[k]
-        d = _f64(x, x.device if y is None else y.device)
-        if y is not None:
-            d.sub_(y.detach())  # y is widened element by element, exactly: as a float64 copy of it would be, one pass less
-        if d.device.type == "cpu":
-            arr = d.numpy().reshape(-1)
-            np.square(arr, out=arr)
-            total += float(arr.sum())
-        else:
-            total += float(d.pow_(2).sum())
+        dev = x.device if y is None else y.device
+        xs = x.detach().reshape(-1)
+        ys = None if y is None else y.detach().reshape(-1)
+        on_device = None  # a GPU's partial sums stay there: one synchronisation per tensor, not per chunk
+        for lo in range(0, xs.numel(), F64_CHUNK):
+            d = _f64(xs[lo:lo + F64_CHUNK], dev)
+            if ys is not None:
+                d.sub_(ys[lo:lo + F64_CHUNK])  # widened element by element, exactly: as a float64 copy would be
+            if d.device.type == "cpu":
+                arr = d.numpy()
+                np.square(arr, out=arr)
+                total += float(arr.sum())
+            else:
+                part = d.pow_(2).sum()
+                on_device = part if on_device is None else on_device + part
+        if on_device is not None:
+            total += float(on_device)
     return total
 
 

@@ -149,3 +149,37 @@ def test_consensus_reading_by_hand():
     assert o.last_stats["h_norm"] == pytest.approx(float(h.norm()), rel=1e-6)
     with pytest.raises(ValueError, match="divides by the learning rate"):
         DECA([torch.zeros(1)], 0.0, discrepancy="consensus")
+
+
+def _largest_allocation(fn) -> int:
+    """Bytes of the largest single CPU allocation `fn` makes (torch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+def test_float64_sums_are_chunked_and_agree_with_the_whole_tensor_formulas():
+    from deca_p2p import robust
+    from deca_p2p.optim import F64_CHUNK, f64_sum
+    from deca_p2p.privacy import clip_and_noise
+
+    g = torch.Generator().manual_seed(0)
+    t, r = (torch.randn(3 * F64_CHUNK + 7, generator=g) for _ in range(2))
+    assert f64_sum(t) == pytest.approx(float(t.double().pow(2).sum()), rel=1e-12)
+    assert f64_sum(t, r) == pytest.approx(float((t - r).double().pow(2).sum()), rel=1e-12)
+    assert f64_sum(t, square=False) == pytest.approx(float(t.double().sum()), rel=1e-9)
+    assert f64_sum(torch.empty(0)) == 0.0
+    bound = 8 * F64_CHUNK  # one float64 chunk, never a tensor-sized float64 copy (3 x that here)
+    assert _largest_allocation(lambda: float(t.double().pow(2).sum())) > bound  # the check can fail
+    assert _largest_allocation(lambda: f64_sum(t, r)) <= bound
+    assert _largest_allocation(lambda: robust.sq_distance([t], [r])) <= bound
+    p = torch.nn.Parameter(t.clone())
+    p.grad = r.clone()
+    opt = DECA([p], lr=1e-3)
+    assert _largest_allocation(opt.local_step) <= 4 * t.numel() + 64  # Adam's own float32 temporaries at most
+    assert opt.last_stats["grad_norm"] == pytest.approx(float(r.double().norm()), rel=1e-12)
+    assert _largest_allocation(lambda: opt.mix([p.detach().clone()])) <= 4 * t.numel() + 64
+    q = t.clone() + 1e-3
+    assert _largest_allocation(lambda: clip_and_noise([q], [t], 1e9, 0.0, g)) <= 4 * t.numel() + 64

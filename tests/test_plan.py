@@ -201,11 +201,13 @@ def test_memory_follows_the_code_s_bytes_per_parameter():
     assert lossy.device_bytes - m0.device_bytes == pytest.approx(16 * b)  # own copy, outgoing delta, 2 neighbours
     assert m0.parts["peak_phase"] == "mix"
     act = plan.activation_bytes(a, 1, a.layers, 4)  # layer.0 active: every layer's saved tensors (one token)
-    assert m0.device_bytes == pytest.approx(4 * plan.total_params(a) + 20 * b + 8 * blocks[0].largest + act)
+    big = blocks[0].largest
+    chunk = 8 * min(big, plan.F64_CHUNK)  # one float64 chunk; the largest tensor's discrepancy in the working dtype
+    assert m0.device_bytes == pytest.approx(4 * plan.total_params(a) + 20 * b + 4 * big + chunk + act)
     peer = plan.memory(a, "deca", blocks, 0, 1, "float32", False)
     assert peer.device_bytes - m0.device_bytes == pytest.approx(4 * b)  # a peer holds the previous mix too
     bf = plan.memory(a, "deca", blocks, 2, 1, "bfloat16", True)
-    assert bf.parts["phase_bytes"] == 28 * b + 8 * blocks[0].largest  # + fp32 master; the exchange on the host
+    assert bf.parts["phase_bytes"] == 28 * b + 2 * big + chunk  # + fp32 master; the exchange on the host
     assert bf.host_bytes == 12 * b and bf.device_bytes == 2 * plan.total_params(a) + bf.parts["phase_bytes"]
 
 
@@ -266,3 +268,9 @@ def test_cli_bad_topology_and_config(tmp_path):
     bad.write_text("{not json")
     p = _run("--model", bad, "--topology", RING8)
     assert p.returncode == 2 and "JSON" in p.stderr
+
+
+def test_the_plans_float64_chunk_is_the_codes():
+    from deca_p2p.optim import F64_CHUNK
+
+    assert plan.F64_CHUNK == F64_CHUNK
