@@ -147,7 +147,7 @@ class DECA(GossipOptimizer):
             m.mul_(a1).add_(g, alpha=1.0 - a1)
             v.mul_(a2).addcmul_(g, g, value=1.0 - a2)
             # Same operation order as torch.optim.Adam, so one peer without BMA matches it to rounding.
-            denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
+            denom = v.sqrt().div_(math.sqrt(bc2)).add_(self.eps)  # in place: one temporary, the same values
             p.addcdiv_(m, denom, value=-self.lr / bc1)
         self.step_count = t
 
