@@ -7,7 +7,9 @@ with `--run-dir` (metrics, and so the same periodic evaluations every peer of th
 (simulate wall / cores) / cluster wall: 1.0 would mean the 8 processes use every core all the time with no overhead
 over the one-process reference. Also per peer, from the metrics (`cpu_s`: the process's CPU seconds at each record;
 `compute_cpu_s`: the step's own thread CPU): compute wall and CPU, waiting, the other CPU of the training span
-(exchange, mix, evaluations, checkpoints, logging), and the wall before the first and after the last step.
+(exchange, mix, evaluations, checkpoints, logging), and the wall before the first and after the last step. And where
+the CPU goes: every process's CPU (getrusage of the children), and per peer by part of the loop (`cpu_parts` in the
+final records, deca_p2p/cpu_parts.py), the cluster's peers against simulate's.
 
     .venv/bin/python benchmarks/cluster_efficiency.py [--rounds N]
 
@@ -21,6 +23,7 @@ import json
 import os
 import shutil
 import statistics
+import resource
 import subprocess
 import sys
 import tempfile
@@ -30,19 +33,36 @@ from pathlib import Path
 from common import RESULTS, ROOT, machine_facts
 
 from deca_p2p.bootstrap import free_base_port
+from deca_p2p.cpu_parts import PARTS
 from deca_p2p.metrics import read_metrics
 
 TOPO = ROOT / "topologies" / "ring8.json"
 RUNS = RESULTS / "cluster_efficiency_runs.jsonl"
 
 
-def timed(cmd: list[str]) -> float:
-    t0 = time.perf_counter()
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall s, CPU s of the command and every process under it: the peers are reaped by the fork server, it by
+    the command, the command by us, so RUSAGE_CHILDREN holds them all)."""
+    r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return wall
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
+def cpu_parts(run_dir: Path) -> dict[str, float]:
+    """Mean per peer of the final record's CPU by part (cpu_parts.py), and for a peer process its main thread's
+    CPU outside those parts and its other threads' (ZeroMQ's I/O thread, the link senders)."""
+    finals = [next(r for r in reversed(recs) if r.get("event") == "final") for recs in read_metrics(run_dir).values()]
+    names = list(dict.fromkeys(k for f in finals for k in f.get("cpu_parts", {})))
+    out = {k: statistics.mean(f["cpu_parts"].get(k, 0.0) for f in finals) for k in names}
+    if all("cpu_main_s" in f for f in finals):
+        out["main thread, outside these (start-up, bye)"] = statistics.mean(
+            f["cpu_main_s"] - sum(f["cpu_parts"].values()) for f in finals)
+        out["other threads (ZeroMQ I/O, link senders)"] = statistics.mean(
+            f["cpu_process_s"] - f["cpu_main_s"] for f in finals)
+    return out
 
 
 def per_peer(run_dir: Path, t_launch: float, t_end: float) -> dict:
@@ -59,11 +79,42 @@ def per_peer(run_dir: Path, t_launch: float, t_end: float) -> dict:
     return {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
 
 
+def parts_table(rows: dict, sim_cpu: float, sim_parts: dict[str, float], n: int, cores: int) -> list[str]:
+    """Where the CPU goes, per peer: simulate --run-dir against each cluster run, by part (cpu_parts.py)."""
+    names = sorted({*sim_parts, *(k for r in rows.values() for k in r["parts"])},
+                   key=lambda k: (PARTS.index(k) if k in PARTS else len(PARTS), k))
+    L = ["## Where the CPU goes", "",
+         f"CPU seconds of every process of the command (`getrusage`, children): simulate --run-dir {sim_cpu:.1f} s; "
+         + "; ".join(f"{name} {r['cpu']:.1f} s (x{r['cpu'] / sim_cpu:.2f}; the cores were idle "
+                     f"{100 * max(0.0, 1 - r['cpu'] / (r['wall'] * cores)):.0f}% of its wall)" for name, r in rows.items())
+         + ". Per peer, by part: each peer's own thread CPU in each part of its loop (`cpu_parts` in its final "
+         "metrics record; simulate times its peers' parts the same way), means over the peers:", "",
+         "| part | simulate --run-dir | " + " | ".join(f"`{k}`" for k in rows) + " | " +
+         " | ".join(f"`{k}` - simulate" for k in rows) + " |",
+         "|---|---:|" + "---:|" * (2 * len(rows))]
+
+    def line(label: str, sim: float | None, vals: list[float]) -> str:
+        cell = "" if sim is None else f"{sim:.2f}"
+        return (f"| {label} | {cell} | " + " | ".join(f"{v:.2f}" for v in vals) + " | "
+                + " | ".join(f"{v - (sim or 0.0):+.2f}" for v in vals) + " |")
+
+    for k in names:
+        L.append(line(k, sim_parts.get(k, 0.0), [r["parts"].get(k, 0.0) for r in rows.values()]))
+    shared = [r["cpu"] / n - sum(r["parts"].values()) for r in rows.values()]
+    L.append(line("the command, the fork server, the averaging (a peer's share)", sim_cpu / n - sum(sim_parts.values()),
+                  shared))
+    L.append(line("**all**", sim_cpu / n, [r["cpu"] / n for r in rows.values()]))
+    L += ["", "simulate's last-but-one row is its start-up, the averaging and its report, shared by the "
+          f"{n} peers it runs.", ""]
+    return L
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, help="fewer rounds than the default (a quicker, rougher measurement)")
     a = ap.parse_args()
     cores = os.cpu_count() or 1
+    n_peers = len(json.loads(TOPO.read_text())["nodes"])
     extra = ["--rounds", str(a.rounds)] if a.rounds else []
     deca = [sys.executable, "-m", "deca_p2p.cli"]
     tmp = Path(tempfile.mkdtemp(prefix="cluster-eff-"))
@@ -72,20 +123,21 @@ def main() -> None:
     for name, flags in (("cluster", []), ("cluster --overlap", ["--overlap"])):
         run_dir = tmp / name.replace(" ", "_")
         t_launch = time.time()
-        wall = timed(deca + ["cluster", "--topology", str(TOPO), "--no-live", "--run-dir", str(run_dir),
-                             "--base-port", str(free_base_port(8)), *extra, *flags])
-        rows[name] = {"wall": wall, **per_peer(run_dir, t_launch, time.time())}
+        wall, cpu = timed(deca + ["cluster", "--topology", str(TOPO), "--no-live", "--run-dir", str(run_dir),
+                                  "--base-port", str(free_base_port(8)), *extra, *flags])
+        rows[name] = {"wall": wall, "cpu": cpu, "parts": cpu_parts(run_dir), **per_peer(run_dir, t_launch, time.time())}
         print(f"{name}: {wall:.1f} s", flush=True)
-    sims = {}
+    sims, sim_cpu = {}, {}
     for name, flags in (("simulate", []), ("simulate --run-dir", ["--run-dir", str(tmp / "sim")])):
-        sims[name] = timed(deca + ["simulate", "--topology", str(TOPO), "--threads", "1", *extra, *flags])
+        sims[name], sim_cpu[name] = timed(deca + ["simulate", "--topology", str(TOPO), "--threads", "1", *extra, *flags])
         print(f"{name}: {sims[name]:.1f} s", flush=True)
+    sim_parts = cpu_parts(tmp / "sim")
     shutil.rmtree(tmp, ignore_errors=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RUNS, "a") as f:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M"), "commit": commit, "rounds": a.rounds,
-                            "sims": sims, "rows": rows}) + "\n")
+                            "sims": sims, "sim_cpu": sim_cpu, "sim_parts": sim_parts, "rows": rows}) + "\n")
     same, bare = sims["simulate --run-dir"], sims["simulate"]
     cmd = ".venv/bin/python benchmarks/cluster_efficiency.py" + (f" --rounds {a.rounds}" if a.rounds else "")
     L = ["# make cluster against the ideal speed-up", "", f"Command: `{cmd}`  ", f"Machine: {machine_facts()}  ",
@@ -110,6 +162,7 @@ def main() -> None:
           "transport threads); *before first step*: from the command's start (imports, fork, load, initial "
           "evaluation, barrier); *after last step*: to the command's end (final evaluation, averaging, report). "
           "With `--overlap`, waiting is only what the gradient did not hide.", "",
+          *parts_table(rows, sim_cpu["simulate --run-dir"], sim_parts, n_peers, cores),
           f"## Every run in `{RUNS.name}` (efficiency at the same work; against plain simulate in brackets)", "",
           "| run | commit | rounds | simulate --run-dir s | simulate s | cluster s | cluster --overlap s | "
           "efficiency blocking | efficiency --overlap |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]

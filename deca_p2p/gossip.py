@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from . import wire
+from .cpu_parts import CpuParts
 from .robust import MixReport, RobustMixer, sq_distance
 from .sendbuf import SnapshotPool
 from .topology import Topology
@@ -101,6 +102,7 @@ class Gossip:
         self.position: int | None = None  # seq of the exchange in progress (or last done)
         self._t_exchange = 0.0
         self.encode_s = 0.0
+        self.cpu = CpuParts()  # this thread's CPU in send, receive (to the mix) and mix (cpu_parts.py)
         self.nonfinite_stats = 0  # own stats not sent because they were NaN/Inf (informational only: never fatal)
         self._cfg_noted: set[tuple[int, int]] = set()  # (neighbour, inc) refused for its configuration, said once
         self.robust = robust or RobustMixer(my_id, self.row, "none")  # the mixing rule (robust.py); none: plain
@@ -126,6 +128,7 @@ class Gossip:
              stats: dict[str, float] | None = None, *, keep: bool = False) -> InFlight:
         """The first half of an exchange: send our block; `collect` finishes it. keep=True (--overlap, where the
         caller changes its parameters in between): the mix uses a snapshot of `tensors` as they are now."""
+        cpu0 = time.thread_time()
         seq = self.schedule.seq(round_idx, block, step)
         self.position = seq
         t0 = time.perf_counter()
@@ -170,11 +173,13 @@ class Gossip:
             own = list(snap.values())
         else:  # an attacker's own mix reads its true block
             own = list(wire.snapshot(tensors).values())
+        self.cpu.add("send", time.thread_time() - cpu0)
         return InFlight(seq, t0, list(tensors), own, keep)
 
     @torch.no_grad()
     def collect(self, fl: InFlight) -> ExchangeResult:
         """The second half of an exchange: wait for the neighbours' blocks (or the timeout), mix."""
+        cpu0 = time.thread_time()
         seq, t0, own = fl.seq, fl.t0, fl.own
         t_wait = time.perf_counter() if fl.overlapped else t0
         arrived: dict[int, dict] = {}
@@ -203,6 +208,8 @@ class Gossip:
             if got is not None:
                 self._handle(*got, seq=seq, arrived=arrived)
         t_mix = time.perf_counter()
+        cpu_mix = time.thread_time()
+        self.cpu.add("receive", cpu_mix - cpu0)
         theirs = {j: [self.current[j][k] for k in fl.names] for j in sorted(arrived)}
         # neighbour-id order, self last, the self weight absorbing every missing neighbour (robust.py):
         # float sums do not depend on who arrived first
@@ -214,6 +221,7 @@ class Gossip:
             self.seen.update(self.current)
         self.current = {}  # the received frames go now: nothing per neighbour outlives the exchange
         t_end = time.perf_counter()
+        self.cpu.add("mix", time.thread_time() - cpu_mix)
         return ExchangeResult(mixed, sorted(arrived), [j for j in self.neighbours if j not in arrived],
                               t_end - t_wait, disagreement ** 0.5, arrived, t_end - t_mix, self.robust.last)
 

@@ -258,17 +258,20 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     last_stats: dict = {}  # --overlap sends a block before its step's numbers exist: the previous step's go with it
     alone_exchanges, was_alone = 0, False
     evaluated: tuple[int, dict] = (-1, {})  # (activation, metrics) of the latest evaluation
+    cpu = gossip.cpu  # this thread's CPU by part (cpu_parts.py): gossip times send, receive and mix
     for a in range(first, len(acts)):
         rnd, blk = acts[a]
         flight = res = mixed = None  # the previous block's buffers go before the switch trims the heap
-        trainer.activate(blk)
+        with cpu.part("activate"):
+            trainer.activate(blk)
         gossip.begin_activation(rnd, blk)
         for step in range(first_step if a == first else 0, cfg.inner_steps):
             exchanging = cfg.comm != "none" and sched.is_exchange(step)
             flight = None
             if exchanging and cfg.overlap:  # send θ now: its blocks travel while this step's gradient is computed
                 flight = gossip.send(rnd, blk, step, trainer.block(), last_stats, keep=True)
-            stats = trainer.local_step(sched.step_index(rnd, blk, step))
+            with cpu.part("step"):
+                stats = trainer.local_step(sched.step_index(rnd, blk, step))
             if cfg.slowdown > 1:  # a straggler on purpose
                 time.sleep((cfg.slowdown - 1) * stats["compute_s"])
             extra = {}
@@ -295,26 +298,31 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
                     was_alone = alone
             last_stats = stats
             t_apply = time.perf_counter()
-            stats.update(trainer.apply_mix(mixed))
+            with cpu.part("apply"):
+                stats.update(trainer.apply_mix(mixed))
             stats["apply_s"] = time.perf_counter() - t_apply  # the optimizer's mix step (BMA) and copy-back
-            sent, recv = _bytes(transport)
-            log.write("step", round=rnd, block=blk, step=step, istep=sched.step_index(rnd, blk, step),
-                      seq=sched.seq(rnd, blk, step), bytes_sent=sent, bytes_recv=recv,
-                      dropped=sum(gossip.dropped.values()), rejected_handshakes=transport.rejected_handshakes,
-                      **stats, **extra)
+            with cpu.part("log"):
+                sent, recv = _bytes(transport)
+                log.write("step", round=rnd, block=blk, step=step, istep=sched.step_index(rnd, blk, step),
+                          seq=sched.seq(rnd, blk, step), bytes_sent=sent, bytes_recv=recv,
+                          dropped=sum(gossip.dropped.values()), rejected_handshakes=transport.rejected_handshakes,
+                          **stats, **extra)
             if stop.is_set():
                 break
         peak_rss = max(peak_rss, proc.memory_info().rss)
         end_of_round = (a + 1) % sched.n_blocks == 0
         if stop.is_set() or end_of_round or (a + 1) % cfg.checkpoint_every == 0:
-            _checkpoint(trainer, inputs.tokenizer, ckpt_root, a, rnd, blk)  # before eval: a stop has a grace period
+            with cpu.part("checkpoint"):  # before eval: a stop has a grace period
+                _checkpoint(trainer, inputs.tokenizer, ckpt_root, a, rnd, blk)
         if stop.is_set():
             break
         if (end_of_round and not cfg.eval_every) or (cfg.eval_every and (a + 1) % cfg.eval_every == 0):
-            evaluated = (a, _evaluate(trainer, inputs))
+            with cpu.part("evaluate"):
+                evaluated = (a, _evaluate(trainer, inputs))
             log.write("eval", round=rnd, activation=a, **evaluated[1])
     # the model has not changed since an evaluation after the last activation: its numbers are the final ones
-    final = evaluated[1] if evaluated[0] == len(acts) - 1 else _evaluate(trainer, inputs)
+    with cpu.part("evaluate"):
+        final = evaluated[1] if evaluated[0] == len(acts) - 1 else _evaluate(trainer, inputs)
     gossip.finish(cfg.exchange_timeout_s)  # slower neighbours may still need our last block (and we said bye)
     sent, recv = _bytes(transport)
     cs = [c for c in transport.counters().values() if c.data_sent]
@@ -328,4 +336,6 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
               **transport.held_stamps(),
               send_failures=sum(c.send_failures for c in transport.counters().values()),
               nonfinite_stats=gossip.nonfinite_stats, **gossip.robust.final_record(),
+              # where its CPU went: by part (this thread), this thread in all, the process with its other threads
+              cpu_parts=cpu.record(), cpu_main_s=time.thread_time(), cpu_process_s=time.process_time(),
               **(trainer.privacy.final_record() if trainer.privacy is not None else {}), **final)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,7 @@ import torch
 
 from . import wire
 from .config import TrainConfig
+from .cpu_parts import CpuParts
 from .metrics import MetricsLog
 from .attacks import Attack, make_attack
 from .optim import overlap_correction
@@ -29,26 +31,31 @@ from .trainer import PeerTrainer
 
 def exchange_in_memory(topo: Topology, blocks: dict[int, dict[str, torch.Tensor]], copies: dict[int, wire.PublicCopy],
                        codec: str, full: bool, *, mixers: dict[int, RobustMixer] | None = None,
-                       attacks: dict[int, Attack] | None = None, seq: int | None = None) -> dict[int, list[torch.Tensor]]:
+                       attacks: dict[int, Attack] | None = None, seq: int | None = None,
+                       cpu: dict[int, CpuParts] | None = None) -> dict[int, list[torch.Tensor]]:
     """One gossip exchange: every peer publishes its block through its public copy; each mixes its neighbours'.
 
     `mixers`: each peer's mixing rule (robust.py; default: the plain mix). `attacks` (a test/benchmark hook):
     what those peers publish instead of their block, computed from the copies as they were before this exchange,
-    exactly as a real attacking peer sees them; `full` marks the first exchange of an activation.
+    exactly as a real attacking peer sees them; `full` marks the first exchange of an activation. `cpu`: each peer's
+    CPU by part, as a networked peer times it (publishing is its "send", mixing its "mix").
     """
+    cpu = cpu or defaultdict(CpuParts)
     published = dict(blocks)
     for i, attack in (attacks or {}).items():  # all before any copy moves: what a real peer knows at sending time
         published[i] = attack(blocks[i], {j: copies[j].tensors for j in topo.neighbors(i)}, seq, full)
     for i, tensors in published.items():
-        if wire.get_codec(codec).lossless:  # θ½ itself, whole (gossip.py); kept here only as the attacks' view
-            copies[i].tensors = wire.snapshot(tensors)
-        else:
-            copies[i].encode_block(tensors, src=i, codec=codec, full=full)
+        with cpu[i].part("send"):
+            if wire.get_codec(codec).lossless:  # θ½ itself, whole (gossip.py); kept here only as the attacks' view
+                copies[i].tensors = wire.snapshot(tensors)
+            else:
+                copies[i].encode_block(tensors, src=i, codec=codec, full=full)
     mixed = {}
     for i, own in blocks.items():
         mixer = (mixers or {}).get(i) or RobustMixer(i, topo.weight_row(i), "none")
-        mixed[i] = mixer.mix(list(own.values()), {j: [copies[j].tensors[k] for k in own] for j in topo.neighbors(i)},
-                             seq=seq)
+        with cpu[i].part("mix"):
+            mixed[i] = mixer.mix(list(own.values()), {j: [copies[j].tensors[k] for k in own] for j in topo.neighbors(i)},
+                                 seq=seq)
     return mixed
 
 
@@ -101,10 +108,12 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
     mixers = {i: make_mixer(cfg, i, topo.weight_row(i), log=say(i)) for i in topo.nodes}
     attacks = {i: a for i in topo.nodes if (a := make_attack(cfg, i, topo.weight_row(i))) is not None}
     evaluated, evaluated_at = {}, -1  # the latest periodic evaluation (with logs) and its activation
+    cpu = {i: CpuParts() for i in topo.nodes}  # each peer's CPU by part, timed as a peer process times its own
     for a, (rnd, blk) in enumerate(schedule.activations()):
         sent = blocks = mixed = None  # the previous block's buffers go before the switch trims the heap
         for i, t in trainers.items():
-            t.activate(blk)
+            with cpu[i].part("activate"):
+                t.activate(blk)
             copies[i].reset()
             mixers[i].begin_activation()
         first = True  # the first exchange of an activation carries whole blocks
@@ -113,8 +122,11 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
             if exchanging and cfg.overlap:  # θ goes out before the step; its mix lands on θ½ (peer.py, the same order)
                 sent = {i: wire.snapshot(t.block()) for i, t in trainers.items()}
                 mixed = exchange_in_memory(topo, sent, copies, cfg.codec, full=first, mixers=mixers,
-                                           attacks=attacks, seq=schedule.seq(rnd, blk, step))
-            stats = {i: t.local_step(schedule.step_index(rnd, blk, step)) for i, t in trainers.items()}
+                                           attacks=attacks, seq=schedule.seq(rnd, blk, step), cpu=cpu)
+            stats = {}
+            for i, t in trainers.items():
+                with cpu[i].part("step"):
+                    stats[i] = t.local_step(schedule.step_index(rnd, blk, step))
             blocks = {i: t.block() for i, t in trainers.items()}
             if not exchanging:
                 mixed = {i: [x.clone() for x in b.values()] for i, b in blocks.items()}
@@ -123,28 +135,35 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
                          for i in trainers}
             else:
                 mixed = exchange_in_memory(topo, blocks, copies, cfg.codec, full=first, mixers=mixers,
-                                           attacks=attacks, seq=schedule.seq(rnd, blk, step))
+                                           attacks=attacks, seq=schedule.seq(rnd, blk, step), cpu=cpu)
             if exchanging:
                 first = False
                 for i in trainers:
                     stats[i].update(mixers[i].record())
             for i, t in trainers.items():
-                stats[i].update(t.apply_mix(mixed[i]))
+                with cpu[i].part("apply"):
+                    stats[i].update(t.apply_mix(mixed[i]))
                 if i in logs:
-                    logs[i].write("step", round=rnd, block=blk, step=step, istep=schedule.step_index(rnd, blk, step),
-                                  seq=schedule.seq(rnd, blk, step), **stats[i])
+                    with cpu[i].part("log"):
+                        logs[i].write("step", round=rnd, block=blk, step=step,
+                                      istep=schedule.step_index(rnd, blk, step), seq=schedule.seq(rnd, blk, step),
+                                      **stats[i])
         if progress is not None:
             mean_loss = sum(s["loss"] for s in stats.values()) / len(stats)
             progress(f"round {rnd} block {blk}: mean train loss {mean_loss:.4f}")
         last_of_round = (a + 1) % schedule.n_blocks == 0
         if logs and ((last_of_round and not cfg.eval_every) or (cfg.eval_every and (a + 1) % cfg.eval_every == 0)):
             for i, t in trainers.items():
-                evaluated[i] = ev(t.model, i)
+                with cpu[i].part("evaluate"):
+                    evaluated[i] = ev(t.model, i)
                 logs[i].write("eval", round=rnd, activation=a, **evaluated[i])
             evaluated_at = a
     # as a peer does: an evaluation after the last activation gives the final numbers (the models did not change)
     last = len(schedule.activations()) - 1
-    per_peer = {i: evaluated[i] if evaluated_at == last else ev(t.model, i) for i, t in trainers.items()}
+    per_peer = {}
+    for i, t in trainers.items():
+        with cpu[i].part("evaluate"):
+            per_peer[i] = evaluated[i] if evaluated_at == last else ev(t.model, i)
     avg = average_models([t.export_model() for t in trainers.values()])  # declora: the mean of the merged models
     # the averaged model is scored on the common eval set, or on the union of the peers' own ones
     avg_eval = ev(avg, peer0) if common_eval else evaluate_run(
@@ -155,9 +174,11 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
                        {i: t.privacy.final_record() for i, t in trainers.items() if t.privacy is not None})
     if save:
         for i, t in trainers.items():
-            save_atomic(t.export_model(), lm.tokenizer, Path(run_dir) / f"peer-{i}" / "checkpoint", tag="final",
-                        extra_files=t.checkpoint_files())
+            with cpu[i].part("checkpoint"):
+                save_atomic(t.export_model(), lm.tokenizer, Path(run_dir) / f"peer-{i}" / "checkpoint", tag="final",
+                            extra_files=t.checkpoint_files())
     for i, log in logs.items():
-        log.write("final", **per_peer[i], **mixers[i].final_record(), **result.privacy.get(i, {}))
+        log.write("final", **per_peer[i], **mixers[i].final_record(), **result.privacy.get(i, {}),
+                  cpu_parts=cpu[i].record())
         log.close()
     return result

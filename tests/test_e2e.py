@@ -50,6 +50,12 @@ def test_network_reproduces_in_process_simulation(deca_cache, tmp_path, extra):
     # `start` leaves with os._exit once its files are closed: every metrics file is whole, ending with `final`
     for i in range(4):
         assert json.loads((run_dir / f"peer-{i}" / "metrics.jsonl").read_text().splitlines()[-1])["event"] == "final"
+    # where the CPU went (cpu_parts.py): every part of a training step was timed, within the thread's and process's CPU
+    fin = json.loads((run_dir / "peer-0" / "metrics.jsonl").read_text().splitlines()[-1])
+    parts = fin["cpu_parts"]
+    assert {"step", "send", "receive", "mix", "apply", "activate", "checkpoint", "evaluate", "log"} <= set(parts)
+    assert parts["step"] > 0 and parts["mix"] > 0 and parts["send"] > 0
+    assert sum(parts.values()) <= fin["cpu_main_s"] + 0.01 <= fin["cpu_process_s"] + 0.02
 
     worst = max_diff_to_simulation(run_dir, topo_path, cfg)
     assert worst <= 1e-6, worst
