@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,6 +37,8 @@ from deca_p2p.cpu_parts import PARTS
 from deca_p2p.metrics import read_metrics
 
 TOPO = ROOT / "topologies" / "ring8.json"
+UNTIMED = "main thread, untimed (start-up, bye, bookkeeping)"
+THREADS = "other threads (transport: ZeroMQ I/O, link senders, handshake monitor)"
 RUNS = RESULTS / "cluster_efficiency_runs.jsonl"
 
 
@@ -56,11 +58,10 @@ def cpu_parts(run_dir: Path) -> dict[str, float]:
     CPU outside those parts and its other threads' (ZeroMQ's I/O thread, the link senders)."""
     finals = [next(r for r in reversed(recs) if r.get("event") == "final") for recs in read_metrics(run_dir).values()]
     names = list(dict.fromkeys(k for f in finals for k in f.get("cpu_parts", {})))
-    out = {k: statistics.mean(f["cpu_parts"].get(k, 0.0) for f in finals) for k in names}
+    out = {k: statistics.mean(f.get("cpu_parts", {}).get(k, 0.0) for f in finals) for k in names}
     if all("cpu_main_s" in f for f in finals):
-        out["main thread, outside these (start-up, bye)"] = statistics.mean(
-            f["cpu_main_s"] - sum(f["cpu_parts"].values()) for f in finals)
-        out["other threads (ZeroMQ I/O, link senders)"] = statistics.mean(
+        out[UNTIMED] = statistics.mean(f["cpu_main_s"] - sum(f["cpu_parts"].values()) for f in finals)
+        out[THREADS] = statistics.mean(
             f["cpu_process_s"] - f["cpu_main_s"] for f in finals)
     return out
 
@@ -98,8 +99,9 @@ def parts_table(rows: dict, sim_cpu: float, sim_parts: dict[str, float], n: int,
         return (f"| {label} | {cell} | " + " | ".join(f"{v:.2f}" for v in vals) + " | "
                 + " | ".join(f"{v - (sim or 0.0):+.2f}" for v in vals) + " |")
 
-    for k in names:
-        L.append(line(k, sim_parts.get(k, 0.0), [r["parts"].get(k, 0.0) for r in rows.values()]))
+    for k in names:  # (simulate's own start-up and threads are in its shared row: no cell of its own here)
+        L.append(line(k, None if k in (UNTIMED, THREADS) else sim_parts.get(k, 0.0),
+                      [r["parts"].get(k, 0.0) for r in rows.values()]))
     shared = [r["cpu"] / n - sum(r["parts"].values()) for r in rows.values()]
     L.append(line("the command, the fork server, the averaging (a peer's share)", sim_cpu / n - sum(sim_parts.values()),
                   shared))

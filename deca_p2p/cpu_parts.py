@@ -3,8 +3,9 @@
 A peer (peer.py) and `simulate` (per simulated peer) time the same parts with the calling thread's CPU clock, so
 `benchmarks/cluster_efficiency.py` can put the two side by side: what the networked run adds (sending, receiving,
 checkpoints, the transport's threads) and what costs more in it (the same step on a shared core). Thread CPU, not
-wall time: a peer that waits for a core or for its neighbours is not charged for it. Two clock reads per part, a
-few parts per step: cheap enough to stay on in every run.
+wall time: a peer that waits for a core or for its neighbours is not charged for it (on a GPU, though, a thread
+that waits for the device in a CUDA synchronisation spins, and that counts). Two clock reads per part, a few parts
+per step: cheap enough to stay on in every run.
 """
 from __future__ import annotations
 

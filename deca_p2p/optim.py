@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 DISCREPANCIES = ("paper", "qg", "consensus", "none")
@@ -24,16 +25,24 @@ F64_CHUNK = 1 << 20
 
 def f64_sum(t: torch.Tensor, ref: torch.Tensor | None = None, *, square: bool = True) -> float:
     """Σ (t − ref)² (or Σ t with square=False) in float64, F64_CHUNK elements at a time; the difference is taken in
-    t's dtype, as `t - ref` would be. On a GPU the partial sums stay on the device: one synchronisation per tensor."""
+    t's dtype, as `t - ref` would be. On the CPU each chunk is summed by numpy (pairwise, single-threaded: the result
+    does not depend on torch's thread count, so a peer and `simulate` agree bit for bit, e.g. on the DP clip); on a
+    GPU the partial sums stay on the device: one synchronisation per tensor."""
     flat = t.detach().reshape(-1)
     rflat = None if ref is None else ref.detach().reshape(-1)
-    total = None
+    total, on_device = 0.0, None
     for lo in range(0, flat.numel(), F64_CHUNK):
         piece = flat[lo:lo + F64_CHUNK] if rflat is None else flat[lo:lo + F64_CHUNK] - rflat[lo:lo + F64_CHUNK]
         c = piece.to(torch.float64, copy=True)
-        part = (c.pow_(2) if square else c).sum()
-        total = part if total is None else total + part
-    return 0.0 if total is None else float(total)
+        if c.device.type == "cpu":
+            arr = c.numpy()
+            if square:
+                np.square(arr, out=arr)
+            total += float(arr.sum())
+        else:
+            part = (c.pow_(2) if square else c).sum()
+            on_device = part if on_device is None else on_device + part
+    return total + (0.0 if on_device is None else float(on_device))
 
 
 class GossipOptimizer:
@@ -171,6 +180,7 @@ class DECA(GossipOptimizer):
                 m.mul_(b1).add_(h, alpha=1.0 - b1)
             if b2 != 1.0:
                 v.mul_(b2).addcmul_(h, h, value=1.0 - b2)
+            del h  # before the next tensor's: one discrepancy tensor at a time (what plan.memory counts)
         self._before = None
         self.last_stats.update(
             h_norm=math.sqrt(h_sq),

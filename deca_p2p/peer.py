@@ -280,7 +280,8 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
             else:
                 if flight is not None:  # it lands: θ½ + (Σ_j w_ij θ_j − θ), the mix's correction on this step's θ½
                     res = gossip.collect(flight)
-                    mixed = overlap_correction(list(trainer.block().values()), res.mixed, flight.own)
+                    with cpu.part("mix"):
+                        mixed = overlap_correction(list(trainer.block().values()), res.mixed, flight.own)
                 else:  # with DP, only data-independent numbers go out beside the (noised) block
                     res = gossip.exchange(rnd, blk, step, trainer.block(),
                                           stats if trainer.privacy is None else public_stats(stats))

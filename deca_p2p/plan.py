@@ -37,8 +37,8 @@ What the model mirrors in the code (and where it is approximate):
   step's result a peer still holds); what the exchange holds (`raw`: the snapshot sent and the neighbours' blocks
   until the mix, 4 + 4 x degree B; lossy codecs: own public copy, outgoing delta and one public copy per neighbour,
   8 + 4 x degree B; in host memory); float64 temporaries of at most F64_CHUNK elements (norms and distances are
-  summed a chunk at a time) and, at the mix, one tensor's discrepancy in the working dtype; in backward, the
-  activations (saved tensors per layer and token, the logits with their float32 loss copy and gradient). The peak
+  summed a chunk at a time) and, at the mix, one tensor's discrepancy in float32 (the optimizer works on float32
+  copies); in backward, the activations (saved tensors per layer and token, the logits with their float32 loss copy and gradient). The peak
   is the largest of the phases (see `memory`). On a GPU the device holds the model, the optimizer state, the mix
   and the activations; the public copies live in host memory.
 
@@ -206,7 +206,7 @@ def memory(a: Arch, method: str, blocks: list[BlockCost], degree: int, tokens: i
     * gradient norm (start of the Adam step): m + float32 gradient (4) + m, v (8) + one float64 chunk (8 B x
                     F64_CHUNK elements, or the largest tensor when smaller);
     * mix:          m + gradient (4) + m, v (8) + θ_r (4) + the float32 accumulator, which is the result (4)
-                    + the discrepancy of the largest tensor in the working dtype + one float64 chunk (the
+                    + the discrepancy of the largest tensor in float32 + one float64 chunk (the
                     distances to the neighbours, the moments' statistics).
 
     A real peer (`peer.py`) still holds the previous step's mixed result (4 B) in every phase
@@ -238,7 +238,7 @@ def memory(a: Arch, method: str, blocks: list[BlockCost], degree: int, tokens: i
         chunk = 8 * min(b.largest, F64_CHUNK)  # a float64 temporary (optim.f64_sum, robust.sq_distance)
         phases = {"backward": (master + 8 + prev + (wd if master else 0)) * b.params + act,
                   "gradient norm": (master + 4 + 8 + prev) * b.params + chunk + kept,
-                  "mix": (master + 20 + prev) * b.params + wd * b.largest + chunk + kept}
+                  "mix": (master + 20 + prev) * b.params + 4 * b.largest + chunk + kept}
         phase = max(phases, key=phases.get)
         # raw: the snapshot in flight + the neighbours' blocks until the mix; lossy: own public copy, outgoing delta,
         # neighbours' copies (none without a neighbour: nothing is exchanged)

@@ -120,7 +120,10 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
         for step in range(cfg.inner_steps):
             exchanging = cfg.comm != "none" and schedule.is_exchange(step)
             if exchanging and cfg.overlap:  # θ goes out before the step; its mix lands on θ½ (peer.py, the same order)
-                sent = {i: wire.snapshot(t.block()) for i, t in trainers.items()}
+                sent = {}
+                for i, t in trainers.items():
+                    with cpu[i].part("send"):  # what a peer's gossip.send(keep=True) snapshots
+                        sent[i] = wire.snapshot(t.block())
                 mixed = exchange_in_memory(topo, sent, copies, cfg.codec, full=first, mixers=mixers,
                                            attacks=attacks, seq=schedule.seq(rnd, blk, step), cpu=cpu)
             stats = {}
@@ -131,8 +134,9 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
             if not exchanging:
                 mixed = {i: [x.clone() for x in b.values()] for i, b in blocks.items()}
             elif cfg.overlap:
-                mixed = {i: overlap_correction(list(blocks[i].values()), mixed[i], list(sent[i].values()))
-                         for i in trainers}
+                for i in trainers:
+                    with cpu[i].part("mix"):
+                        mixed[i] = overlap_correction(list(blocks[i].values()), mixed[i], list(sent[i].values()))
             else:
                 mixed = exchange_in_memory(topo, blocks, copies, cfg.codec, full=first, mixers=mixers,
                                            attacks=attacks, seq=schedule.seq(rnd, blk, step), cpu=cpu)

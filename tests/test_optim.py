@@ -171,6 +171,13 @@ def test_float64_sums_are_chunked_and_agree_with_the_whole_tensor_formulas():
     assert f64_sum(t, r) == pytest.approx(float((t - r).double().pow(2).sum()), rel=1e-12)
     assert f64_sum(t, square=False) == pytest.approx(float(t.double().sum()), rel=1e-9)
     assert f64_sum(torch.empty(0)) == 0.0
+    # across chunks, exactly numpy's pairwise sums chunk by chunk (a slicing slip would change them)
+    chunks = [(t[lo:lo + F64_CHUNK].double() - r[lo:lo + F64_CHUNK].double()).numpy()
+              for lo in range(0, t.numel(), F64_CHUNK)]
+    assert robust.sq_distance([t], [r]) == sum(float(np.square(c).sum()) for c in chunks)
+    assert robust.sq_distance([t], [r]) == pytest.approx(float((t.double() - r.double()).pow(2).sum()), rel=1e-12)
+    assert f64_sum(t, r) == sum(float(np.square((t - r)[lo:lo + F64_CHUNK].double().numpy()).sum())
+                                for lo in range(0, t.numel(), F64_CHUNK))
     bound = 8 * F64_CHUNK  # one float64 chunk, never a tensor-sized float64 copy (3 x that here)
     assert _largest_allocation(lambda: float(t.double().pow(2).sum())) > bound  # the check can fail
     assert _largest_allocation(lambda: f64_sum(t, r)) <= bound
