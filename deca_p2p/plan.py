@@ -34,8 +34,8 @@ What the model mirrors in the code (and where it is approximate):
   ``wire.PublicCopy`` and ``gossip``: the whole model in its working dtype; per *active* parameter, at the mix, a
   float32 master copy (when the working dtype is not float32), the float32 gradient, m and v, θ_r kept between
   local step and mix, the float32 mix accumulator, which is the result (20 B, +4 B master, +4 B for the previous
-  step's result a peer still holds); what the exchange holds (`raw`: the snapshot sent and the neighbours' blocks
-  until the mix, 4 + 4 x degree B; lossy codecs: own public copy, outgoing delta and one public copy per neighbour,
+  step's result a peer still holds); what the exchange holds (`raw`: the neighbours' blocks until the mix, 4 x
+  degree B, plus on a GPU the host copy of the block sent, 4 B; lossy codecs: own public copy, outgoing delta and one public copy per neighbour,
   8 + 4 x degree B; in host memory); float64 temporaries of at most F64_CHUNK elements (norms and distances are
   summed a chunk at a time) and, at the mix, one tensor's discrepancy in float32 (the optimizer works on float32
   copies); in backward, the activations (saved tensors per layer and token, the logits with their float32 loss copy and gradient). The peak
@@ -213,9 +213,10 @@ def memory(a: Arch, method: str, blocks: list[BlockCost], degree: int, tokens: i
     (`holds_previous_mix`; `benchmarks/memory.py` drops it). On a CPU the activations count in every phase (freed
     activation memory stays with glibc's allocator: RSS does not fall after backward, measured in memory.md); on a
     GPU the caching allocator reuses it, so only the backward phase has them. What the exchange holds is in host memory on
-    a GPU, beside the rest on a CPU: with `raw` (protocol v3: whole blocks) the snapshot being sent and the neighbours'
-    blocks received until the mix (4 + 4 x degree B, nothing kept between exchanges); with a lossy codec the public
-    copies (own, outgoing delta, one per neighbour: 8 + 4 x degree B).
+    a GPU, beside the rest on a CPU: with `raw` (protocol v3: whole blocks) the neighbours' blocks received until the
+    mix (4 x degree B, nothing kept between exchanges) and, on a GPU, the host copy of the block being sent (4 B; on a
+    CPU a blocking peer sends θ½ itself, zero-copy: gossip.py; `--overlap` keeps a snapshot, 4 B more); with a lossy
+    codec the public copies (own, outgoing delta, one per neighbour: 8 + 4 x degree B).
     """
     wd = DTYPE_BYTES[dtype]
     weights = wd * total_params(a)
@@ -240,9 +241,10 @@ def memory(a: Arch, method: str, blocks: list[BlockCost], degree: int, tokens: i
                   "gradient norm": (master + 4 + 8 + prev) * b.params + chunk + kept,
                   "mix": (master + 20 + prev) * b.params + 4 * b.largest + chunk + kept}
         phase = max(phases, key=phases.get)
-        # raw: the snapshot in flight + the neighbours' blocks until the mix; lossy: own public copy, outgoing delta,
-        # neighbours' copies (none without a neighbour: nothing is exchanged)
-        copies = ((4 if codec == "raw" else 8) + 4 * degree) * b.params if degree else 0
+        # raw: the neighbours' blocks until the mix (+ on a GPU the host copy sent; a CPU peer sends θ½ zero-copy);
+        # lossy: own public copy, outgoing delta, neighbours' copies (none without a neighbour: nothing is exchanged)
+        sent_copy = (4 if on_gpu else 0) if codec == "raw" else 8
+        copies = (sent_copy + 4 * degree) * b.params if degree else 0
         dev = weights + phases[phase] + (0 if on_gpu else copies + runtime_bytes)
         if best is None or dev > best.device_bytes:
             best = Memory(dev, copies if on_gpu else 0.0,

@@ -189,27 +189,29 @@ def test_deca_computes_less_than_dadam():
 # ------------------------------------------------------------------------------------------ memory
 
 def test_memory_follows_the_code_s_bytes_per_parameter():
-    """CPU, float32: model 4 B/parameter; 20 B per active parameter; the exchange 4 + 4 x degree (raw: the snapshot
-    sent and the neighbours' blocks until the mix), 8 + 4 x degree with a lossy codec (public copies)."""
+    """CPU, float32: model 4 B/parameter; 20 B per active parameter; the exchange 4 x degree (raw: the neighbours'
+    blocks until the mix; θ½ goes out zero-copy), 8 + 4 x degree with a lossy codec (public copies); on a GPU the
+    host also holds the copy of the block sent (4 B)."""
     a = plan.load_arch("qwen2.5-0.5b")
     blocks = plan.make_blocks(a, "deca")
     m0 = plan.memory(a, "deca", blocks, 0, 1, "float32", False, holds_previous_mix=False)
     m2 = plan.memory(a, "deca", blocks, 2, 1, "float32", False, holds_previous_mix=False)
     b = blocks[0].params
-    assert m2.device_bytes - m0.device_bytes == pytest.approx(12 * b)  # snapshot sent, 2 neighbours' blocks
+    assert m2.device_bytes - m0.device_bytes == pytest.approx(8 * b)  # 2 neighbours' blocks; θ½ itself is sent
     lossy = plan.memory(a, "deca", blocks, 2, 1, "float32", False, holds_previous_mix=False, codec="int8")
     assert lossy.device_bytes - m0.device_bytes == pytest.approx(16 * b)  # own copy, outgoing delta, 2 neighbours
     assert m0.parts["peak_phase"] == "mix"
     act = plan.activation_bytes(a, 1, a.layers, 4)  # layer.0 active: every layer's saved tensors (one token)
     big = blocks[0].largest
-    chunk = 8 * min(big, plan.F64_CHUNK)  # one float64 chunk; the largest tensor's discrepancy in the working dtype
+    chunk = 8 * min(big, plan.F64_CHUNK)  # one float64 chunk; the largest tensor's discrepancy in float32
     assert m0.device_bytes == pytest.approx(4 * plan.total_params(a) + 20 * b + 4 * big + chunk + act)
     peer = plan.memory(a, "deca", blocks, 0, 1, "float32", False)
     assert peer.device_bytes - m0.device_bytes == pytest.approx(4 * b)  # a peer holds the previous mix too
     bf = plan.memory(a, "deca", blocks, 2, 1, "bfloat16", True)
     # + fp32 master, and the discrepancy is float32 too; the exchange on the host
     assert bf.parts["phase_bytes"] == 28 * b + 4 * big + chunk
-    assert bf.host_bytes == 12 * b and bf.device_bytes == 2 * plan.total_params(a) + bf.parts["phase_bytes"]
+    assert bf.host_bytes == 12 * b  # the host copy sent, 2 neighbours' blocks
+    assert bf.device_bytes == 2 * plan.total_params(a) + bf.parts["phase_bytes"]
 
 
 def test_deca_memory_below_dadam_and_badam_scale():
