@@ -23,17 +23,12 @@ DISCREPANCIES = ("paper", "qg", "consensus", "none")
 F64_CHUNK = 1 << 20
 
 
-def f64_sum(t: torch.Tensor, ref: torch.Tensor | None = None, *, square: bool = True) -> float:
-    """Σ (t − ref)² (or Σ t with square=False) in float64, F64_CHUNK elements at a time; the difference is taken in
-    t's dtype, as `t - ref` would be. On the CPU each chunk is summed by numpy (pairwise, single-threaded: the result
-    does not depend on torch's thread count, so a peer and `simulate` agree bit for bit, e.g. on the DP clip); on a
-    GPU the partial sums stay on the device: one synchronisation per tensor."""
-    flat = t.detach().reshape(-1)
-    rflat = None if ref is None else ref.detach().reshape(-1)
-    total, on_device = 0.0, None
-    for lo in range(0, flat.numel(), F64_CHUNK):
-        piece = flat[lo:lo + F64_CHUNK] if rflat is None else flat[lo:lo + F64_CHUNK] - rflat[lo:lo + F64_CHUNK]
-        c = piece.to(torch.float64, copy=True)
+def sum_f64_chunks(chunks: Iterable[torch.Tensor], *, square: bool = True, start: float = 0.0) -> float:
+    """start + Σ c² (or Σ c with square=False) over fresh float64 chunks (squared in place). On the CPU each chunk is
+    summed by numpy (pairwise, single-threaded: the result does not depend on torch's thread count, so a peer and
+    `simulate` agree bit for bit); on a GPU the partial sums stay on the device: one synchronisation per call."""
+    total, on_device = start, None
+    for c in chunks:
         if c.device.type == "cpu":
             arr = c.numpy()
             if square:
@@ -42,7 +37,21 @@ def f64_sum(t: torch.Tensor, ref: torch.Tensor | None = None, *, square: bool = 
         else:
             part = (c.pow_(2) if square else c).sum()
             on_device = part if on_device is None else on_device + part
-    return total + (0.0 if on_device is None else float(on_device))
+    return total if on_device is None else total + float(on_device)
+
+
+def f64_sum(t: torch.Tensor, ref: torch.Tensor | None = None, *, square: bool = True) -> float:
+    """Σ (t − ref)² (or Σ t with square=False) in float64, F64_CHUNK elements at a time (sum_f64_chunks); the
+    difference is taken in t's dtype, as `t - ref` would be (the DP clip's norm)."""
+    flat = t.detach().reshape(-1)
+    rflat = None if ref is None else ref.detach().reshape(-1)
+
+    def chunks():
+        for lo in range(0, flat.numel(), F64_CHUNK):
+            piece = flat[lo:lo + F64_CHUNK] if rflat is None else flat[lo:lo + F64_CHUNK] - rflat[lo:lo + F64_CHUNK]
+            yield piece.to(torch.float64, copy=True)
+
+    return sum_f64_chunks(chunks(), square=square)
 
 
 class GossipOptimizer:

@@ -89,10 +89,9 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 
-from .optim import F64_CHUNK, MixAccumulator, self_weight
+from .optim import F64_CHUNK, MixAccumulator, self_weight, sum_f64_chunks
 
 ROBUST_MODES = ("none", "clip", "trim")
 TAU_WINDOW = 8      # exchanges of the current activation whose neighbour distances set the automatic τ
@@ -119,26 +118,19 @@ def sq_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor] | None = No
     On the CPU the sum is numpy's pairwise sum: single-threaded, so it does not depend on torch's thread count
     (a peer and `simulate` may run with different ones) and stays bit-identical between them.
     """
-    total = 0.0
-    for k, x in enumerate(a):
-        y = None if b is None else b[k]
+    def diffs(x: torch.Tensor, y: torch.Tensor | None):
         dev = x.device if y is None else y.device
         xs = x.detach().reshape(-1)
         ys = None if y is None else y.detach().reshape(-1)
-        on_device = None  # a GPU's partial sums stay there: one synchronisation per tensor, not per chunk
         for lo in range(0, xs.numel(), F64_CHUNK):
             d = _f64(xs[lo:lo + F64_CHUNK], dev)
             if ys is not None:
                 d.sub_(ys[lo:lo + F64_CHUNK])  # widened element by element, exactly: as a float64 copy would be
-            if d.device.type == "cpu":
-                arr = d.numpy()
-                np.square(arr, out=arr)
-                total += float(arr.sum())
-            else:
-                part = d.pow_(2).sum()
-                on_device = part if on_device is None else on_device + part
-        if on_device is not None:
-            total += float(on_device)
+            yield d
+
+    total = 0.0
+    for k, x in enumerate(a):
+        total = sum_f64_chunks(diffs(x, None if b is None else b[k]), start=total)  # one running sum, chunk by chunk
     return total
 
 
