@@ -53,21 +53,19 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
-def cpu_parts(run_dir: Path) -> dict[str, float]:
+def cpu_parts(data: dict[int, list[dict]]) -> dict[str, float]:
     """Mean per peer of the final record's CPU by part (cpu_parts.py), and for a peer process its main thread's
     CPU outside those parts and its other threads' (ZeroMQ's I/O thread, the link senders)."""
-    finals = [next(r for r in reversed(recs) if r.get("event") == "final") for recs in read_metrics(run_dir).values()]
+    finals = [next(r for r in reversed(recs) if r.get("event") == "final") for recs in data.values()]
     names = list(dict.fromkeys(k for f in finals for k in f.get("cpu_parts", {})))
     out = {k: statistics.mean(f.get("cpu_parts", {}).get(k, 0.0) for f in finals) for k in names}
     if all("cpu_main_s" in f for f in finals):
         out[UNTIMED] = statistics.mean(f["cpu_main_s"] - sum(f["cpu_parts"].values()) for f in finals)
-        out[THREADS] = statistics.mean(
-            f["cpu_process_s"] - f["cpu_main_s"] for f in finals)
+        out[THREADS] = statistics.mean(f["cpu_process_s"] - f["cpu_main_s"] for f in finals)
     return out
 
 
-def per_peer(run_dir: Path, t_launch: float, t_end: float) -> dict:
-    data = read_metrics(run_dir)
+def per_peer(data: dict[int, list[dict]], t_launch: float, t_end: float) -> dict:
     rows = []
     for recs in data.values():
         steps = [r for r in recs if r.get("event") == "step"]
@@ -127,13 +125,15 @@ def main() -> None:
         t_launch = time.time()
         wall, cpu = timed(deca + ["cluster", "--topology", str(TOPO), "--no-live", "--run-dir", str(run_dir),
                                   "--base-port", str(free_base_port(8)), *extra, *flags])
-        rows[name] = {"wall": wall, "cpu": cpu, "parts": cpu_parts(run_dir), **per_peer(run_dir, t_launch, time.time())}
+        t_end = time.time()
+        data = read_metrics(run_dir)  # each peer's metrics, read once
+        rows[name] = {"wall": wall, "cpu": cpu, "parts": cpu_parts(data), **per_peer(data, t_launch, t_end)}
         print(f"{name}: {wall:.1f} s", flush=True)
     sims, sim_cpu = {}, {}
     for name, flags in (("simulate", []), ("simulate --run-dir", ["--run-dir", str(tmp / "sim")])):
         sims[name], sim_cpu[name] = timed(deca + ["simulate", "--topology", str(TOPO), "--threads", "1", *extra, *flags])
         print(f"{name}: {sims[name]:.1f} s", flush=True)
-    sim_parts = cpu_parts(tmp / "sim")
+    sim_parts = cpu_parts(read_metrics(tmp / "sim"))
     shutil.rmtree(tmp, ignore_errors=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     RESULTS.mkdir(parents=True, exist_ok=True)
