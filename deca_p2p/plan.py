@@ -35,11 +35,11 @@ What the model mirrors in the code (and where it is approximate):
   float32 master copy (when the working dtype is not float32), the float32 gradient, m and v, θ_r kept between
   local step and mix, the float32 mix accumulator, which is the result (20 B, +4 B master, +4 B for the previous
   step's result a peer still holds); what the exchange holds (`raw`: the neighbours' blocks until the mix, 4 x
-  degree B, plus on a GPU the host copy of the block sent, 4 B; lossy codecs: own public copy, outgoing delta and one public copy per neighbour,
-  8 + 4 x degree B; in host memory); float64 temporaries of at most F64_CHUNK elements (norms and distances are
-  summed a chunk at a time) and, at the mix, one tensor's discrepancy in float32 (the optimizer works on float32
-  copies); in backward, the activations (saved tensors per layer and token, the logits with their float32 loss copy and gradient). The peak
-  is the largest of the phases (see `memory`). On a GPU the device holds the model, the optimizer state, the mix
+  degree B, plus on a GPU the host copy of the block sent, 4 B; lossy codecs: own public copy, outgoing delta and
+  one public copy per neighbour, 8 + 4 x degree B; in host memory); float64 temporaries of at most F64_CHUNK
+  elements (norms and distances are summed a chunk at a time) and, at the mix, one tensor's discrepancy in float32
+  (the optimizer works on float32 copies); in backward, the activations (saved tensors per layer and token, the
+  logits with their float32 loss copy and gradient). The peak is the largest of the phases (see `memory`). On a GPU the device holds the model, the optimizer state, the mix
   and the activations; the public copies live in host memory.
 
 Every number is a model prediction; `benchmarks/plan_validation.py` checks it against this machine's measurements.
