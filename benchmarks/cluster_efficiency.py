@@ -1,7 +1,9 @@
 """How close does `make cluster` come to the ideal speed-up on this machine's cores?
 
 Runs the main job as `make cluster` does (`deca-peer cluster --topology topologies/ring8.json`, every default: 8 real
-peer processes, 1 torch thread each), once blocking and once with `--overlap`, and the same run in one process
+peer processes, 1 torch thread each), once blocking, once with `--overlap` and once blocking with the kernel's default
+CPU time slice (`--time-slice-ms 0`: the peers' 30 ms request, deca_p2p/timeslice.py, side by side with none), and
+the same run in one process
 (`deca-peer simulate`, 1 thread) twice: as `make simulate` runs it (no metrics: no evaluation until the end), and
 with `--run-dir` (metrics, and so the same periodic evaluations every peer of the cluster makes). Efficiency =
 (simulate wall / cores) / cluster wall: 1.0 would mean the 8 processes use every core all the time with no overhead
@@ -40,6 +42,7 @@ TOPO = ROOT / "topologies" / "ring8.json"
 UNTIMED = "main thread, untimed (start-up, bye, bookkeeping)"
 THREADS = "other threads (transport: ZeroMQ I/O, link senders, handshake monitor)"
 RUNS = RESULTS / "cluster_efficiency_runs.jsonl"
+SLICE0 = "cluster --time-slice-ms 0"  # the kernel's default slice (before timeslice.py)
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
@@ -120,7 +123,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cluster-eff-"))
     load0 = os.getloadavg()[0]
     rows = {}
-    for name, flags in (("cluster", []), ("cluster --overlap", ["--overlap"])):
+    for name, flags in (("cluster", []), ("cluster --overlap", ["--overlap"]),
+                        (SLICE0, ["--time-slice-ms", "0"])):
         run_dir = tmp / name.replace(" ", "_")
         t_launch = time.time()
         wall, cpu = timed(deca + ["cluster", "--topology", str(TOPO), "--no-live", "--run-dir", str(run_dir),
@@ -167,14 +171,17 @@ def main() -> None:
           *parts_table(rows, sim_cpu["simulate --run-dir"], sim_parts, n_peers, cores),
           f"## Every run in `{RUNS.name}` (efficiency at the same work; against plain simulate in brackets)", "",
           "| run | commit | rounds | simulate --run-dir s | simulate s | cluster s | cluster --overlap s | "
-          "efficiency blocking | efficiency --overlap |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+          "efficiency blocking | efficiency --overlap | `--time-slice-ms 0` s (efficiency) |",
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for line in RUNS.read_text().splitlines():
         r = json.loads(line)
         sm, bs, c, o = (r["sims"]["simulate --run-dir"], r["sims"]["simulate"], r["rows"]["cluster"]["wall"],
                         r["rows"]["cluster --overlap"]["wall"])
         L.append(f"| {r['time']} | {r['commit']}{' (' + r['note'] + ')' if r.get('note') else ''} | "
                  f"{r['rounds'] or 'default'} | {sm:.1f} | {bs:.1f} | {c:.1f} | {o:.1f} | "
-                 f"{sm / cores / c:.2f} ({bs / cores / c:.2f}) | {sm / cores / o:.2f} ({bs / cores / o:.2f}) |")
+                 f"{sm / cores / c:.2f} ({bs / cores / c:.2f}) | {sm / cores / o:.2f} ({bs / cores / o:.2f}) | "
+                 + (f"{r['rows'][SLICE0]['wall']:.1f} ({sm / cores / r['rows'][SLICE0]['wall']:.2f}) |"
+                    if SLICE0 in r["rows"] else "– (no such run before the 30 ms slice) |"))
     L += [""]
     (RESULTS / "cluster_efficiency.md").write_text("\n".join(L))
     print("\n".join(L))

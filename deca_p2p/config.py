@@ -97,6 +97,7 @@ class TrainConfig:
     dtype: str = "float32"            # model working dtype: float32 | bfloat16 | float16 (fp32 master copy of the active block)
     device: str = "cpu"               # cpu | cuda | auto
     threads: int = 0                  # torch threads per peer (0: cores / peers, at least 1)
+    time_slice_ms: float = 30.0       # the training thread's CPU time slice (timeslice.py; Linux >= 6.12; 0: kernel's)
     eval_every: int = 16              # evaluate every N activations (0: at the end of each round), and at the end
     checkpoint_every: int = 1         # atomic checkpoint every N activations (and at the end of each round)
     resume: bool = True               # a restarted peer resumes from its latest checkpoint in the run dir
@@ -134,6 +135,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be at most {MAX_LR:g}, got {self.lr}")
         if self.discrepancy in ("qg", "consensus") and self.lr == 0:
             raise ConfigError(f"discrepancy {self.discrepancy!r} divides by the learning rate, which is 0")
+        if not (math.isfinite(self.time_slice_ms) and 0 <= self.time_slice_ms <= 100):
+            raise ConfigError(f"time_slice_ms must be in [0, 100] (0: the kernel's default), got {self.time_slice_ms}")
         if not math.isfinite(self.slowdown) or self.slowdown < 1:
             raise ConfigError(f"slowdown must be a factor >= 1, got {self.slowdown}")
         if self.max_len < 0 or self.max_len == 1:

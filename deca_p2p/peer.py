@@ -33,6 +33,7 @@ from .optim import overlap_correction
 from .metrics import METRICS_FILE, MetricsLog, peer_dir, records
 from .privacy import public_stats
 from .robust import make_mixer
+from .timeslice import request_slice
 from .runtime import PeerData, embedded_data, evaluate_run, label_counts, load, make_batcher, own_data, set_threads
 from .trainer import PeerTrainer
 from .transport import Transport
@@ -221,7 +222,9 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     labels = label_counts(data.train)
     trunc = trainer.batcher.truncation
     named = dict(trainer.model.named_parameters())
-    log.write("start", pid=os.getpid(), inc=inc, glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
+    # the transport's threads exist already: they keep the default slice, so a message still moves as soon as it lands
+    time_slice_ms = request_slice(cfg.time_slice_ms)
+    log.write("start", pid=os.getpid(), inc=inc, glibc_tunables=os.environ.get("GLIBC_TUNABLES"), time_slice_ms=time_slice_ms,
               endpoint=transport.endpoint, neighbours=topo.neighbors(me),
               train_examples=len(data.train), eval_examples=len(data.evals), train_source=data.source,
               eval_source=data.eval_source, labels=labels, max_len=inputs.max_len, truncated=trunc.as_dict(),

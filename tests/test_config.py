@@ -26,6 +26,9 @@ def test_yaml_and_string_overrides(tmp_path):
     ({"head_block": "maybe"}, "head_block: cannot read"),
     ({"lr": 1e38}, "lr must be at most"),
     ({"betas": [0.9, 1.0]}, r"betas must be two numbers in \[0, 1\)"),
+    ({"time_slice_ms": 101}, r"time_slice_ms must be in \[0, 100\]"),
+    ({"time_slice_ms": -1}, r"time_slice_ms must be in \[0, 100\]"),
+    ({"time_slice_ms": float("nan")}, r"time_slice_ms must be in \[0, 100\]"),
 ])
 def test_bad_values(overrides, needle):
     with pytest.raises(ConfigError, match=needle):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from conftest import REPO, deca_peer_cmd, free_base_port, max_diff_to_simulation
 from deca_p2p import peer_env
 from deca_p2p.checkpoint import latest
+from deca_p2p.timeslice import current_slice_ms
 
 SMALL = {"rounds": 1, "inner_steps": 3, "batch_size": 8, "train_per_task": 100, "eval_per_task": 3,
          "threads": 1, "seed": 3, "lr": 3e-3, "codec": "raw"}
@@ -64,6 +65,8 @@ def test_network_reproduces_in_process_simulation(deca_cache, tmp_path, extra):
                  if r["event"] == "start")
     want = os.environ.get("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1" if peer_env._glibc_has_hugetlb() else None)
     assert start["glibc_tunables"] == want
+    # the training thread asked for a 30 ms time slice (timeslice.py) where the kernel has custom slices
+    assert start["time_slice_ms"] == (None if current_slice_ms() is None else 30.0)
     # the network moved the weights: peers differ from the initial model and from each other
     a = load_file(latest(run_dir / "peer-0" / "checkpoint") / "model.safetensors")
     b = load_file(latest(run_dir / "peer-2" / "checkpoint") / "model.safetensors")
