@@ -559,6 +559,9 @@ def bootstrap_cmd(topology_file, hosts, base_port, bootstrap_file, set_keys, set
 @click.option("--shared-uplink", is_flag=True,
               help="A peer's links share one access link (degree x bytes / bandwidth); default: independent links, "
                    "as the emulator runs them.")
+@click.option("--peers-per-core", default="1", show_default=True,
+              help="Peers sharing each core of a host (make cluster here: 8 peers / 2 cores = 4); the compute speed "
+                   "is then one peer's on one core.")
 @click.option("--device", "device_class", default="gpu", show_default=True,
               help="Default speeds of a device class: cpu, gpu (H100/H200), consumer-gpu (RTX 3090/4090).")
 @click.option("--calibrate", is_flag=True, help="Measure FLOP/s and memory bandwidth on this machine (auto: cuda or cpu).")
@@ -567,7 +570,7 @@ def bootstrap_cmd(topology_file, hosts, base_port, bootstrap_file, set_keys, set
 @click.option("--json", "as_json", is_flag=True, help="Print the whole prediction as JSON.")
 def plan_cmd(model_spec, topology_file, method, codec, inner_steps, rounds, batch_size, seq_len, dtype, gossip_every,
              layers_per_block, lora_rank, embeddings_block, head_block, gradient_checkpointing, shared_uplink,
-             device_class, calibrate, flops, mem_bw, as_json) -> None:
+             peers_per_core, device_class, calibrate, flops, mem_bw, as_json) -> None:
     """Predict what a run costs: time per step / round / run, traffic and memory per peer (a model, not a run).
 
     \b
@@ -593,6 +596,9 @@ def plan_cmd(model_spec, topology_file, method, codec, inner_steps, rounds, batc
              ("gossip_every", gossip_every), ("layers_per_block", layers_per_block), ("lora_rank", lora_rank))}
     if calibrate and flops is not None:
         _fail("give --calibrate (measure here) or --flops X (a given speed), not both")
+    share = number("peers-per-core", peers_per_core, float)
+    if share < 1:
+        _fail(f"--peers-per-core must be at least 1 (1: every peer has a core of its own), got {peers_per_core!r}")
     topo = _load_topology(topology_file)
     try:
         arch = plan.load_arch(model_spec)
@@ -608,7 +614,8 @@ def plan_cmd(model_spec, topology_file, method, codec, inner_steps, rounds, batc
             device = dataclasses.replace(device, mem_bw=number("mem-bw", mem_bw, float))
         inp = plan.PlanInputs(method=method, codec=codec, dtype=dtype or ("bfloat16" if device.on_gpu else "float32"),
                               embeddings_block=embeddings_block, head_block=head_block,
-                              gradient_checkpointing=gradient_checkpointing, shared_uplink=shared_uplink, **ints)
+                              gradient_checkpointing=gradient_checkpointing, shared_uplink=shared_uplink,
+                              peers_per_core=share, **ints)
         result = plan.make_plan(arch, topo, inp, device)
     except plan.PlanError as e:
         _fail(str(e))

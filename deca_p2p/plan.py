@@ -30,6 +30,13 @@ What the model mirrors in the code (and where it is approximate):
 * **Local overhead** per exchange: encode (copy to host; `raw`: a snapshot of θ½, lossy codecs: the delta against the
   public copy), mix (float32 accumulator over self + neighbours) and apply (BMA, copy back), as bytes touched per
   active parameter / host memory bandwidth.
+* **Peers sharing cores** (``peers_per_core`` F > 1, e.g. `make cluster`: 8 peers on 2 cores, F = 4; compute speed
+  then one peer's on one core): a synchronous step is a CPU phase, in which every peer of the host computes at once
+  and the cores are shared, then the exchange: F x (compute + local overhead + transport) + (L + S/R). Transport is
+  the CPU of moving the bytes through the kernel (every message sent and received is copied between user and kernel
+  memory: 2 x TRANSPORT_BYTES x degree x S at the host bandwidth); with a core per peer it runs on other cores
+  while the bytes are on the wire, so it is not counted there. The synchronous model ignores that peers drift apart
+  and some compute while others wait: it overestimates a little (`plan_validation.md`).
 * **Memory** per peer, as held by ``blocks.ActiveBlock``, ``optim.DECA``, ``optim.MixAccumulator``,
   ``wire.PublicCopy`` and ``gossip``: the whole model in its working dtype; per *active* parameter, at the mix, a
   float32 master copy (when the working dtype is not float32), the float32 gradient, m and v, θ_r kept between
@@ -101,6 +108,9 @@ F64_CHUNK = 1 << 20          # = optim.F64_CHUNK (a test checks; this module sta
 # raw sends θ½ whole (a snapshot: read + write); a lossy codec's delta reads θ½ and θ̂, writes the delta, adds the
 # decoded delta into θ̂; apply (BMA, copy back) is the same for both
 OVERHEAD_BYTES = {"raw": (24, 16), "lossy": (40, 16)}
+# bytes of host memory traffic per byte of a message sent or received: the kernel copies it between user and kernel
+# memory (read + write) on the way out and again on the way in
+TRANSPORT_BYTES = 2
 
 
 @dataclass
@@ -272,6 +282,7 @@ class PlanInputs:
     lora_rank: int = 8
     gradient_checkpointing: bool = False
     shared_uplink: bool = False
+    peers_per_core: float = 1.0  # > 1: peers share a host's cores (make cluster here: 8 peers / 2 cores = 4)
 
     def check(self) -> "PlanInputs":
         if self.method not in METHODS:
@@ -284,6 +295,9 @@ class PlanInputs:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise PlanError(f"{k.replace('_', '-')} must be a positive integer, got {v!r}")
+        f = self.peers_per_core
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (1 <= f < float("inf")):
+            raise PlanError(f"peers-per-core must be a number >= 1 (1: every peer has a core of its own), got {f!r}")
         return self
 
 
@@ -291,6 +305,18 @@ def _link_seconds(link, nbytes: int) -> tuple[float, float]:
     lat = (link.latency_ms or 0.0) / 1e3 + (getattr(link, "jitter_ms", 0.0) or 0.0) / 2e3
     tx = 0.0 if link.bandwidth_mbps is None else nbytes * 8 / (link.bandwidth_mbps * 1e6)
     return lat, tx
+
+
+def step_seconds(compute: float, comm: float, local: float, transport: float, ex_share: float = 1.0,
+                 peers_per_core: float = 1.0) -> tuple[float, float]:
+    """(sequential, overlapped) seconds of one local step: compute, then EX_SHARE of an exchange (comm on the wire,
+    local overhead and transport on the CPU). With a core per peer the kernel's copies run beside the wire; with
+    PEERS_PER_CORE F > 1 the host's peers compute at once on shared cores, then exchange (the module doc)."""
+    f = peers_per_core
+    if f > 1:
+        return (f * (compute + ex_share * (local + transport)) + ex_share * comm,
+                max(f * (compute + ex_share * transport), ex_share * comm) + f * ex_share * local)
+    return compute + ex_share * (comm + local), max(compute, ex_share * comm) + ex_share * local
 
 
 def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> dict[str, Any]:
@@ -322,7 +348,8 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
     for i in topo.nodes:
         nbrs = topo.neighbors(i)
         deg = len(nbrs)
-        step_comm, step_local, link_bytes, round_time_seq, round_time_ovl = [], [], [], 0.0, 0.0
+        step_comm, step_local, step_transport, link_bytes = [], [], [], []
+        round_time_seq = round_time_ovl = 0.0
         sent_round = 0.0
         for w, (b, _, compute) in zip(weights, per_block):
             s = message_bytes(b, inp.codec)
@@ -335,15 +362,16 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
                 comm = max(lat + tx for lat, tx in links)
             fixed, per_source = OVERHEAD_BYTES["raw" if inp.codec == "raw" else "lossy"]
             local = (fixed + per_source * (deg + 1)) * b.params / device.host_bw if deg else 0.0
+            transport = 2 * TRANSPORT_BYTES * deg * s / device.host_bw  # sent and received, each copied once
             ex_share = exchanges_per_act / inp.inner_steps
-            step_seq = compute + ex_share * (comm + local)
-            step_ovl = max(compute, ex_share * comm) + ex_share * local
+            step_seq, step_ovl = step_seconds(compute, comm, local, transport, ex_share, inp.peers_per_core)
             n_steps = w * inp.inner_steps
             round_time_seq += n_steps * step_seq
             round_time_ovl += n_steps * step_ovl
             sent_round += w * exchanges_per_act * deg * s
             step_comm.append((w, comm))
             step_local.append((w, local))
+            step_transport.append((w, transport))
             link_bytes.append((w, s))
         wavg = lambda xs: sum(w * x for w, x in xs) / nb  # noqa: E731
         mem = memory(a, method, blocks, deg, tokens, inp.dtype, on_gpu, device.runtime_bytes, inp.lora_rank,
@@ -354,6 +382,7 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
             "slowest_link": None if slow is None else _fmt_link(topo.link(i, slow)),
             "bytes_per_exchange_per_link": wavg(link_bytes),
             "compute_s": mean_compute, "comm_s": wavg(step_comm), "local_s": wavg(step_local),
+            "transport_s": wavg(step_transport), "peers_per_core": inp.peers_per_core,
             "step_s": round_time_seq / steps_per_round, "step_overlap_s": round_time_ovl / steps_per_round,
             "round_s": round_time_seq, "round_overlap_s": round_time_ovl,
             "run_s": round_time_seq * inp.rounds, "run_overlap_s": round_time_ovl * inp.rounds,

@@ -56,6 +56,9 @@ def render(plan: dict[str, Any], console=None, max_peers: int = 16) -> None:
               f"R = {inp['inner_steps']}, T = {inp['rounds']}, batch {inp['batch_size']} x {inp['seq_len']} tokens, "
               f"{inp['dtype']}; compute {dev['flops'] / 1e12:.3g} TFLOP/s, memory {dev['mem_bw'] / 1e9:.3g} GB/s "
               f"({dev['kind']})")
+    if inp.get("peers_per_core", 1) > 1:
+        con.print(f"{inp['peers_per_core']:g} peers per core: each step's CPU (compute, local overhead, the kernel's "
+                  "copies of the messages) is shared, then the exchange")
     blocks = plan["blocks"]
     bt = Table(title=f"blocks ({inp['method']}): {len(blocks)}", show_lines=False)
     for col in ("block", "params", *[f"bytes ({c})" for c in CODEC_BYTES]):

@@ -162,6 +162,27 @@ def test_comm_is_the_slowest_link():
     assert shared["methods"]["deca"]["peers"][4]["comm_s"] == pytest.approx(0.020 + 2 * s * 8 / 100e6)
 
 
+@pytest.mark.parametrize("link", [{}, {"latency_ms": 50, "bandwidth_mbps": 1000}])
+def test_peers_sharing_cores_share_the_step_s_cpu_then_exchange(link):
+    a, topo = plan.load_arch("qwen2.5-0.5b"), _topo(**link)
+    cpu = plan.DEVICES["cpu"]
+    alone = plan.make_plan(a, topo, plan.PlanInputs(rounds=1, seq_len=128), cpu)["methods"]["deca"]["peers"][0]
+    shared = plan.make_plan(a, topo, plan.PlanInputs(rounds=1, seq_len=128, peers_per_core=4),
+                            cpu)["methods"]["deca"]["peers"][0]
+    blocks = plan.make_blocks(a, "deca")
+    # the kernel copies every byte sent and received once each way (2 neighbours: 2 messages out, 2 in)
+    want = sum(2 * plan.TRANSPORT_BYTES * 2 * plan.message_bytes(b, "raw") for b in blocks) / len(blocks) / cpu.host_bw
+    assert shared["transport_s"] == pytest.approx(want)
+    # a core each: as before, the copies run beside the wire; shared: the CPU phase is 4x, then the exchange
+    assert alone["step_s"] == pytest.approx(alone["compute_s"] + alone["comm_s"] + alone["local_s"])
+    assert shared["step_s"] == pytest.approx(4 * (shared["compute_s"] + shared["local_s"] + shared["transport_s"])
+                                             + shared["comm_s"])
+    assert shared["step_overlap_s"] <= shared["step_s"] + 1e-12
+    assert shared["step_overlap_s"] >= 4 * shared["compute_s"]
+    with pytest.raises(plan.PlanError, match="peers-per-core"):
+        plan.PlanInputs(peers_per_core=0.5).check()
+
+
 def test_traffic_and_steps_add_up():
     a = plan.load_arch("llama-3.2-1b")
     inp = plan.PlanInputs(inner_steps=8, rounds=3, gossip_every=4)
@@ -252,6 +273,8 @@ def test_cli_json_and_table():
     (("--model", "llama-3-8b", "--codec", "zip"), "codec"),
     (("--model", "llama-3-8b", "--algo", "sgd"), "method"),
     (("--model", "llama-3-8b", "--device", "tpu"), "--device"),
+    (("--model", "llama-3-8b", "--peers-per-core", "0.5"), "--peers-per-core"),
+    (("--model", "llama-3-8b", "--peers-per-core", "many"), "--peers-per-core"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, needle):
     p = _run(*args, "--topology", RING8)
