@@ -65,6 +65,7 @@ def measure(run_dir: Path, latency: float, bw: float | None) -> dict:
     encode = {(pid, r["seq"]): r.get("encode_s") or 0.0 for pid, recs in data.items() for r in recs
               if r.get("event") == "step" and r.get("seq") is not None}
     goodput, sizes, step_wall, compute, waits, walls = [], [], [], [], 0.0, 0.0
+    compute_cpu: list[float] = []  # each local step's own thread CPU (what it costs a core, however shared)
     cpu_step: list[float] = []  # per peer: the CPU its process (every thread) spent per inner step
     act_mean: list[float] = []  # per peer and activation: wall time per step over the steps after its first
     for recs in data.values():
@@ -83,6 +84,8 @@ def measure(run_dir: Path, latency: float, bw: float | None) -> dict:
             cpu_step.append(statistics.median(cpu))
         for r in steps_:
             compute.append(r["compute_s"])
+            if r.get("compute_cpu_s") is not None:
+                compute_cpu.append(r["compute_cpu_s"])
             waits += r.get("wait_s") or 0.0
             walls += r["compute_s"] + (r.get("wait_s") or 0.0)
             for src, (nbytes, one_way, read_after) in (r.get("links") or {}).items():
@@ -107,7 +110,8 @@ def measure(run_dir: Path, latency: float, bw: float | None) -> dict:
             "late_ms": statistics.mean(late) if late else None,
             # what the peers' processes together ask of the CPU per inner step: with more peers than cores, no step
             # can be shorter than this ÷ cores, whatever the overlap hides
-            "cpu_step_total": sum(cpu_step) if cpu_step else None}
+            "cpu_step_total": sum(cpu_step) if cpu_step else None,
+            "compute_cpu": statistics.mean(compute_cpu) if compute_cpu else None}
 
 
 def _raw_child(role: str, port: int, size: int, gap: float, n: int) -> None:
@@ -165,8 +169,9 @@ def raw_floor(size: float, gap: float, n: int = 80) -> float:
 
 
 TABLE_HEAD = ["| latency ms | bandwidth Mbit/s | S (MB) | goodput Mbit/s (median) | goodput / configured | messages | "
-              "hand-off late ms (mean) | step wall s | compute + L + S/R s | step / expected | waiting share |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "hand-off late ms (mean) | step wall s | compute + L + S/R s | step / expected | waiting share | "
+              "compute CPU ms (mean) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def worst_ratio(runs: list[dict]) -> float:
@@ -213,10 +218,11 @@ def main() -> None:
     def row(r) -> str:
         ratio = r["goodput"] / r["bw"] if (r["bw"] and r["goodput"]) else None
         late = "–" if r["late_ms"] is None else f"{r['late_ms']:.2f}"
+        cpu = "–" if r.get("compute_cpu") is None else f"{1e3 * r['compute_cpu']:.1f}"
         return (f"| {r['latency']} | {r['bw'] or 'unlimited'} | {r['S'] / 1e6:.3f} | "
                 f"{r['goodput']:.0f} | {f'{ratio:.3f}' if ratio else '–'} | {r['n_goodput']} | {late} | "
                 f"{r['step_wall']:.3f} | {r['expected']:.3f} | {r['step_wall'] / r['expected']:.2f} | "
-                f"{100 * r['wait_share']:.0f}% |")
+                f"{100 * r['wait_share']:.0f}% | {cpu} |")
 
     lines += [row(r) for r in rows]
     lines += ["", "Control: the same links between 2 peers (ring of 2, one peer per core, "
