@@ -31,12 +31,15 @@ What the model mirrors in the code (and where it is approximate):
   public copy), mix (float32 accumulator over self + neighbours) and apply (BMA, copy back), as bytes touched per
   active parameter / host memory bandwidth.
 * **Peers sharing cores** (``peers_per_core`` F > 1, e.g. `make cluster`: 8 peers on 2 cores, F = 4; compute speed
-  then one peer's on one core): a synchronous step is a CPU phase, in which every peer of the host computes at once
-  and the cores are shared, then the exchange: F x (compute + local overhead + transport) + (L + S/R). Transport is
-  the CPU of moving the bytes through the kernel (every message sent and received is copied between user and kernel
-  memory: 2 x TRANSPORT_BYTES x degree x S at the host bandwidth); with a core per peer it runs on other cores
-  while the bytes are on the wire, so it is not counted there. The synchronous model ignores that peers drift apart
-  and some compute while others wait: it overestimates a little (`plan_validation.md`).
+  then one peer's on one core): each step costs a peer compute + local overhead + transport of CPU, where transport
+  is the kernel's copies of the messages (every message sent and received is copied between user and kernel memory:
+  2 x TRANSPORT_BYTES x degree x S at the host bandwidth; with a core per peer it runs on other cores while the bytes
+  are on the wire, so it is not counted there). Two schedules bracket the step: every peer of the pool at once (F x
+  that CPU, then L + S/R: pessimistic, the peers drift apart and some compute while others wait) and the ideal
+  pipeline (plan_shared.py: each job runs as soon as a core is free and its exchange has landed: optimistic, the
+  kernel's scheduler is no such oracle). The plan predicts their mean (`shared_bounds`, `step_seconds`): over three
+  ring8 runs on this machine that mean was 0.91-1.06 of the measured step, the pessimistic schedule alone 1.00-1.22,
+  the optimistic 0.75-1.06 (`plan_validation.md`, which says which run chose the mean and which checked it).
 * **Memory** per peer, as held by ``blocks.ActiveBlock``, ``optim.DECA``, ``optim.MixAccumulator``,
   ``wire.PublicCopy`` and ``gossip``: the whole model in its working dtype; per *active* parameter, at the mix, a
   float32 master copy (when the working dtype is not float32), the float32 gradient, m and v, θ_r kept between
@@ -54,7 +57,7 @@ Every number is a model prediction; `benchmarks/plan_validation.py` checks it ag
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from .plan_arch import (  # noqa: F401  (plan.X stays the one name users and tests read)
     METHODS, CODEC_BYTES, DTYPE_BYTES, HEADER_BASE_BYTES, HEADER_TENSOR_BYTES, GiB, PRESETS, PlanError, Arch,
@@ -62,6 +65,7 @@ from .plan_arch import (  # noqa: F401  (plan.X stays the one name users and tes
     total_params, lora_layer_params, BlockCost, make_blocks, message_bytes,
 )
 from .plan_report import fmt_bytes, fmt_s, render  # noqa: F401
+from .plan_shared import shared_cores_step
 
 
 # ------------------------------------------------------------------------------------------------ compute
@@ -307,15 +311,30 @@ def _link_seconds(link, nbytes: int) -> tuple[float, float]:
     return lat, tx
 
 
-def step_seconds(compute: float, comm: float, local: float, transport: float, ex_share: float = 1.0,
-                 peers_per_core: float = 1.0) -> tuple[float, float]:
-    """(sequential, overlapped) seconds of one local step: compute, then EX_SHARE of an exchange (comm on the wire,
-    local overhead and transport on the CPU). With a core per peer the kernel's copies run beside the wire; with
-    PEERS_PER_CORE F > 1 the host's peers compute at once on shared cores, then exchange (the module doc)."""
+def shared_bounds(compute: float, comm: float, local: float, transport: float, ex_share: float,
+                  peers_per_core: float, neighbours: Mapping[int, Sequence[int]]) -> dict[str, tuple[float, float]]:
+    """Two schedules that bracket a step of peers sharing cores (F = PEERS_PER_CORE > 1; the module doc): the ideal
+    pipeline (plan_shared.py: jobs run as soon as a core and their exchange allow; optimistic) and every peer at
+    once (F x the CPU, then the exchange; pessimistic). {"seq": (pipeline, all at once), "overlap": (...)}."""
     f = peers_per_core
-    if f > 1:
-        return (f * (compute + ex_share * (local + transport)) + ex_share * comm,
-                max(f * (compute + ex_share * transport), ex_share * comm) + f * ex_share * local)
+    cpu = compute + ex_share * (local + transport)
+    cores = max(1, round(len(neighbours) / f))
+    pipe = [shared_cores_step(cpu, ex_share * comm, neighbours, cores, overlap=o) for o in (False, True)]
+    return {"seq": (pipe[0], f * cpu + ex_share * comm),
+            "overlap": (pipe[1], max(f * (compute + ex_share * transport), ex_share * comm) + f * ex_share * local)}
+
+
+def step_seconds(compute: float, comm: float, local: float, transport: float, ex_share: float = 1.0,
+                 peers_per_core: float = 1.0, neighbours: Mapping[int, Sequence[int]] | None = None) -> tuple[float, float]:
+    """(sequential, overlapped) seconds of one local step: compute, then EX_SHARE of an exchange (comm on the wire,
+    local overhead and transport on the CPU). With a core per peer the kernel's copies run beside the wire. With
+    PEERS_PER_CORE F > 1 (NEIGHBOURS: every peer's neighbours, all on one pool of cores) the mean of the two
+    schedules of `shared_bounds` (the module doc says why)."""
+    if peers_per_core > 1:
+        if neighbours is None:
+            raise PlanError("peers sharing cores: the step needs the topology's neighbours")
+        b = shared_bounds(compute, comm, local, transport, ex_share, peers_per_core, neighbours)
+        return sum(b["seq"]) / 2, sum(b["overlap"]) / 2
     return compute + ex_share * (comm + local), max(compute, ex_share * comm) + ex_share * local
 
 
@@ -345,8 +364,9 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
     mean_compute = sum(w * c for w, (_, _, c) in zip(weights, per_block)) / nb
     mean_flops = sum(w * f for w, (_, f, _) in zip(weights, per_block)) / nb
     peers = []
+    neighbours = {i: topo.neighbors(i) for i in topo.nodes}
     for i in topo.nodes:
-        nbrs = topo.neighbors(i)
+        nbrs = neighbours[i]
         deg = len(nbrs)
         step_comm, step_local, step_transport, link_bytes = [], [], [], []
         round_time_seq = round_time_ovl = 0.0
@@ -364,7 +384,8 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
             local = (fixed + per_source * (deg + 1)) * b.params / device.host_bw if deg else 0.0
             transport = 2 * TRANSPORT_BYTES * deg * s / device.host_bw  # sent and received, each copied once
             ex_share = exchanges_per_act / inp.inner_steps
-            step_seq, step_ovl = step_seconds(compute, comm, local, transport, ex_share, inp.peers_per_core)
+            step_seq, step_ovl = step_seconds(compute, comm, local, transport, ex_share, inp.peers_per_core,
+                                              neighbours)
             n_steps = w * inp.inner_steps
             round_time_seq += n_steps * step_seq
             round_time_ovl += n_steps * step_ovl
