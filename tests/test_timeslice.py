@@ -1,11 +1,12 @@
-"""timeslice.py: the training thread's longer CPU slice, read back from the kernel (/proc), on this thread only."""
+"""timeslice.py: the training thread's longer CPU slice while it computes, read back from the kernel (/proc), on that
+thread only."""
 import os
 import threading
 from pathlib import Path
 
 import pytest
 
-from deca_p2p.timeslice import current_slice_ms, request_slice
+from deca_p2p.timeslice import current_slice_ms, long_slice, request_slice
 
 needs_slices = pytest.mark.skipif(current_slice_ms() is None,
                                   reason="this kernel has no per-task time slices (Linux >= 6.12) or is not Linux")
@@ -55,3 +56,32 @@ def test_the_calling_thread_and_its_later_threads_get_the_slice_others_do_not():
 def test_the_kernel_clamps_and_we_report_what_it_granted():
     assert _in_thread(lambda: request_slice(500)) == 100.0
     assert _in_thread(lambda: request_slice(0.01)) == 0.1
+
+
+@needs_slices
+def test_long_slice_while_computing_then_the_one_before():
+    def probe():
+        tid = threading.get_native_id()
+        nice = os.nice(1)
+        before = _proc_slice_ns(tid)
+        computing = long_slice(30)
+        seen = []
+        for _ in range(2):  # reused, as the peer reuses it every step
+            with computing:
+                seen.append(_proc_slice_ns(tid))
+            seen.append(_proc_slice_ns(tid))
+        return before, seen, nice, os.nice(0)
+    before, seen, nice, nice_after = _in_thread(probe)
+    assert seen == [30_000_000, before, 30_000_000, before]
+    assert nice_after == nice
+
+
+def test_long_slice_of_zero_changes_nothing():
+    def probe():
+        tid = threading.get_native_id()
+        before = _proc_slice_ns(tid)
+        with long_slice(0) as s:
+            inside = _proc_slice_ns(tid)
+        return before, inside, s.ns
+    before, inside, ns = _in_thread(probe)
+    assert inside == before and ns == 0
