@@ -211,9 +211,9 @@ def main() -> None:
 
     lines = ["# Bandwidth under link latency: ring8, 8 real peer processes, emulated links", "",
              f"Command: `.venv/bin/python benchmarks/bandwidth_latency.py{' --quick' if args.quick else ''}` "
-             f"(2 cores; embedded model, layer blocks only: one message = S bytes = one decoder layer in float32; "
-             f"1 round x 4 blocks x {steps} inner steps per configuration; 8 peers share the 2 cores, so compute "
-             "is ~4x a lone peer's).", "", *TABLE_HEAD]
+             f"({os.cpu_count()} cores; embedded model, layer blocks only: one message = S bytes = one decoder layer in float32; "
+             f"1 round x 4 blocks x {steps} inner steps per configuration; 8 peers share the {os.cpu_count()} cores: a "
+             "step's compute wall includes waiting for a core, its CPU time (last column) does not).", "", *TABLE_HEAD]
 
     def row(r) -> str:
         ratio = r["goodput"] / r["bw"] if (r["bw"] and r["goodput"]) else None

@@ -92,7 +92,8 @@ def convergence_lines(conv: list[dict], quick: bool, from_log: str | None = None
                 "machine; `--topologies` picks part 2's topologies); report: `.venv/bin/python benchmarks/overlap.py "
                 f"--convergence-only --from-log {from_log}")
     L = ["## Convergence at equal steps (in-process, deca / none, lr 3e-3, α = 0.1, R = 16, raw codec)", "",
-         f"Command: `{cmd}` (run {time.strftime('%Y-%m-%d %H:%M')}; losses, not times: it may share the machine).", "",
+         f"Command: `{cmd}` ({'rows from the committed log' if from_log else 'run ' + time.strftime('%Y-%m-%d %H:%M')}; "
+         "losses, not times: it may share the machine).", "",
          "| topology | seed | eval loss blocking | eval loss overlap | Δ | exact match blocking → overlap |",
          "|---|---:|---:|---:|---:|---|"]
     for r in conv:

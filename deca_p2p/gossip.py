@@ -17,6 +17,7 @@ exchange: its weight goes to the self weight.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -107,6 +108,7 @@ class Gossip:
         self._cfg_noted: set[tuple[int, int]] = set()  # (neighbour, inc) refused for its configuration, said once
         self.robust = robust or RobustMixer(my_id, self.row, "none")  # the mixing rule (robust.py); none: plain
         self.attack = attack  # TEST/BENCHMARK HOOK (attacks.py): transforms only the block this peer sends
+        self.waiting = contextlib.nullcontext()  # what the thread runs under while it waits for a block
 
     # ------------------------------------------------------------------ the exchange
     def begin_activation(self, round_idx: int, block: int) -> None:
@@ -204,7 +206,8 @@ class Gossip:
                 if left <= 0:
                     self.suspect.update(waiting)
                 break
-            got = self.tr.recv(min(left, 0.25))
+            with self.waiting:  # (timeslice.default_slice in a peer: woken, it runs at once)
+                got = self.tr.recv(min(left, 0.25))
             if got is not None:
                 self._handle(*got, seq=seq, arrived=arrived)
         t_mix = time.perf_counter()

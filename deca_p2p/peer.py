@@ -33,7 +33,7 @@ from .optim import overlap_correction
 from .metrics import METRICS_FILE, MetricsLog, peer_dir, records
 from .privacy import public_stats
 from .robust import make_mixer
-from .timeslice import long_slice
+from .timeslice import default_slice, request_slice
 from .runtime import PeerData, embedded_data, evaluate_run, label_counts, load, make_batcher, own_data, set_threads
 from .trainer import PeerTrainer
 from .transport import Transport
@@ -222,10 +222,9 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     labels = label_counts(data.train)
     trunc = trainer.batcher.truncation
     named = dict(trainer.model.named_parameters())
-    # computing (a local step, an evaluation) this thread asks for a long CPU slice; exchanging, the default, so that
-    # it reads a neighbour's block as soon as it lands (timeslice.py). The transport's threads keep the default.
-    computing = long_slice(cfg.time_slice_ms)
-    time_slice_ms = computing.ns / 1e6 or None
+    # a long CPU slice for this thread, but the default while it waits for a block, so that woken it reads the block at
+    # once (timeslice.py). The transport's threads, started already, keep the default.
+    time_slice_ms = request_slice(cfg.time_slice_ms)
     log.write("start", pid=os.getpid(), inc=inc, glibc_tunables=os.environ.get("GLIBC_TUNABLES"), time_slice_ms=time_slice_ms,
               endpoint=transport.endpoint, neighbours=topo.neighbors(me),
               train_examples=len(data.train), eval_examples=len(data.evals), train_source=data.source,
@@ -249,6 +248,8 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
                     robust=make_mixer(cfg, me, topo.weight_row(me), log=lambda msg: print(f"peer {me}: {msg}", flush=True)),
                     attack=make_attack(cfg, me, topo.weight_row(me)),  # a test/benchmark hook; None unless cfg names me
                     zero_copy=True)  # the mix gives the parameters new storage (trainer.apply_mix): θ½ goes out as is
+    if time_slice_ms:
+        gossip.waiting = default_slice()
     if gossip.attack is not None:
         print(f"peer {me}: TEST HOOK: publishing attacked blocks ({cfg.attack})", flush=True)
     first_step = 0
@@ -275,7 +276,7 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
             flight = None
             if exchanging and cfg.overlap:  # send θ now: its blocks travel while this step's gradient is computed
                 flight = gossip.send(rnd, blk, step, trainer.block(), last_stats, keep=True)
-            with cpu.part("step"), computing:
+            with cpu.part("step"):
                 stats = trainer.local_step(sched.step_index(rnd, blk, step))
             if cfg.slowdown > 1:  # a straggler on purpose
                 time.sleep((cfg.slowdown - 1) * stats["compute_s"])
@@ -323,11 +324,11 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
         if stop.is_set():
             break
         if (end_of_round and not cfg.eval_every) or (cfg.eval_every and (a + 1) % cfg.eval_every == 0):
-            with cpu.part("evaluate"), computing:
+            with cpu.part("evaluate"):
                 evaluated = (a, _evaluate(trainer, inputs))
             log.write("eval", round=rnd, activation=a, **evaluated[1])
     # the model has not changed since an evaluation after the last activation: its numbers are the final ones
-    with cpu.part("evaluate"), computing:
+    with cpu.part("evaluate"):
         final = evaluated[1] if evaluated[0] == len(acts) - 1 else _evaluate(trainer, inputs)
     gossip.finish(cfg.exchange_timeout_s)  # slower neighbours may still need our last block (and we said bye)
     sent, recv = _bytes(transport)

@@ -31,10 +31,10 @@ What the model mirrors in the code (and where it is approximate):
   public copy), mix (float32 accumulator over self + neighbours) and apply (BMA, copy back), as bytes touched per
   active parameter / host memory bandwidth.
 * **Peers sharing cores** (``peers_per_core`` F > 1, e.g. `make cluster`: 8 peers on 2 cores, F = 4; compute speed
-  then one peer's on one core): each step costs a peer compute + local overhead + transport of CPU, where transport
+  then one peer's on one core; F is rounded to whole cores): each step costs a peer compute + local overhead + transport of CPU, where transport
   is the kernel's copies of the messages (every message sent and received is copied between user and kernel memory:
   2 x TRANSPORT_BYTES x degree x S at the host bandwidth; with a core per peer it runs on other cores while the bytes
-  are on the wire, so it is not counted there). Two schedules bracket the step: every peer of the pool at once (F x
+  are on the wire, so it is not counted there). Two schedules usually bracket the step: every peer at once (F x
   that CPU, then L + S/R: pessimistic, the peers drift apart and some compute while others wait) and the ideal
   pipeline (plan_shared.py: each job runs as soon as a core is free and its exchange has landed: optimistic, the
   kernel's scheduler is no such oracle). The plan predicts their mean (`shared_bounds`, `step_seconds`): over three
@@ -313,12 +313,13 @@ def _link_seconds(link, nbytes: int) -> tuple[float, float]:
 
 def shared_bounds(compute: float, comm: float, local: float, transport: float, ex_share: float,
                   peers_per_core: float, neighbours: Mapping[int, Sequence[int]]) -> dict[str, tuple[float, float]]:
-    """Two schedules that bracket a step of peers sharing cores (F = PEERS_PER_CORE > 1; the module doc): the ideal
-    pipeline (plan_shared.py: jobs run as soon as a core and their exchange allow; optimistic) and every peer at
-    once (F x the CPU, then the exchange; pessimistic). {"seq": (pipeline, all at once), "overlap": (...)}."""
-    f = peers_per_core
+    """Two schedules that usually bracket a step of peers sharing cores (PEERS_PER_CORE > 1, rounded to whole cores:
+    the module doc): the ideal pipeline (plan_shared.py: jobs run as soon as a core and their exchange allow;
+    optimistic) and every peer at once (peers / cores x the CPU, then the exchange; pessimistic).
+    {"seq": (pipeline, all at once), "overlap": (...)}."""
+    cores = max(1, round(len(neighbours) / peers_per_core))
+    f = len(neighbours) / cores  # the peers per core that whole cores give (F > peers: one core for all)
     cpu = compute + ex_share * (local + transport)
-    cores = max(1, round(len(neighbours) / f))
     pipe = [shared_cores_step(cpu, ex_share * comm, neighbours, cores, overlap=o) for o in (False, True)]
     return {"seq": (pipe[0], f * cpu + ex_share * comm),
             "overlap": (pipe[1], max(f * (compute + ex_share * transport), ex_share * comm) + f * ex_share * local)}
@@ -365,6 +366,7 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
     mean_flops = sum(w * f for w, (_, f, _) in zip(weights, per_block)) / nb
     peers = []
     neighbours = {i: topo.neighbors(i) for i in topo.nodes}
+    steps_memo: dict[tuple, tuple[float, float]] = {}
     for i in topo.nodes:
         nbrs = neighbours[i]
         deg = len(nbrs)
@@ -384,8 +386,11 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
             local = (fixed + per_source * (deg + 1)) * b.params / device.host_bw if deg else 0.0
             transport = 2 * TRANSPORT_BYTES * deg * s / device.host_bw  # sent and received, each copied once
             ex_share = exchanges_per_act / inp.inner_steps
-            step_seq, step_ovl = step_seconds(compute, comm, local, transport, ex_share, inp.peers_per_core,
-                                              neighbours)
+            key = (compute, comm, local, transport, ex_share)  # equal for peers of one degree and blocks of one size:
+            if key not in steps_memo:                          # the shared-cores replay is run once per kind
+                steps_memo[key] = step_seconds(compute, comm, local, transport, ex_share, inp.peers_per_core,
+                                               neighbours)
+            step_seq, step_ovl = steps_memo[key]
             n_steps = w * inp.inner_steps
             round_time_seq += n_steps * step_seq
             round_time_ovl += n_steps * step_ovl

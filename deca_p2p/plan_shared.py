@@ -3,13 +3,14 @@
 A pure schedule, no sockets: every step of every peer is one job of CPU seconds; a job can start when its peer's
 exchange of the previous step has landed (its own previous job done, and every neighbour's block of that step
 arrived, ``comm`` seconds after the neighbour sent it); the cores take ready jobs in the order they became ready
-(one run queue for the host, as the kernel balances its cores), each job running to its end (the peers' 30 ms time
-slice, timeslice.py, is about one step here). Blocking gossip sends a block when its step's job ends; ``--overlap``
-sends it when the job starts (the gradient is computed while the block travels).
+(one run queue for the host, as the kernel balances its cores), each job running to its end (a peer computes with a
+slice about one step long, timeslice.py; its exchange's CPU is counted in the same job, an approximation). Blocking
+gossip sends a block when its step's job ends; ``--overlap`` sends it when the job starts (the gradient is computed
+while the block travels). The neighbour relation must be symmetric, every neighbour a key (as topologies are).
 
-The steady-state period falls between two simple bounds: the cores' (peers x CPU / cores, every core always busy)
-and the all-at-once schedule (that, then the exchange). Which one a network is nearer depends on who waits for whom,
-which this replays rather than assumes.
+The steady-state period lies between the cores' bound (peers x CPU / cores, every core always busy) and the
+all-at-once schedule (that, then the exchange); where in between depends on who waits for whom, which this replays
+rather than assumes. It is optimistic: no real scheduler knows the next ready job in advance.
 """
 from __future__ import annotations
 

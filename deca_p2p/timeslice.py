@@ -1,12 +1,16 @@
-"""A longer CPU time slice while a local step computes: Linux's sched_setattr with ``sched_runtime`` (kernel >= 6.12).
+"""A longer CPU time slice for a peer's training thread: Linux's sched_setattr with ``sched_runtime`` (kernel >= 6.12).
 
 Where peers share cores (`make cluster`: 8 peers on 2), the fair scheduler's default slice (1.4 ms on this 2-core
 machine; it grows with log2 of the cores) cuts every local step (~27 ms of CPU here) into a dozen pieces, and each
 switch to another peer's step costs cache refills. So the training thread asks for a slice about one step long
-while it computes (`long_slice`), and goes back to the default for the exchange: a thread that wakes with a long
-slice gets a late deadline and waits behind the computing peers, which held back reading a neighbour's block (ring8
-at 1 Gbit/s: 0.38-0.52 of the link with the long slice throughout, 0.64-0.67 with it around the step only; terminal
-runs). Only the calling thread changes: the transport's I/O and link threads keep the default.
+(`request_slice`), except while it waits for a neighbour's block (`default_slice` around the wait in gossip.py): a
+thread that wakes with a long slice gets a late deadline and waits behind the computing peers before it reads the
+block. Terminal runs, not committed (ring8, 6 rounds, wall s; ring8 at 1 Gbit/s and L = 0, share of the link; two
+or more runs each): the long slice throughout 35.9-37.1 s and 0.38-0.52 of the link; the long slice only while computing 36.3-38.1 s
+and 0.64-0.72; the long slice but for the wait 36.3, 36.9 s and 0.62-0.84; the kernel's slice 37.8-38.6 s and
+0.51-0.62. `cluster_efficiency.md` and `bandwidth_latency.md` have the committed runs. Only the calling thread
+changes, and the threads it starts later (torch's OpenMP workers with `--threads` > 1 start on the first step): the
+transport's I/O and link threads, started before, keep the default.
 
 Unprivileged; the policy (SCHED_OTHER or SCHED_BATCH) and nice value are kept. Elsewhere (another OS, an older
 kernel, a real-time policy a user chose) nothing changes and `request_slice` says so by returning None.
@@ -24,12 +28,14 @@ MIN_SLICE_MS = 0.1
 _FAIR = (0, 3)         # SCHED_OTHER, SCHED_BATCH: the policies whose sched_runtime is the slice
 _ATTR = "IIQiIQQQII"   # struct sched_attr, SCHED_ATTR_SIZE_VER1 (56 bytes): size, policy, flags, nice, priority,
 #                        runtime, deadline, period, util_min, util_max
-_SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}  # (sched_setattr, sched_getattr)
+_SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275), "riscv64": (274, 275)}  # (sched_setattr, sched_getattr)
+_RESET_ON_FORK = 0x01  # a flag an unprivileged thread may not clear: kept as read
 
 
 @functools.lru_cache(maxsize=1)
 def _libc():
-    if not sys.platform.startswith("linux") or platform.machine() not in _SYSCALLS:
+    if (not sys.platform.startswith("linux") or platform.machine() not in _SYSCALLS
+            or ctypes.sizeof(ctypes.c_void_p) != 8):  # a 32-bit Python on a 64-bit kernel has other syscall numbers
         return None
     try:
         return ctypes.CDLL(None, use_errno=True)
@@ -58,7 +64,8 @@ def _set_runtime_ns(libc, ns: int) -> bool:
     attr = _get(libc)
     if attr is None or attr[1] not in _FAIR:
         return False
-    attr[0], attr[2], attr[5] = struct.calcsize(_ATTR), 0, ns  # flags: none; policy and nice written back as read
+    # flags: only reset-on-fork, as read; policy and nice written back as read
+    attr[0], attr[2], attr[5] = struct.calcsize(_ATTR), attr[2] & _RESET_ON_FORK, ns
     buf = ctypes.create_string_buffer(struct.pack(_ATTR, *attr), attr[0])
     return libc.syscall(_SYSCALLS[platform.machine()][0], 0, buf, 0) == 0
 
@@ -74,24 +81,25 @@ def supported() -> bool:
     return _SUPPORTED
 
 
-class long_slice:
-    """``with long_slice(ms):`` the calling thread runs with a slice of MS milliseconds, and afterwards with the one
-    it had before (the same length; the kernel then counts it as chosen). A no-op where unsupported or MS <= 0."""
+class default_slice:
+    """``with default_slice():`` the calling thread has the kernel's default slice inside (asked for with a slice of
+    0), and the one it had before afterwards. For waiting: a thread that wakes with a long slice gets a late deadline
+    and waits behind computing threads. A no-op where unsupported or when ACTIVE is false."""
 
-    def __init__(self, ms: float):
-        self.ns = int(min(MAX_SLICE_MS, max(MIN_SLICE_MS, ms)) * 1e6) if ms and ms > 0 and supported() else 0
+    def __init__(self, active: bool = True):
+        self.active = bool(active) and supported()
         self.before = 0
 
-    def __enter__(self) -> "long_slice":
-        if self.ns:
+    def __enter__(self) -> "default_slice":
+        if self.active:
             libc = _libc()
             attr = _get(libc)
             self.before = 0 if attr is None else attr[5]
-            _set_runtime_ns(libc, self.ns)
+            _set_runtime_ns(libc, 0)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.ns and self.before:
+        if self.active and self.before:
             _set_runtime_ns(_libc(), self.before)
 
 
