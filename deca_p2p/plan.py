@@ -37,7 +37,7 @@ What the model mirrors in the code (and where it is approximate):
   are on the wire, so it is not counted there). Two schedules usually bracket the step: every peer at once (F x
   that CPU, then L + S/R: pessimistic, the peers drift apart and some compute while others wait) and the ideal
   pipeline (plan_shared.py: each job runs as soon as a core is free and its exchange has landed: optimistic, the
-  kernel's scheduler is no such oracle). The plan predicts their mean (`shared_bounds`, `step_seconds`): over three
+  kernel's scheduler is no such oracle). The plan predicts their mean (`shared_bounds`, `step_seconds`): over four
   ring8 runs on this machine that mean was 0.91-1.06 of the measured step, the pessimistic schedule alone 1.00-1.22,
   the optimistic 0.75-1.06 (`plan_validation.md`, which says which run chose the mean and which checked it).
 * **Memory** per peer, as held by ``blocks.ActiveBlock``, ``optim.DECA``, ``optim.MixAccumulator``,

@@ -96,6 +96,9 @@ class default_slice:
             attr = _get(libc)
             self.before = 0 if attr is None else attr[5]
             _set_runtime_ns(libc, 0)
+            now = _get(libc)
+            if now is not None and now[5] == self.before:  # it had the default already: nothing to restore
+                self.before = 0
         return self
 
     def __exit__(self, *exc) -> None:

@@ -95,3 +95,15 @@ def test_the_default_slice_while_waiting_then_the_long_one_again():
     assert granted == 30.0
     assert seen == [default, 30_000_000, default, 30_000_000]
     assert nice_after == nice
+
+
+@needs_slices
+def test_the_default_slice_on_a_thread_that_had_it_already_changes_nothing():
+    def probe():
+        tid = threading.get_native_id()
+        before = _proc_slice_ns(tid)
+        with default_slice() as waiting:
+            inside = _proc_slice_ns(tid)
+        return before, inside, _proc_slice_ns(tid), waiting.before
+    before, inside, after, restored = _in_thread(probe)
+    assert before == inside == after and restored == 0  # nothing to restore: it stays on the kernel's default
