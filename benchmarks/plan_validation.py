@@ -99,8 +99,7 @@ def bandwidth_latency(lines: list[str]) -> list[tuple]:
                 compute = float(row[11]) / 1e3  # the step's CPU time on the shared cores
             topo = generate("ring", n_peers, link={"latency_ms": lat, "bandwidth_mbps": bw})
             lat_s, tx = plan._link_seconds(topo.link(0, 1), s_pred)
-            local = (fixed + per_source * (degree + 1)) * layer.params / cpu.host_bw
-            transport = 2 * plan.TRANSPORT_BYTES * degree * s_pred / cpu.host_bw
+            local, transport = plan.exchange_cpu_seconds(layer.params, s_pred, degree, "raw", cpu.host_bw)
             nbrs = {i: topo.neighbors(i) for i in topo.nodes}
             step_pred = plan.step_seconds(compute, lat_s + tx, local, transport, 1.0, share, nbrs)[0]
             if share > 1:
@@ -142,9 +141,7 @@ def earlier_runs() -> list[str]:
     arch = plan.load_arch(str(ROOT / "deca_p2p" / "base_model"))
     layer = plan.make_blocks(arch, "deca")[0]
     s, cpu = plan.message_bytes(layer, "raw"), plan.DEVICES["cpu"]
-    fixed, per_source = plan.OVERHEAD_BYTES["raw"]
-    local = (fixed + per_source * 3) * layer.params / cpu.host_bw
-    transport = 2 * plan.TRANSPORT_BYTES * 2 * s / cpu.host_bw
+    local, transport = plan.exchange_cpu_seconds(layer.params, s, 2, "raw", cpu.host_bw)  # ring8: degree 2
     ratios: dict[str, list[float]] = {"pipeline": [], "all at once": [], "mean": []}
     rows = json.loads(f.read_text())["rows"]
     for r in rows:

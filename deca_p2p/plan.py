@@ -311,6 +311,17 @@ def _link_seconds(link, nbytes: int) -> tuple[float, float]:
     return lat, tx
 
 
+def exchange_cpu_seconds(params: int, msg_bytes: float, degree: int, codec: str, host_bw: float) -> tuple[float, float]:
+    """(local overhead, transport) CPU seconds of one exchange of a block of PARAMS parameters sent as MSG_BYTES to
+    each of DEGREE neighbours: the encode / mix / apply passes (OVERHEAD_BYTES) and the kernel's copies of every
+    message sent and received (TRANSPORT_BYTES each way), at HOST_BW. Nothing without a neighbour."""
+    if not degree:
+        return 0.0, 0.0
+    fixed, per_source = OVERHEAD_BYTES["raw" if codec == "raw" else "lossy"]
+    return ((fixed + per_source * (degree + 1)) * params / host_bw,
+            2 * TRANSPORT_BYTES * degree * msg_bytes / host_bw)  # sent and received, each copied once
+
+
 def shared_bounds(compute: float, comm: float, local: float, transport: float, ex_share: float,
                   peers_per_core: float, neighbours: Mapping[int, Sequence[int]]) -> dict[str, tuple[float, float]]:
     """Two schedules that usually bracket a step of peers sharing cores (PEERS_PER_CORE > 1, rounded to whole cores:
@@ -382,9 +393,7 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
                 comm = max(lat for lat, _ in links) + sum(tx for _, tx in links)
             else:
                 comm = max(lat + tx for lat, tx in links)
-            fixed, per_source = OVERHEAD_BYTES["raw" if inp.codec == "raw" else "lossy"]
-            local = (fixed + per_source * (deg + 1)) * b.params / device.host_bw if deg else 0.0
-            transport = 2 * TRANSPORT_BYTES * deg * s / device.host_bw  # sent and received, each copied once
+            local, transport = exchange_cpu_seconds(b.params, s, deg, inp.codec, device.host_bw)
             ex_share = exchanges_per_act / inp.inner_steps
             key = (compute, comm, local, transport, ex_share)  # equal for peers of one degree and blocks of one size:
             if key not in steps_memo:                          # the shared-cores replay is run once per kind

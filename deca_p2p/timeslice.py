@@ -51,21 +51,26 @@ def _get(libc) -> list | None:
     return list(struct.unpack(_ATTR, buf.raw))
 
 
-def current_slice_ms() -> float | None:
-    """This thread's slice in ms as the kernel reports it (None where it cannot be read or is not a slice)."""
+def _fair_attr() -> tuple | None:
+    """(libc, this thread's sched_attr) where its slice can be set: Linux, a fair policy (SCHED_OTHER, SCHED_BATCH)
+    and a kernel that reports a slice (>= 6.12); else None."""
     libc = _libc()
     attr = None if libc is None else _get(libc)
     if attr is None or attr[1] not in _FAIR or attr[5] == 0:
         return None
-    return attr[5] / 1e6
+    return libc, attr
 
 
-def _set_runtime_ns(libc, ns: int) -> bool:
-    attr = _get(libc)
-    if attr is None or attr[1] not in _FAIR:
-        return False
+def current_slice_ms() -> float | None:
+    """This thread's slice in ms as the kernel reports it (None where it cannot be read or is not a slice)."""
+    got = _fair_attr()
+    return None if got is None else got[1][5] / 1e6
+
+
+def _set_runtime_ns(libc, attr: list, ns: int) -> bool:
+    """Write ATTR (as just read) back with a slice of NS (0: the kernel's default)."""
     # flags: only reset-on-fork, as read; policy and nice written back as read
-    attr[0], attr[2], attr[5] = struct.calcsize(_ATTR), attr[2] & _RESET_ON_FORK, ns
+    attr = [struct.calcsize(_ATTR), attr[1], attr[2] & _RESET_ON_FORK, *attr[3:5], ns, *attr[6:]]
     buf = ctypes.create_string_buffer(struct.pack(_ATTR, *attr), attr[0])
     return libc.syscall(_SYSCALLS[platform.machine()][0], 0, buf, 0) == 0
 
@@ -91,19 +96,18 @@ class default_slice:
         self.before = 0
 
     def __enter__(self) -> "default_slice":
-        if self.active:
-            libc = _libc()
-            attr = _get(libc)
-            self.before = 0 if attr is None else attr[5]
-            _set_runtime_ns(libc, 0)
-            now = _get(libc)
-            if now is not None and now[5] == self.before:  # it had the default already: nothing to restore
-                self.before = 0
+        got = _fair_attr() if self.active else None
+        if got is not None:
+            libc, attr = got
+            _set_runtime_ns(libc, attr, 0)
+            # it had the default already: nothing to restore
+            self.before = 0 if current_slice_ms() == attr[5] / 1e6 else attr[5]
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.active and self.before:
-            _set_runtime_ns(_libc(), self.before)
+        got = _fair_attr() if self.active and self.before else None
+        if got is not None:
+            _set_runtime_ns(*got, self.before)
 
 
 def request_slice(ms: float) -> float | None:
@@ -112,12 +116,7 @@ def request_slice(ms: float) -> float | None:
     Returns the slice the kernel then reports (it clamps to [0.1, 100] ms), or None where nothing changed: not
     Linux, a kernel without custom slices (< 6.12 reports no slice), a non-fair policy, or MS <= 0 (keep the kernel's
     default). Never raises: a scheduling hint must not stop a peer."""
-    if not ms or ms <= 0:
-        return None
-    libc = _libc()
-    attr = None if libc is None else _get(libc)
-    if attr is None or attr[1] not in _FAIR or attr[5] == 0:  # no slice reported: this kernel predates them
-        return None
-    if not _set_runtime_ns(libc, int(min(MAX_SLICE_MS, max(MIN_SLICE_MS, ms)) * 1e6)):
+    got = _fair_attr() if ms and ms > 0 else None  # none reported: not Linux, or a kernel before custom slices
+    if got is None or not _set_runtime_ns(*got, int(min(MAX_SLICE_MS, max(MIN_SLICE_MS, ms)) * 1e6)):
         return None
     return current_slice_ms()
