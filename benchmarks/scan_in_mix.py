@@ -56,7 +56,7 @@ def child(reps: int) -> dict:
     import torch
 
     from deca_p2p.optim import MixAccumulator
-    from deca_p2p.wire import _all_finite
+    from deca_p2p.codecs import all_finite as _all_finite
 
     os.sched_setaffinity(0, {0})
     torch.set_num_threads(1)

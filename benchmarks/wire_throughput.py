@@ -75,14 +75,14 @@ def reps_for(size_mib: int, reps: int) -> int:
 def _child_setup():
     import torch
 
-    from deca_p2p import wire
+    from deca_p2p import public_copy, wire
 
     torch.set_num_threads(1)  # a peer gets cores / peers threads: 1 here (2 peers on 2 cores)
-    return wire
+    return wire, public_copy
 
 
 def child_send(a) -> None:
-    wire = _child_setup()
+    wire, public_copy = _child_setup()
     import numpy as np
     import torch
     import zmq
@@ -120,7 +120,7 @@ def child_send(a) -> None:
     for size in a.sizes:
         n = size * MiB // 4
         data = torch.rand(n, generator=torch.Generator().manual_seed(size))
-        pcs = {m: wire.PublicCopy() for m in a.methods}
+        pcs = {m: public_copy.PublicCopy() for m in a.methods}
         pool = SnapshotPool()
         rows: dict[str, list] = {m: [] for m in a.methods}
         # methods alternate within each repetition, so a slow phase of the machine hits them alike and the
@@ -134,7 +134,7 @@ def child_send(a) -> None:
                     frames = [b"hdr", memoryview(data.numpy()).cast("B")]
                 elif method == "ours_peer":  # as Gossip.send: a pooled snapshot, sent whole, tracked frames
                     snap = pool.snapshot({"w": data})
-                    frames = pool.track(wire.encode_whole(snap, owned=True, src=0, step=rep, check_finite=False), snap)
+                    frames = pool.track(public_copy.encode_whole(snap, owned=True, src=0, step=rep, check_finite=False), snap)
                     snap = None
                 elif method == "ours_delta":
                     frames = pcs[method].encode_block({"w": data}, src=0, codec="raw", full=rep == 0, step=rep,
@@ -185,7 +185,7 @@ def child_send(a) -> None:
 
 
 def child_recv(a) -> None:
-    wire = _child_setup()
+    wire, public_copy = _child_setup()
     import zmq
 
     from deca_p2p.transport import Transport
@@ -205,7 +205,7 @@ def child_recv(a) -> None:
     tr.start()
     tr.barrier(0, 60.0)
     for size in a.sizes:
-        theirs = {m: wire.PublicCopy() for m in a.methods}
+        theirs = {m: public_copy.PublicCopy() for m in a.methods}
         for _ in range(1 + reps_for(size, a.reps)):
             for method in a.methods:  # the sender's order
                 if method == "raw":
@@ -357,7 +357,7 @@ def write_report(a, results, sizes, reps, envs, wall, loads, runs, per_run) -> N
          "- **ours + sender scan**: the same with `wire.encode`'s default NaN/Inf check on the sender too.",
          "- **ours (peer exchange, --overlap)**: with `--overlap` the parameters change while the block travels, so a "
          "copy goes out: `SnapshotPool.snapshot` (θ½ copied into a spare buffer ZeroMQ has released, else a fresh "
-         "one) -> `wire.encode_whole` -> tracked frames -> Transport -> `wire.decode`.",
+         "one) -> `public_copy.encode_whole` -> tracked frames -> Transport -> `wire.decode`.",
          "- **v2 delta exchange**: the path before (protocol v2): `PublicCopy.encode_block` of a raw delta (θ½ − θ̂ into "
          "a fresh tensor, θ̂ += delta) -> Transport -> `wire.decode` -> the receiver's `PublicCopy.apply` (θ̂ += delta).",
          "- **memcpy**: `np.copyto` into a warm preallocated buffer (the physical limit) / into a fresh "

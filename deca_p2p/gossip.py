@@ -5,7 +5,7 @@ Two forms of a block message (PROTOCOL.md §8):
 * lossless codec (``raw``): every block message is θ½ itself, whole. The receiver mixes the decoded frame as it
   is (a view of the received bytes, no copy) and lets it go after the mix: no per-neighbour state, so a peer's
   memory does not grow with its degree, and the mix reads exactly the θ½ its neighbour computed;
-* lossy codecs (``bf16``, ``fp16``, ``int8``): a delta against the sender's public copy θ̂_j (wire.PublicCopy),
+* lossy codecs (``bf16``, ``fp16``, ``int8``): a delta against the sender's public copy θ̂_j (public_copy.PublicCopy),
   kept by the sender and every receiver; this is error feedback, what one step's rounding loses the next delta
   still carries. Arriving deltas are applied to θ̂_j at once; a late delta of the current activation is still
   applied so the chain stays intact; a gap asks for a ``resync``, answered with a raw full θ̂_j for that link.
@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from . import wire
+from . import public_copy, wire
 from .cpu_parts import CpuParts
 from .robust import MixReport, RobustMixer, sq_distance
 from .sendbuf import SnapshotPool
@@ -80,8 +80,8 @@ class Gossip:
         self.window = window
         self.stop = stop or threading.Event()  # set by a signal handler: stop waiting, mix what has arrived
         self.exact = wire.get_codec(codec).lossless  # send θ½ itself, whole, every time (no delta chain)
-        self.own = wire.PublicCopy()                # lossy codecs: our public copy θ̂
-        self.copies = {j: wire.PublicCopy() for j in self.neighbours}  # lossy neighbours' θ̂_j
+        self.own = public_copy.PublicCopy()                # lossy codecs: our public copy θ̂
+        self.copies = {j: public_copy.PublicCopy() for j in self.neighbours}  # lossy neighbours' θ̂_j
         self.current: dict[int, dict[str, torch.Tensor]] = {}  # this exchange's block of each neighbour, until mixed
         self.want_base: set[int] = set()  # we asked these for a resync: their raw full block is a new θ̂_j
         self.seen: dict[int, dict[str, torch.Tensor]] = {}  # attack hook only: what each neighbour sent last
@@ -150,7 +150,7 @@ class Gossip:
         elif self.exact:  # a private copy goes out zero-copy (and, our own block, is what the mix reads with keep)
             snap = self.buffers.snapshot(published)
         elif keep:  # lossy: the delta goes out; the mix reads this copy
-            snap = wire.snapshot(published)
+            snap = public_copy.snapshot(published)
         else:
             snap = None
         frames = self._encode_own(snap if self.exact else published, src=self.me, codec=self.codec,
@@ -174,7 +174,7 @@ class Gossip:
         elif published is tensors:
             own = list(snap.values())
         else:  # an attacker's own mix reads its true block
-            own = list(wire.snapshot(tensors).values())
+            own = list(public_copy.snapshot(tensors).values())
         self.cpu.add("send", time.thread_time() - cpu0)
         return InFlight(seq, t0, list(tensors), own, keep)
 
@@ -238,7 +238,7 @@ class Gossip:
         try:
             if self.exact:  # θ½ itself, whole (already our snapshot); no public copy
                 kw.pop("full")
-                return wire.encode_whole(tensors, stats=finite, owned=True, **kw)
+                return public_copy.encode_whole(tensors, stats=finite, owned=True, **kw)
             return self.own.encode_block(tensors, stats=finite, **kw)
         except wire.WireError as e:
             raise TrainingDiverged(f"training diverged: this peer's block cannot be sent ({e}); lower --lr and "

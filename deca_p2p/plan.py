@@ -41,7 +41,7 @@ What the model mirrors in the code (and where it is approximate):
   ring8 runs on this machine that mean was 0.91-1.06 of the measured step, the pessimistic schedule alone 1.00-1.22,
   the optimistic 0.75-1.06 (`plan_validation.md`, which says which run chose the mean and which checked it).
 * **Memory** per peer, as held by ``blocks.ActiveBlock``, ``optim.DECA``, ``optim.MixAccumulator``,
-  ``wire.PublicCopy`` and ``gossip``: the whole model in its working dtype; per *active* parameter, at the mix, a
+  ``public_copy.PublicCopy`` and ``gossip``: the whole model in its working dtype; per *active* parameter, at the mix, a
   float32 master copy (when the working dtype is not float32), the float32 gradient, m and v, θ_r kept between
   local step and mix, the float32 mix accumulator, which is the result (20 B, +4 B master, +4 B for the previous
   step's result a peer still holds); what the exchange holds (`raw`: the neighbours' blocks until the mix, 4 x

@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 import zmq
 
-from . import wire
+from . import public_copy
 
 SPARES = 2  # snapshots kept: the one in flight and one free (memory: two blocks, whatever the degree)
 
@@ -32,7 +32,7 @@ class SnapshotPool:
                 for k, v in tensors.items():
                     snap[k].copy_(v.detach())
                 return snap
-        return wire.snapshot(tensors)
+        return public_copy.snapshot(tensors)
 
     def track(self, frames: list, snap: dict[str, torch.Tensor]) -> list:
         """`frames` (a header and payload views of `snap`) with the payloads as tracked zmq.Frames; `snap` becomes a

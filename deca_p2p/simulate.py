@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import wire
+from . import public_copy, wire
 from .config import TrainConfig
 from .cpu_parts import CpuParts
 from .metrics import MetricsLog
@@ -29,7 +29,7 @@ from .topology import Topology
 from .trainer import PeerTrainer
 
 
-def exchange_in_memory(topo: Topology, blocks: dict[int, dict[str, torch.Tensor]], copies: dict[int, wire.PublicCopy],
+def exchange_in_memory(topo: Topology, blocks: dict[int, dict[str, torch.Tensor]], copies: dict[int, public_copy.PublicCopy],
                        codec: str, full: bool, *, mixers: dict[int, RobustMixer] | None = None,
                        attacks: dict[int, Attack] | None = None, seq: int | None = None,
                        cpu: dict[int, CpuParts] | None = None) -> dict[int, list[torch.Tensor]]:
@@ -47,7 +47,7 @@ def exchange_in_memory(topo: Topology, blocks: dict[int, dict[str, torch.Tensor]
     for i, tensors in published.items():
         with cpu[i].part("send"):
             if wire.get_codec(codec).lossless:  # θ½ itself, whole (gossip.py); kept here only as the attacks' view
-                copies[i].tensors = wire.snapshot(tensors)
+                copies[i].tensors = public_copy.snapshot(tensors)
             else:
                 copies[i].encode_block(tensors, src=i, codec=codec, full=full)
     mixed = {}
@@ -99,7 +99,7 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    copies = {i: wire.PublicCopy() for i in topo.nodes}
+    copies = {i: public_copy.PublicCopy() for i in topo.nodes}
     schedule = next(iter(trainers.values())).schedule
 
     def say(i):
@@ -123,7 +123,7 @@ def simulate(topo: Topology, cfg: TrainConfig, *, model_path=None, data_path=Non
                 sent = {}
                 for i, t in trainers.items():
                     with cpu[i].part("send"):  # what a peer's gossip.send(keep=True) snapshots
-                        sent[i] = wire.snapshot(t.block())
+                        sent[i] = public_copy.snapshot(t.block())
                 mixed = exchange_in_memory(topo, sent, copies, cfg.codec, full=first, mixers=mixers,
                                            attacks=attacks, seq=schedule.seq(rnd, blk, step), cpu=cpu)
             stats = {}

@@ -111,13 +111,13 @@ def test_alone_when_every_neighbour_is_gone_or_silent(pair):
 # sends (and the public copy its receivers keep) is scaled or replaced. Run as `python -c HOSTILE MODE start ...`.
 HOSTILE = """
 import sys, torch
-from deca_p2p import wire
+from deca_p2p import public_copy, wire
 mode = sys.argv.pop(1)
-orig = wire.PublicCopy.encode_block
+orig = public_copy.PublicCopy.encode_block
 def evil(self, current, **kw):
     f = (lambda v: v * 1000) if mode == "x1000" else (lambda v: torch.full_like(v, 1e4))
     return orig(self, {k: f(v) for k, v in current.items()}, **kw)
-wire.PublicCopy.encode_block = evil
+public_copy.PublicCopy.encode_block = evil
 from deca_p2p.cli import main
 main()
 """

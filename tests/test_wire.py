@@ -23,7 +23,6 @@ from deca_p2p.wire import (
     REASONS,
     Codec,
     Message,
-    PublicCopy,
     WireError,
     check_names,
     decode,
@@ -31,6 +30,7 @@ from deca_p2p.wire import (
     encode_with_roundtrip,
     get_codec,
 )
+from deca_p2p.public_copy import PublicCopy
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 SRC_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
