@@ -48,20 +48,18 @@ Refused connections never reach ``recv``: a socket monitor on the ROUTER counts 
 from __future__ import annotations
 
 import copy
-import logging
 import random
 import re
-import secrets
 import socket as _socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import zmq
 
 # the outgoing links (emulation, queue, sender thread) live in link.py; what both use, in transport_base.py
+from .curve import ZAP_DOMAIN, CurveConfig, Gatekeeper
 from .delay_line import DelayLine, split_stamp
 from .link import (LinkCounters, LinkSpec, MAX_QUEUED_BYTES, MAX_QUEUED_DATA, _as_buffer, _Item,  # noqa: F401
                    _Link, _link_params, _nbytes)
@@ -72,85 +70,17 @@ from .heap import malloc_trim
 
 REANSWER_S = 1.0                # a repeated hello of the same (neighbour, inc) is answered again at most this often
 
-__all__ = ["TransportError", "LinkSpec", "LinkCounters", "CurveConfig", "Transport"]
+__all__ = ["TransportError", "LinkSpec", "LinkCounters", "CurveConfig", "Transport"]  # CurveConfig: curve.py
 
 _ROUTING_ID_RE = re.compile(rb"peer-(0|[1-9][0-9]{0,9})")
 _TCP_RE = re.compile(r"tcp://(\[[^\]]*\]|[^:/\[\]]+):(\d+)")
 
 
 
-ZAP_DOMAIN = "deca-p2p"
 CURVE_SLOWEST_RATE = 20e6       # bytes/s: heartbeat timeouts allow a largest message moving this slowly under CURVE
 PLAIN_SLOWEST_RATE = 100e6      # bytes/s: the same allowance without CURVE
 
 
-@dataclass(frozen=True)
-class CurveConfig:
-    """CURVE keys of one peer: its own keypair and every allowed peer's public key (all z85, 40 bytes).
-
-    ``peer_keys`` ({peer id: public key}) is the allow-list and the key -> peer id map; it must hold this
-    peer's and every neighbour's key.  The secret key is left out of ``repr`` so it cannot reach a log.
-    """
-
-    public_key: bytes
-    secret_key: bytes = field(repr=False)
-    peer_keys: Mapping[int, bytes] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        def z85key(k: Any, what: str) -> bytes:
-            if isinstance(k, str):
-                k = k.encode("ascii", "replace")
-            if not isinstance(k, bytes) or len(k) != 40:
-                raise TransportError(f"{what} is not a 40-character z85 CURVE key")
-            return k
-
-        object.__setattr__(self, "public_key", z85key(self.public_key, "public_key"))
-        object.__setattr__(self, "secret_key", z85key(self.secret_key, "secret_key"))
-        keys = {int(i): z85key(k, f"public key of peer {i}") for i, k in self.peer_keys.items()}
-        owners: dict[bytes, int] = {}
-        for i, k in sorted(keys.items()):
-            if k in owners:
-                raise TransportError(f"peers {owners[k]} and {i} have the same public key")
-            owners[k] = i
-        object.__setattr__(self, "peer_keys", keys)
-        try:
-            derived = zmq.curve_public(self.secret_key)
-        except (zmq.ZMQError, ValueError):
-            raise TransportError("secret_key is not a valid CURVE key") from None
-        if derived != self.public_key:
-            raise TransportError("secret_key does not belong to public_key")
-
-    def owner(self) -> dict[bytes, int]:
-        """{public key: peer id}."""
-        return {k: i for i, k in self.peer_keys.items()}
-
-
-class _AllowList:
-    """ZAP credentials provider: accept exactly the given public keys (z85 bytes)."""
-
-    def __init__(self, keys: Sequence[bytes]):
-        self.keys = frozenset(keys)
-        self.denied = 0
-        self.last_denied: bytes | None = None  # the last refused key (public: fine to log)
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        ok = key in self.keys
-        if not ok:
-            self.denied += 1
-            self.last_denied = key
-        return ok
-
-
-# the socket-monitor events of a failed incoming handshake, and how the first one is described on the console
-HANDSHAKE_EVENTS = {
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no_detail",
-}
-_PROTOCOL_ERRORS = {
-    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "security mechanism mismatch (a client without --secure?)",
-    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "cryptographic error (a public key used without its secret key?)",
-}
 
 
 def _parse_src(routing_id: bytes) -> int | None:
@@ -234,14 +164,7 @@ class Transport:
                 raise TransportError(f"no public key for neighbour {no_key[0]}")
         self.curve: CurveConfig | None = curve
         self._key_owner: dict[bytes, int] = curve.owner() if curve is not None else {}
-        self._auth: Any = None          # the ZAP handler (zmq.auth.thread.ThreadAuthenticator) when secure
-        self._allow: _AllowList | None = None
-        # secure: failed incoming handshakes, counted by a monitor thread on the ROUTER (_watch_handshakes)
-        self.rejected_handshakes = 0
-        self.handshake_failures: dict[str, int] = {}
         self.log = log                  # one-line notes for the console (the first refused handshake)
-        self._monitor: threading.Thread | None = None
-        self._monitor_stop = threading.Event()
         self.endpoints = eps
         self.endpoint = eps[self.my_id]
         self.neighbours: tuple[int, ...] = tuple(nbrs)
@@ -252,6 +175,8 @@ class Transport:
         self.seed = seed
         self._own_ctx = ctx is None
         self.ctx: zmq.Context = zmq.Context() if ctx is None else ctx
+        # secure: the ZAP handler, and the count of refused handshakes (curve.py)
+        self._gate = None if curve is None else Gatekeeper(self.ctx, curve, self.my_id, self.endpoint, log)
         self._links: dict[int, _Link] = {
             n: _Link(self, n, eps[n], links.get(n), random.Random(f"deca-link/{seed}/{self.my_id}/{n}"))
             for n in nbrs
@@ -300,8 +225,8 @@ class Transport:
             raise TransportError("transport already started")
         _wire()  # import now (it pulls in torch): close() and barrier() must not pay for it
         addr = _bind_address(self.endpoint)
-        if self.curve is not None:
-            self._start_auth()  # before the ROUTER binds: without a ZAP handler libzmq accepts any client key
+        if self._gate is not None:
+            self._gate.start_auth()  # before the ROUTER binds: without a ZAP handler libzmq accepts any client key
         router = self.ctx.socket(zmq.ROUTER)
         try:
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -314,14 +239,16 @@ class Transport:
                 router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
                 router.setsockopt(zmq.CURVE_SERVER, 1)
                 router.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret_key)
-                self._start_monitor(router)  # before bind: no refused handshake goes uncounted
+                self._gate.start_monitor(router)  # before bind: no refused handshake goes uncounted
             if addr.startswith("tcp://["):
                 router.setsockopt(zmq.IPV6, 1)
             router.bind(addr)
         except zmq.ZMQError as e:
-            self._stop_monitor(router)
+            if self._gate is not None:
+                self._gate.stop_monitor(router)
             router.close(linger=0)
-            self._stop_auth()
+            if self._gate is not None:
+                self._gate.stop_auth()
             raise TransportError(f"cannot bind {self.endpoint}: {_zmq_reason(e)}") from None
         self._router = router
         try:
@@ -342,109 +269,20 @@ class Transport:
             self.close(send_bye=False)
             raise TransportError(errors[0])
 
-    def _start_auth(self) -> None:
-        from zmq.auth.thread import ThreadAuthenticator
-
-        assert self.curve is not None
-        auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("deca_p2p.transport.zap"))
-        try:
-            auth.start()
-        except zmq.ZMQError as e:
-            try:
-                auth.stop()
-            except Exception:
-                pass
-            if e.errno == zmq.EADDRINUSE:
-                raise TransportError("a secure Transport needs a zmq context of its own "
-                                     "(this one already has a ZAP handler)") from None
-            raise TransportError(f"cannot start the ZAP handler: {_zmq_reason(e)}") from None
-        self._allow = _AllowList(list(self.curve.peer_keys.values()))
-        auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self._allow)
-        self._auth = auth
-
-    def _start_monitor(self, router: zmq.Socket) -> None:
-        """Watch the ROUTER's failed handshakes from a thread of our own (a monitor socket is a PAIR: one reader)."""
-        addr = f"inproc://deca-handshakes-{self.my_id}-{secrets.token_hex(6)}"
-        events = zmq.EVENT_MONITOR_STOPPED
-        for ev in HANDSHAKE_EVENTS:
-            events |= ev
-        router.monitor(addr, events)
-        ready = threading.Event()
-        self._monitor_stop.clear()
-        self._monitor = threading.Thread(target=self._watch_handshakes, args=(addr, ready),
-                                         name=f"deca-handshakes-{self.my_id}", daemon=True)
-        self._monitor.start()
-        ready.wait(5.0)
-
-    def _watch_handshakes(self, addr: str, ready: threading.Event) -> None:
-        from zmq.utils.monitor import parse_monitor_message
-
-        sock = self.ctx.socket(zmq.PAIR)
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(addr)
-            ready.set()
-            while True:
-                if sock.poll(200, zmq.POLLIN):
-                    ev = parse_monitor_message(sock.recv_multipart())
-                    if ev["event"] == zmq.EVENT_MONITOR_STOPPED:
-                        break
-                    self._count_handshake(ev["event"], ev["value"])
-                elif self._monitor_stop.is_set():
-                    break
-        except Exception:  # never let the monitor take the peer down; counting is best effort
-            pass
-        finally:
-            ready.set()
-            sock.close(linger=0)
-
-    def _count_handshake(self, event: int, value: int) -> None:
-        kind = HANDSHAKE_EVENTS.get(event)
-        if kind is None:
-            return
-        with self._ctr_lock:
-            self.rejected_handshakes += 1
-            self.handshake_failures[kind] = self.handshake_failures.get(kind, 0) + 1
-            first = self.rejected_handshakes == 1
-        if first and self.log is not None:
-            if kind == "auth":
-                key = self._allow.last_denied if self._allow is not None else None
-                why = f"the client's CURVE key {key.decode('ascii', 'replace') if key else ''} is not in the " \
-                      f"bootstrap file (ZAP status {value})"
-            elif kind == "protocol":
-                why = _PROTOCOL_ERRORS.get(value, f"ZMTP protocol error {value:#x}")
-            else:
-                why = "the connection failed before the handshake completed"
-            try:
-                self.log(f"refused a connection to {self.endpoint}: {' '.join(why.split())}; every refused handshake "
-                         f"is counted in the metrics (rejected_handshakes)")
-            except Exception:
-                pass
-
-    def _stop_monitor(self, router: zmq.Socket | None) -> None:
-        thread, self._monitor = self._monitor, None
-        if thread is None:
-            return
-        if router is not None:
-            try:
-                router.disable_monitor()  # sends EVENT_MONITOR_STOPPED: the thread ends
-            except zmq.ZMQError:
-                pass
-        self._monitor_stop.set()
-        thread.join(2.0)
-
-    def _stop_auth(self) -> None:
-        auth, self._auth = self._auth, None
-        if auth is not None:
-            try:
-                auth.stop()
-            except Exception:
-                pass
-
     @property
     def rejected_keys(self) -> int:
         """Secure: CURVE handshakes the ZAP handler refused (client key not allowed)."""
-        return self._allow.denied if self._allow is not None else 0
+        return self._gate.rejected_keys if self._gate is not None else 0
+
+    @property
+    def rejected_handshakes(self) -> int:
+        """Secure: failed incoming handshakes, counted by a monitor thread on the ROUTER (curve.py)."""
+        return self._gate.rejected_handshakes if self._gate is not None else 0
+
+    @property
+    def handshake_failures(self) -> dict[str, int]:
+        """Secure: the failed incoming handshakes by kind (auth, protocol, no_detail)."""
+        return self._gate.handshake_failures if self._gate is not None else {}
 
     def close(self, send_bye: bool = True) -> None:
         """Send bye to neighbours (best effort), stop the link threads, close sockets (bounded)."""
@@ -471,10 +309,12 @@ class Transport:
                     link.thread.join(max(0.0, deadline - time.monotonic()) + 2.0)
                     stuck |= link.thread.is_alive()
             if self._router is not None:
-                self._stop_monitor(self._router)
+                if self._gate is not None:
+                    self._gate.stop_monitor(self._router)
                 self._router.close(linger=0)
                 self._router = None
-            self._stop_auth()
+            if self._gate is not None:
+                self._gate.stop_auth()
             if stuck:  # cannot happen unless zmq hangs; never block forever in term()
                 return
         if self._own_ctx:

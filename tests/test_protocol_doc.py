@@ -13,9 +13,8 @@ def citations() -> list[tuple[str, str]]:
     out = []
     for group in CITE.findall(PROTOCOL.read_text()):
         parts = [p.strip() for p in group.replace("\n", " ").split(",")]
-        found = [ONE.match(p) for p in parts]
-        if parts and all(found):  # a citation group, not some other bracketed text
-            out += [(m.group(1), m.group(2)) for m in found]
+        # a group may mix citations with a bare module or prose ("[delay_line, transport:Transport._read]")
+        out += [(m.group(1), m.group(2)) for m in map(ONE.match, parts) if m]
     return out
 
 
