@@ -144,7 +144,7 @@ def main() -> None:
     for r in rows:
         mx, sm = max(r["compute"], r["comm"]), r["compute"] + r["comm"]
         L.append(f"| {r['n']} | {r['latency']} | {r['bw']} | {r['S'] / 1e6:.3f} | {r['compute']:.3f} | {r['comm']:.3f} | "
-                 f"{mx:.3f} | {sm:.3f} | {r['blocking']:.3f} | {r['overlap']:.3f} | **{r['overlap'] / mx:.2f}** | "
+                 f"{mx:.3f} | {sm:.3f} | {r['blocking']:.3f} | {r['overlap']:.3f} | **{r['overlap'] / mx:.3f}** | "
                  f"{r['blocking'] / sm:.2f} | {r['blocking'] / r['overlap']:.2f}x | "
                  f"{r['blocking_median']:.3f} / {r['overlap_median']:.3f} | {r['cpu_share']:.3f} | "
                  f"{100 * r['wait_blocking']:.0f}% → {100 * r['wait_overlap']:.0f}% |")
