@@ -18,7 +18,7 @@ Owners who keep their secret key on their own machine use the per-peer form inst
 public key, which the operator puts into the shared bootstrap file with
 ``deca-peer bootstrap --file B --set-key I=<key>`` (``set_public_keys``); no secret ever leaves its machine.
 
-``load_curve`` builds a peer's ``transport.CurveConfig``: its keypair from the keys directory and every
+``load_curve`` builds a peer's ``curve.CurveConfig``: its keypair from the keys directory and every
 peer's public key from the bootstrap file, checked against each other.  Every failure is a ``KeysError``
 with a one-line message that never contains secret key material.
 """
@@ -34,7 +34,7 @@ import zmq
 import zmq.auth
 
 from . import atomic, bootstrap
-from .transport import CurveConfig
+from .curve import CurveConfig
 
 __all__ = ["KeysError", "secret_key_path", "public_key_path", "make_keys", "make_keypair", "set_public_keys",
            "load_curve", "check_public_key"]

@@ -1,6 +1,6 @@
 """One outgoing link of a Transport: its emulated latency, bandwidth and jitter, its bounded queue, and the sender
-thread that owns the link's DEALER socket (deca_p2p/transport.py has the rest: the ROUTER, the hello barrier,
-security). On an emulated link a message is handed to ZeroMQ, whole, when its emulated transmission starts, stamped
+thread that owns the link's DEALER socket (deca_p2p/transport.py has the rest: the ROUTER, the hello barrier;
+curve.py security). On an emulated link a message is handed to ZeroMQ, whole, when its emulated transmission starts, stamped
 with the time the link would deliver it, and the receiver holds it until then (delay_line.py says why);
 ``LinkCounters`` counts what went out."""
 

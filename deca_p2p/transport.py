@@ -176,7 +176,7 @@ class Transport:
         self._own_ctx = ctx is None
         self.ctx: zmq.Context = zmq.Context() if ctx is None else ctx
         # secure: the ZAP handler, and the count of refused handshakes (curve.py)
-        self._gate = None if curve is None else Gatekeeper(self.ctx, curve, self.my_id, self.endpoint, log)
+        self._gate = None if curve is None else Gatekeeper(self.ctx, curve, self.my_id, self.endpoint, self._note)
         self._links: dict[int, _Link] = {
             n: _Link(self, n, eps[n], links.get(n), random.Random(f"deca-link/{seed}/{self.my_id}/{n}"))
             for n in nbrs
@@ -268,6 +268,10 @@ class Transport:
         if errors:
             self.close(send_bye=False)
             raise TransportError(errors[0])
+
+    def _note(self, line: str) -> None:
+        if self.log is not None:  # read at each note: a caller may set `log` after construction
+            self.log(line)
 
     @property
     def rejected_keys(self) -> int:

@@ -16,9 +16,9 @@ shape, nbytes}`` plus exactly the codec's extra fields, e.g. ``scale`` for int8)
 str -> finite number). Only ``block`` messages may carry tensors. A ``hello`` may also carry ``cfg``, the
 sender's configuration fingerprint (map str -> str, at most MAX_CFG_ENTRIES entries; see fingerprint.py).
 
-Sending::
+Sending (public_copy.py's ``encode_whole`` does this from a snapshot, so that training may go on meanwhile)::
 
-    frames = encode(Message("block", src=me, codec="raw", full=True, tensors=theta_half))
+    frames = encode(Message("block", src=me, codec="raw", full=True, tensors=snapshot_of_theta_half))
     sock.send_multipart(frames, copy=False)
 
 Receiving::

@@ -24,7 +24,7 @@ REASONS = frozenset(
         "non_finite",  # NaN/Inf in stats, in a codec field, or in decoded values
         "names",  # bad/duplicate tensor name, or names differ from those expected
         "no_base",  # a delta arrived but there is no public copy to apply it to (ask for a resync)
-        "internal",  # a bug in this module surfaced while decoding (should never happen; tests check)
+        "internal",  # a bug in wire.py surfaced while decoding (should never happen; tests check)
     }
 )
 
