@@ -137,15 +137,18 @@ def model(tmp_path_factory):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("robust", ["none", "clip"])
 @pytest.mark.parametrize("mode", ["x1000", "const1e4"])
-def test_honest_peers_survive_a_finite_hostile_neighbour(model, tmp_path, mode):
+def test_honest_peers_survive_a_finite_hostile_neighbour(model, tmp_path, mode, robust):
+    """robust none: the hostile blocks are mixed in (the honest peers may diverge: then exit 3, one line);
+    clip (the default): they are left out of every mix and the neighbour is flagged."""
     topo = tmp_path / "ring3.json"
     topo.write_text(ring(3).to_json())  # a triangle: each honest peer has the hostile one and one honest neighbour
     base = free_base_port(3)
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     common = ["--neighbors", topo, "--run-dir", run, "--base-port", base, "--model", model, *PEER_ARGS]
-    honest = [subprocess.Popen(deca_peer_cmd("start", "--id", i, *common), stdout=subprocess.PIPE,
+    honest = [subprocess.Popen(deca_peer_cmd("start", "--id", i, *common, "--robust", robust), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path) for i in (0, 1)]
     hostile_log = tmp_path / "hostile.log"
     with open(hostile_log, "w") as log:
@@ -173,8 +176,15 @@ def test_honest_peers_survive_a_finite_hostile_neighbour(model, tmp_path, mode):
         # the hostile blocks did arrive: an honest neighbour's block sits within a few units of this peer's own
         worst = max((r.get("disagreement") or 0.0 for r in steps), default=0.0)
         assert worst > 100, (i, worst)
+        mixed_hostile = [r["step"] for r in steps if 2 in (r.get("mixed") or [])]
+        if robust == "none":
+            assert mixed_hostile, f"peer {i} never mixed the hostile block"
+        else:
+            assert not mixed_hostile, (i, mixed_hostile)
+            if recs[-1]["event"] == "final":
+                assert "2" in recs[-1]["flagged"], recs[-1]
         summary.append((i, p.returncode, len(steps), lines[-1][:100] if lines else ""))
-    print(f"hostile {mode}: " + "; ".join(f"peer {i}: exit {c} after {n} steps {msg}" for i, c, n, msg in summary))
+    print(f"hostile {mode}, robust {robust}: " + "; ".join(f"peer {i}: exit {c} after {n} steps {msg}" for i, c, n, msg in summary))
 
 
 # ------------------------------------------------------------------------------------- a peer left alone

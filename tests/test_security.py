@@ -365,3 +365,5 @@ def test_secure_network_of_real_peers(deca_cache, tmp_path):
         recs = [json.loads(line) for line in (run_dir / f"peer-{i}" / "metrics.jsonl").read_text().splitlines()]
         final = [r for r in recs if r["event"] == "final"]
         assert final and final[-1]["bytes_recv"] > 0
+        exchanges = [r for r in recs if r["event"] == "step" and "missing" in r]  # (the hellos alone count bytes too)
+        assert exchanges and all(r["missing"] == [] for r in exchanges), [r["missing"] for r in exchanges]
