@@ -46,6 +46,11 @@ Modes (config ``robust``):
           ‖θ½_i‖: honest peers fine-tuning differ from each other by a few percent of their block's norm, while
           x10, x1000, sign-flip, noise-of-the-block's-scale and constant blocks are at least 1.4x that norm away,
           beyond 2τ: they are still left out from the first exchange on and count towards flagging.
+          With DP noise (``--dp-noise σ --dp-clip C``, privacy.py) every release carries N(0, (σC)²) per element,
+          so two honest blocks of n elements are about sqrt(2n)·σC apart whatever they learnt: the cold τ is then
+          at least TAU_FACTOR × that (the median rule sees the noise in its samples). Without that floor a peer
+          whose activations have one or two exchanges (small R) left its honest neighbours out at each first
+          exchange and flagged them all by the fourth (an audit found it; tests/test_privacy.py covers it).
 
 ``trim``  coordinate-wise trimmed mean over the closed neighbourhood (own θ½ and every θ̂_j that arrived):
           per coordinate, drop the ``robust_trim`` = b largest and b smallest values and average the rest,
@@ -169,13 +174,16 @@ class RobustMixer:
 
     def __init__(self, me: int, row: Mapping[int, float], mode: str = "none", *, tau: float = 0.0, trim: int = 1,
                  exclude: Sequence[int] = (), log: Callable[[str], None] | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, noise_std: float = 0.0):
         if mode not in ROBUST_MODES:
             raise ValueError(f"robust must be one of {', '.join(ROBUST_MODES)}, got {mode!r}")
         if not (math.isfinite(tau) and tau >= 0):
             raise ValueError(f"robust_tau must be a finite number >= 0, got {tau}")
         if trim < 1:
             raise ValueError(f"robust_trim must be at least 1, got {trim}")
+        if not (math.isfinite(noise_std) and noise_std >= 0):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}")
+        self.noise_std = float(noise_std)  # DP: the std of the noise in every release, per element (see the docstring)
         self.me, self.row, self.mode, self.tau_rel, self.trim = me, dict(row), mode, float(tau), int(trim)
         self.dtype = dtype  # the mix's accumulator (None: the block's own dtype; optim.MixAccumulator)
         self.exclude = frozenset(exclude)  # never mixed in, in any mode (an operator's manual quarantine)
@@ -220,7 +228,7 @@ class RobustMixer:
         if len(self._pool) >= TAU_WARM:
             auto_tau = TAU_FACTOR * lower_median(all_d)
         else:  # an activation's first exchange: one sample of distances is too few to call an honest one an outlier
-            auto_tau = COLD_TAU * math.sqrt(sq_distance(own))
+            auto_tau = max(COLD_TAU * math.sqrt(sq_distance(own)), self._noise_tau(own))
         if self.tau_rel > 0:
             tau = self.tau_rel * math.sqrt(sq_distance(own))
         else:
@@ -240,6 +248,12 @@ class RobustMixer:
             report.mixed = list(use)
         self.last = report
         return out
+
+    def _noise_tau(self, own) -> float:
+        """DP: TAU_FACTOR x the distance the noise alone puts between two honest releases, sqrt(2 n) x noise std."""
+        if self.noise_std <= 0:
+            return 0.0
+        return TAU_FACTOR * math.sqrt(2 * sum(t.numel() for t in own)) * self.noise_std
 
     def _speeds(self, own, theirs, order) -> dict[int, float]:
         """How far each neighbour's block moved since the previous exchange, relative to the own θ½'s move
@@ -352,4 +366,5 @@ def parse_ids(text: str) -> list[int]:
 def make_mixer(cfg, me: int, row: Mapping[int, float], log: Callable[[str], None] | None = None) -> RobustMixer:
     return RobustMixer(me, row, cfg.robust, tau=cfg.robust_tau, trim=cfg.robust_trim,
                        exclude=parse_ids(cfg.robust_exclude), log=log,
-                       dtype=torch.float64 if cfg.mix_dtype == "float64" else None)
+                       dtype=torch.float64 if cfg.mix_dtype == "float64" else None,
+                       noise_std=cfg.dp_noise * cfg.dp_clip)

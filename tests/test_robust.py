@@ -380,3 +380,38 @@ def test_clip_clips_a_moderate_outlier_to_tau_and_leaves_a_gross_one_out():
     out = m.mix(own, {1: honest, 7: gross})[0]
     assert torch.equal(out, RobustMixer(0, RING, "none").mix(own, {1: honest})[0])
     assert m.last.clipped == {7: pytest.approx(2.5)}
+
+
+def test_dp_noise_raises_the_cold_radius_so_honest_noisy_neighbours_are_mixed():
+    """With DP every release carries N(0, s²) per element: two honest blocks are ~sqrt(2n)·s apart whatever they
+    learnt. Activations of two exchanges (the cold one and one more) used to leave both honest neighbours out at
+    every first exchange and flag them by the fourth; with the noise floor nobody is left out or flagged, and a x1000
+    neighbour still is."""
+    own0 = _block(0)
+    n = sum(t.numel() for t in own0)
+    s = 1.0  # noise std: two honest releases are sqrt(2n) s apart, beyond 2 x the cold radius of a noisy block
+    assert math.sqrt(2 * n) * s > 2 * COLD_TAU * math.sqrt(_norm(own0) ** 2 + n * s * s)  # HARD_CLIP = 2
+
+    def noisy(block, seed):
+        g = torch.Generator().manual_seed(seed)
+        return [t + s * torch.randn(t.shape, generator=g) for t in block]
+
+    def run(noise_std, attacker=False):
+        m = RobustMixer(0, RING, "clip", noise_std=noise_std)
+        left_out = 0
+        for act in range(6):
+            m.begin_activation()
+            for k in range(2):
+                seed = 100 * act + 10 * k
+                own = noisy(own0, seed)
+                theirs = {1: noisy(own0, seed + 1), 7: noisy(own0, seed + 2)}
+                if attacker:
+                    theirs[7] = [t * 1000 for t in theirs[7]]
+                m.mix(own, theirs)
+                left_out += 2 - len(m.last.mixed)
+        return left_out, m.final_record()["flagged"]
+
+    assert set(run(0.0)[1]) == {"1", "7"}  # without the floor: both honest neighbours end flagged
+    assert run(s) == (0, {})
+    left_out, flagged = run(s, attacker=True)
+    assert left_out == 12 and set(flagged) == {"7"}  # the x1000 one, at every exchange; the honest one never
