@@ -283,3 +283,52 @@ def test_real_peers_with_dp_reproduce_simulate(deca_cache, tmp_path):
         assert final["event"] == "final" and final["dp_epsilon"] == pytest.approx(res.privacy[i]["dp_epsilon"])
         mixes = [r["mixed"] for r in recs if r["event"] == "step" and "mixed" in r]
         assert mixes and all(sorted(m) == sorted({(i - 1) % 4, (i + 1) % 4}) for m in mixes), (i, mixes)
+
+
+# A peer that writes down the stats keys of every block it takes from a neighbour (what crossed the wire beside the
+# block). Run as `python -c SPY OUTFILE start ...`.
+SPY = """
+import sys
+from deca_p2p import gossip
+out = sys.argv.pop(1)
+orig = gossip.Gossip._take
+seen = set()
+def spy(self, j, msg, seq, arrived):
+    if msg.kind == "block" and not set(msg.stats) <= seen:
+        seen.update(msg.stats)
+        with open(out, "w") as f:
+            f.write(" ".join(sorted(seen)))
+    return orig(self, j, msg, seq, arrived)
+gossip.Gossip._take = spy
+from deca_p2p.cli import main
+main()
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("dp", [True, False], ids=["dp", "no_dp"])
+def test_with_dp_a_block_carries_no_data_dependent_number(deca_cache, tmp_path, dp):
+    """peer.py hands gossip only `public_stats` with DP on; without DP the loss and gradient norm go along (the
+    control: what the spy sees is what was sent)."""
+    from deca_p2p.topology import ring
+
+    topo = tmp_path / "ring2.json"
+    topo.write_text(ring(2).to_json())
+    flags = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
+    if dp:
+        flags += ["--dp-clip", "0.05", "--dp-noise", "0.5"]
+    base = free_base_port(2)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    seen = [tmp_path / f"seen-{i}.txt" for i in range(2)]
+    procs = [subprocess.Popen([deca_peer_cmd()[0], "-c", SPY, str(seen[i]), "start", "--id", str(i), "--neighbors",
+                               str(topo), "--run-dir", str(tmp_path / "run"), "--base-port", str(base), *flags],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    for f in seen:
+        keys = set(f.read_text().split())
+        if dp:
+            assert keys and keys <= {*privacy.PUBLIC_STATS, "sent_at"}, keys  # sent_at: the link's timing
+        else:
+            assert {"loss", "grad_norm"} <= keys, keys
