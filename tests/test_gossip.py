@@ -27,9 +27,9 @@ def pair():
         t.close(send_bye=False)
 
 
-def _gossip(tr, me, timeout=5.0):
+def _gossip(tr, me, timeout=5.0, codec="raw"):
     sched = Schedule(n_blocks=1, rounds=1, inner_steps=4, order="ascending", seed=0)
-    g = Gossip(tr, me, ring(2), sched, NAMES, block_shapes=SHAPES, timeout_s=timeout, inc=100 + me)
+    g = Gossip(tr, me, ring(2), sched, NAMES, block_shapes=SHAPES, timeout_s=timeout, inc=100 + me, codec=codec)
     g.begin_activation(0, 0)
     return g
 
@@ -39,14 +39,17 @@ def _block(seed):
     return {"w": torch.randn(3, 2), "b": torch.randn(2)}
 
 
-def test_two_peers_mix_to_their_average(pair):
+@pytest.mark.parametrize("codec,atol", [("raw", 1e-6), ("bf16", 2e-2)])
+def test_two_peers_mix_to_their_average(pair, codec, atol):
+    """raw: every block goes whole; bf16: the first whole, the later ones as deltas against the public copy that
+    sender and receiver both keep (error feedback), so the mix is the average up to bf16's rounding."""
     trs, _ = pair
-    gs = [_gossip(trs[i], i) for i in range(2)]
+    gs = [_gossip(trs[i], i, codec=codec) for i in range(2)]
     blocks = [_block(0), _block(1)]
     out = [None, None]
     for step in range(3):
         for b in blocks:
-            b["w"] += 0.1 * step  # a changing block: steps after the first travel as deltas
+            b["w"] += 0.1 * step  # a changing block
         th = threading.Thread(target=lambda: out.__setitem__(1, gs[1].exchange(0, 0, step, blocks[1])))
         th.start()
         out[0] = gs[0].exchange(0, 0, step, blocks[0])
@@ -56,8 +59,10 @@ def test_two_peers_mix_to_their_average(pair):
         avg = [(blocks[0][k] + blocks[1][k]) / 2 for k in ("w", "b")]
         for r in out:
             for got, want in zip(r.mixed, avg):
-                assert torch.allclose(got, want, atol=1e-6)
+                assert torch.allclose(got, want, atol=atol)
     assert sum(gs[0].dropped.values()) == 0
+    # lossy: each side keeps the other's public copy, advanced by the deltas; raw keeps nothing per neighbour
+    assert (gs[0].copies[1].tensors is not None) == (codec != "raw")
 
 
 def test_silent_neighbour_is_left_out_and_not_waited_for_again(pair):
