@@ -156,3 +156,75 @@ def test_a_neighbour_that_said_bye_first_still_gets_ours(pair):
     th.join(15.0)
     assert not th.is_alive()
     assert 0 in gs[1].gone  # 1's finish ended on 0's bye, not on its timeout
+
+
+def _drain(g, tr, until, seconds=20):
+    """Read what is still queued for G (a loaded machine may deliver after the exchange) until UNTIL() holds."""
+    deadline = time.time() + seconds
+    while not until() and time.time() < deadline:
+        got = tr.recv(0.2)
+        if got is not None:
+            g._handle(*got, seq=0, arrived={})
+
+
+def test_blocks_that_break_the_exchange_rules_are_dropped_by_reason(pair):
+    """PROTOCOL.md §8: a raw block that is not whole (raw_delta); a lossy delta whose predecessor never came
+    (chain_gap: and a resync goes back to its sender); a block further ahead than the look-ahead window
+    (too_far_ahead); one a little ahead is kept for its exchange."""
+    from deca_p2p import wire
+
+    trs, _ = pair
+    sched = Schedule(n_blocks=1, rounds=1, inner_steps=10, order="ascending", seed=0)
+    g = Gossip(trs[0], 0, ring(2), sched, NAMES, block_shapes=SHAPES, timeout_s=0.6, inc=100)
+    g.begin_activation(0, 0)
+    z = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
+
+    def block(step, codec, full):
+        return wire.encode(wire.Message("block", src=1, inc=101, step=step, codec=codec, full=full, tensors=z))
+
+    trs[1].send(0, block(0, "raw", False))
+    trs[1].send(0, block(0, "bf16", False))
+    trs[1].send(0, block(2, "raw", True))              # 2 ahead: buffered (window 4)
+    trs[1].send(0, block(9, "raw", True))              # 9 ahead: dropped
+    r = g.exchange(0, 0, 0, _block(4))
+    assert r.missing == [1]
+    want = {"raw_delta": 1, "chain_gap": 1, "too_far_ahead": 1}
+    _drain(g, trs[0], lambda: all(g.dropped[k] >= n for k, n in want.items()))
+    assert dict(g.dropped) == want
+    assert 2 in g.pending[1]
+    resync = None
+    deadline = time.time() + 20
+    while resync is None and time.time() < deadline:
+        got = trs[1].recv(0.2)
+        if got is not None and got[0] == 0:
+            msg = wire.decode(got[1])
+            resync = msg if msg.kind == "resync" else None
+    assert resync is not None and resync.src == 0
+
+
+def test_blocks_of_a_neighbour_whose_hello_carried_another_configuration_are_dropped():
+    """A restarted neighbour (a new incarnation) whose fingerprint differs: the transport refuses its hello, and
+    gossip drops that incarnation's blocks as `config` (PROTOCOL.md §6.1)."""
+    from deca_p2p import wire
+
+    base = free_base_port(2)
+    eps = {i: f"tcp://127.0.0.1:{base + i}" for i in range(2)}
+    trs = [Transport(i, eps, [1 - i], send_timeout_s=1.0, hello_cfg={"protocol": "3", "algo": "deca"})
+           for i in range(2)]
+    for t in trs:
+        t.start()
+    try:
+        sched = Schedule(n_blocks=1, rounds=1, inner_steps=4, order="ascending", seed=0)
+        g = Gossip(trs[0], 0, ring(2), sched, NAMES, block_shapes=SHAPES, timeout_s=0.6, inc=100)
+        g.begin_activation(0, 0)
+        trs[1].send(0, wire.encode(wire.Message("hello", src=1, inc=202, cfg={"protocol": "3", "algo": "dadam"})))
+        z = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
+        trs[1].send(0, wire.encode(wire.Message("block", src=1, inc=202, step=0, full=True, tensors=z)))
+        r = g.exchange(0, 0, 0, _block(5))
+        assert r.missing == [1]
+        _drain(g, trs[0], lambda: g.dropped["config"] >= 2)
+        assert dict(g.dropped) == {"config": 2}  # every message of that incarnation: its hello and its block
+        assert "algo" in trs[0].cfg_rejected[(1, 202)]
+    finally:
+        for t in trs:
+            t.close(send_bye=False)
