@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 from conftest import REPO, deca_peer_cmd, free_base_port
 from deca_p2p.checkpoint import latest
@@ -61,6 +62,35 @@ def test_kill_9_and_rejoin(deca_cache, tmp_path):
         assert records(run_dir, i, "final")
     incs = {r["inc"] for r in records(run_dir, 1, "start")}
     assert len(incs) == 2  # a new incarnation
+
+
+@pytest.mark.integration
+def test_a_restarted_peer_with_dp_counts_its_releases_on(deca_cache, tmp_path):
+    """Privacy accounting must not undercount: a peer killed mid-run and restarted counts its DP releases on from
+    its log (plus one it may have sent unlogged), so its ε goes on growing from where it was, not from zero."""
+    topo, run_dir, base = REPO / "topologies" / "ring4.json", tmp_path / "run", free_base_port(4)
+    dp = ["--set", "rounds=4", "--dp-clip", "0.5", "--dp-noise", "0.05"]
+    procs = {i: _start(i, topo, run_dir, base, *dp) for i in range(4)}
+    deadline = time.time() + 180
+    while latest(run_dir / "peer-1" / "checkpoint") is None:
+        assert time.time() < deadline and procs[1].poll() is None
+        time.sleep(0.2)
+    time.sleep(1.0)
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait()
+    before = [r for r in records(run_dir, 1, "step") if r.get("dp_releases")]
+    assert before
+    procs[1] = _start(1, topo, run_dir, base, *dp)
+    outs = {i: p.communicate(timeout=240)[0] for i, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), {i: o[-1500:] for i, o in outs.items()}
+    incs = [r["inc"] for r in records(run_dir, 1, "start")]
+    assert len(incs) == 2
+    after = [r for r in records(run_dir, 1, "step") if r.get("dp_releases") and r["time"] > before[-1]["time"]]
+    assert after, "the restarted peer released nothing"
+    assert after[0]["dp_releases"] >= before[-1]["dp_releases"] + 2  # logged, one maybe unlogged, then its own
+    assert after[0]["dp_epsilon"] > before[-1]["dp_epsilon"]
+    final = records(run_dir, 1, "final")[-1]
+    assert final["dp_releases"] == after[-1]["dp_releases"] and final["dp_epsilon"] >= after[-1]["dp_epsilon"]
 
 
 def test_straggler_is_waited_for_then_left_out(deca_cache, tmp_path):
