@@ -244,11 +244,7 @@ class Transport:
                 router.setsockopt(zmq.IPV6, 1)
             router.bind(addr)
         except zmq.ZMQError as e:
-            if self._gate is not None:
-                self._gate.stop_monitor(router)
-            router.close(linger=0)
-            if self._gate is not None:
-                self._gate.stop_auth()
+            self._shut(router)
             raise TransportError(f"cannot bind {self.endpoint}: {_zmq_reason(e)}") from None
         self._router = router
         try:
@@ -268,6 +264,16 @@ class Transport:
         if errors:
             self.close(send_bye=False)
             raise TransportError(errors[0])
+
+    def _shut(self, router: zmq.Socket | None) -> None:
+        """Close ROUTER (None: there is none) between its handshake monitor and the ZAP handler, in that order:
+        the monitor stops on the socket it watches, and the ZAP handler outlives every socket that asks it."""
+        if router is not None:
+            if self._gate is not None:
+                self._gate.stop_monitor(router)
+            router.close(linger=0)
+        if self._gate is not None:
+            self._gate.stop_auth()
 
     def _note(self, line: str) -> None:
         if self.log is not None:  # read at each note: a caller may set `log` after construction
@@ -312,13 +318,8 @@ class Transport:
                 if link.thread.ident is not None:
                     link.thread.join(max(0.0, deadline - time.monotonic()) + 2.0)
                     stuck |= link.thread.is_alive()
-            if self._router is not None:
-                if self._gate is not None:
-                    self._gate.stop_monitor(self._router)
-                self._router.close(linger=0)
-                self._router = None
-            if self._gate is not None:
-                self._gate.stop_auth()
+            router, self._router = self._router, None
+            self._shut(router)
             if stuck:  # cannot happen unless zmq hangs; never block forever in term()
                 return
         if self._own_ctx:
