@@ -21,6 +21,16 @@ def _start(i, topo, run_dir, base, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=run_dir.parent)
 
 
+def _kill_after_first_checkpoint(procs, run_dir, i, deadline) -> None:
+    """SIGKILL peer I a second after its first checkpoint: mid-round, with something to resume from."""
+    while latest(run_dir / f"peer-{i}" / "checkpoint") is None:
+        assert time.time() < deadline and procs[i].poll() is None
+        time.sleep(0.2)
+    time.sleep(1.0)
+    procs[i].send_signal(signal.SIGKILL)
+    procs[i].wait()
+
+
 def _activation(ckpt) -> int:
     """The activation a checkpoint directory holds (ckpt-a<activation>-<ns>; -1 for none)."""
     return -1 if ckpt is None else int(ckpt.name.split("-")[1][1:])
@@ -30,12 +40,7 @@ def test_kill_9_and_rejoin(deca_cache, tmp_path):
     topo, run_dir, base = REPO / "topologies" / "ring4.json", tmp_path / "run", free_base_port(4)
     procs = {i: _start(i, topo, run_dir, base, "--set", "rounds=6") for i in range(4)}
     deadline = time.time() + 180
-    while latest(run_dir / "peer-1" / "checkpoint") is None:  # killed after its first checkpoint, mid-round
-        assert time.time() < deadline and procs[1].poll() is None
-        time.sleep(0.2)
-    time.sleep(1.0)
-    procs[1].send_signal(signal.SIGKILL)
-    procs[1].wait()
+    _kill_after_first_checkpoint(procs, run_dir, 1, deadline)
     killed_at = time.time()
     # the neighbours carry on without it: restart it once they are two activations past its checkpoint, so that
     # its rejoin has activations to skip (it must pick up where the network is, not where it stopped)
@@ -71,13 +76,7 @@ def test_a_restarted_peer_with_dp_counts_its_releases_on(deca_cache, tmp_path):
     topo, run_dir, base = REPO / "topologies" / "ring4.json", tmp_path / "run", free_base_port(4)
     dp = ["--set", "rounds=4", "--dp-clip", "0.5", "--dp-noise", "0.05"]
     procs = {i: _start(i, topo, run_dir, base, *dp) for i in range(4)}
-    deadline = time.time() + 180
-    while latest(run_dir / "peer-1" / "checkpoint") is None:
-        assert time.time() < deadline and procs[1].poll() is None
-        time.sleep(0.2)
-    time.sleep(1.0)
-    procs[1].send_signal(signal.SIGKILL)
-    procs[1].wait()
+    _kill_after_first_checkpoint(procs, run_dir, 1, time.time() + 180)
     before = [r for r in records(run_dir, 1, "step") if r.get("dp_releases")]
     assert before
     procs[1] = _start(1, topo, run_dir, base, *dp)

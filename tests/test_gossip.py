@@ -77,6 +77,15 @@ def test_silent_neighbour_is_left_out_and_not_waited_for_again(pair):
     assert r.missing == [1] and r.wait_s < 0.4  # suspect: not waited for again
 
 
+def _drain(g, tr, until, seconds=20):
+    """Read what is still queued for G (a loaded machine may deliver after the exchange) until UNTIL() holds."""
+    deadline = time.time() + seconds
+    while not until() and time.time() < deadline:
+        got = tr.recv(0.2)
+        if got is not None:
+            g._handle(*got, seq=0, arrived={})
+
+
 def test_garbage_and_spoofed_messages_are_dropped_and_counted(pair):
     trs, _ = pair
     g = _gossip(trs[0], 0, timeout=0.6)
@@ -89,11 +98,7 @@ def test_garbage_and_spoofed_messages_are_dropped_and_counted(pair):
     trs[1].send(0, spoof)
     r = g.exchange(0, 0, 0, _block(3))
     assert r.missing == [1]
-    deadline = time.time() + 20  # a loaded machine may deliver them after the exchange
-    while (sum(g.dropped.values()) < 3 or not g.dropped["spoofed_src"]) and time.time() < deadline:
-        got = trs[0].recv(0.2)
-        if got is not None:
-            g._handle(*got)
+    _drain(g, trs[0], lambda: sum(g.dropped.values()) >= 3 and g.dropped["spoofed_src"])
     assert sum(g.dropped.values()) >= 3, g.dropped
     assert g.dropped["spoofed_src"] == 1
 
@@ -156,15 +161,6 @@ def test_a_neighbour_that_said_bye_first_still_gets_ours(pair):
     th.join(15.0)
     assert not th.is_alive()
     assert 0 in gs[1].gone  # 1's finish ended on 0's bye, not on its timeout
-
-
-def _drain(g, tr, until, seconds=20):
-    """Read what is still queued for G (a loaded machine may deliver after the exchange) until UNTIL() holds."""
-    deadline = time.time() + seconds
-    while not until() and time.time() < deadline:
-        got = tr.recv(0.2)
-        if got is not None:
-            g._handle(*got, seq=0, arrived={})
 
 
 def test_blocks_that_break_the_exchange_rules_are_dropped_by_reason(pair):
