@@ -73,7 +73,8 @@ class TrainConfig:
     # robust mixing against a bad neighbour (deca_p2p/robust.py): none | clip (self-centred clipping) | trim.
     # clip (automatic tau) is the default: without an attack it clipped no honest block in-process (ring8 and
     # exp16, the base model: the same weights as none, bit for bit); with a sign-flipping neighbour honest peers
-    # ended where leaving it out puts them, against +59% (ring8) / +94% (exp16) eval loss with none (README "Faults")
+    # ended where leaving it out puts them, against +78% (ring8) / +72% (exp16) mean eval loss with none
+    # (benchmarks/results/byzantine.md, real peers)
     robust: str = "clip"
     robust_tau: float = 0.0           # clip radius as a share of the peer's own block norm; 0: automatic (robust.py)
     robust_trim: int = 1              # trim: values dropped per side and coordinate (needs 2b+1 <= degree+1, else clip)
