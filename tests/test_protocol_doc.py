@@ -86,3 +86,17 @@ def test_appendix_a_names_each_constants_module_and_value():
             if actual != int(value.replace(" ", "")):
                 wrong.append(f"{names[0]} is {actual}, the appendix says {value}")
     assert not wrong, wrong
+
+
+def test_every_header_the_document_shows_has_the_codes_version():
+    """The `v` of every example header, the rule for `v` and the §13 limitation name the version the code speaks."""
+    from deca_p2p.wire import VERSION
+
+    text = PROTOCOL.read_text()
+    shown = [int(v) for v in re.findall(r"\{v: ?(\d+)\b", text)]
+    assert len(shown) >= 5  # hello, resync, bye and the worked example's headers
+    rule = re.search(r"\| `v` \| int \| Protocol version, MUST be `(\d+)`", text)
+    limit = re.search(r"A header with `v` ≠ (\d+) is dropped", text)
+    assert rule and limit
+    wrong = [v for v in shown + [int(rule.group(1)), int(limit.group(1))] if v != VERSION]
+    assert not wrong, f"PROTOCOL.md shows version(s) {sorted(set(wrong))}; the code speaks {VERSION}"
