@@ -16,8 +16,8 @@ and runs a ring of 2 real ``deca-peer start`` processes, one per namespace, on t
 ``--rate R`` runs both at R Mbit/s instead (the bucket grows with R) and writes netns_tbf_<R>mbit.md: at 1 Gbit/s,
 whether the emulator's goodput is above or below what a kernel-shaped link gives the same peers.
 
-Both runs measure the median inner-step wall time and the median goodput of block messages read while the
-receiver was waiting for them (``bandwidth_latency.measure``); the step times are compared at equal compute (see
+Both runs measure the median inner-step wall time and the median goodput of block messages sent after their
+receiver had begun its exchange (``bandwidth_latency.measure``); the step times are compared at equal compute (see
 ``summary``: what else runs on the machine changes the compute, not the link). Writes
 benchmarks/results/netns_tbf.md.
 ``tests/test_netns.py`` uses the same code (``NetnsLab``, ``netns_unavailable``, ``run_peers``, ``shaped_vs_emulated``).
@@ -393,8 +393,8 @@ def report(res: dict, inner_steps: int, command: str) -> str:
               "modes run the same code on the same data, so their compute differs only by what else this machine "
               "runs meanwhile (on a loaded machine, by tens of percent from run to run), and the step times are "
               "compared at one compute, the median over all runs (the as-measured row shows the raw medians).", "",
-              "Goodput = S / (one-way delay − encode time) over the block messages a receiver read while it was "
-              f"already waiting for them (`bandwidth_latency.measure`). The kernel's {rate:g} Mbit/s counts Ethernet, "
+              "Goodput = S / (one-way delay − encode time) over the block messages sent after their receiver had "
+              f"begun its exchange (`bandwidth_latency.measure`). The kernel's {rate:g} Mbit/s counts Ethernet, "
               f"IP and TCP headers (66 bytes per 1448-byte segment: ~{payload_max:.1f} Mbit/s of payload, beyond the "
               "bucket's burst, which an idle link sends at once); "
               "the emulator's "
