@@ -256,8 +256,8 @@ def main() -> None:
         lines.append(f"| {c} | {r['step_wall']:.3f} | {100 * r['wait_share']:.0f}% | {r['eval_loss']:.4f} | {r['wall']:.0f} |")
     lines += ["", f"Target: goodput >= 90% of configured wherever configured <= 1 Gbit/s. Worst ratio on ring8: "
               f"{worst:.3f}; with one peer per core (control): {pair_worst:.3f}.", "",
-              "How to read it. Goodput = S / (one-way delay − encode time − L), over the block messages a receiver "
-              "sent after it had begun its exchange, so that it was waiting for them (chosen by when they were sent, not by when they were read). *Hand-off late* is how long after the emulated start of "
+              "How to read it. Goodput = S / (one-way delay − encode time − L), over the block messages sent "
+              "after their receiver had begun its exchange, so that it was waiting for them (chosen by when they were sent, not by when they were read). *Hand-off late* is how long after the emulated start of "
               "its transmission a message was handed to ZeroMQ, averaged over all messages (mostly a thread waiting "
               "for a CPU); the receiver holds the message until t_start + S/R + L, so a hand-off late by less than "
               "S/R + L minus the delivery below costs nothing. The delivery: the sender's and the receiver's "
