@@ -248,17 +248,25 @@ class Gossip:
         """No live neighbour: every neighbour said bye or missed its last deadline (only this peer's block mixes)."""
         return bool(self.neighbours) and all(j in self.gone or j in self.suspect for j in self.neighbours)
 
-    def _tell_position(self, j: int) -> None:
+    def _tell_position(self, j: int, seq: int | None = None) -> None:
         """A restarted neighbour needs to know where the network is, to pick up there. The position hello carries
         the configuration fingerprint too: the restarted peer's barrier counts only hellos that carry one."""
-        if self.position is not None:
+        seq = self.position if seq is None else seq
+        if seq is not None:
             self.tr.send(j, wire.encode(wire.Message(kind="hello", src=self.me, inc=self.inc,
-                                                     stats={"seq": float(self.position)},
+                                                     stats={"seq": float(seq)},
                                                      cfg=getattr(self.tr, "hello_cfg", None))))
 
-    def catch_up(self, timeout_s: float) -> int | None:
+    def catch_up(self, timeout_s: float, resume_seq: int | None = None) -> int | None:
         """For a peer that restarted mid-run: the furthest exchange its neighbours are at (from their position
-        hellos or block headers), or None if none told within the timeout. Blocks are kept for that exchange."""
+        hellos or block headers), or None if none told within the timeout. Blocks are kept for that exchange.
+
+        RESUME_SEQ, the first exchange this peer will do from its checkpoint, is told to every neighbour first: a
+        neighbour that restarted too (a whole network restarted) has no exchange of its own to tell, and without
+        this both would wait out the timeout. A running neighbour reads it as an ordinary hello."""
+        if resume_seq is not None:
+            for j in self.neighbours:
+                self._tell_position(j, resume_seq)
         deadline = time.perf_counter() + timeout_s
         best: int | None = None
         while time.perf_counter() < deadline:

@@ -25,7 +25,7 @@ import psutil
 import torch
 
 from . import bootstrap, fingerprint, topology
-from .checkpoint import latest, save_atomic
+from .checkpoint import CheckpointError, latest, save_atomic
 from .config import TrainConfig
 from .attacks import make_attack
 from .gossip import Gossip
@@ -162,12 +162,17 @@ def _resume(trainer: PeerTrainer, ckpt_root: Path, log: MetricsLog) -> int:
     ckpt = latest(ckpt_root)
     if ckpt is None:
         return 0
-    state = json.loads((ckpt / "deca_state.json").read_text())
+    try:  # a run directory another command wrote (`simulate --save`), or a damaged one: say so, in one line
+        state = json.loads((ckpt / "deca_state.json").read_text())
+        act, rnd, gen = int(state["activation"]), int(state["round"]), state["batcher_generator"]
+        generator = torch.tensor(gen, dtype=torch.uint8)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt} is not a peer checkpoint this peer can resume from ({type(e).__name__}: "
+                              f"{e}); give a fresh --run-dir, or --set resume=false") from None
     trainer.restore(ckpt)
-    trainer.batcher.load_state_dict({"generator": torch.tensor(state["batcher_generator"], dtype=torch.uint8)})
-    log.write("resume", checkpoint=str(ckpt), activation=state["activation"], round=state["round"],
-              missing=0, unexpected=0)
-    return state["activation"] + 1
+    trainer.batcher.load_state_dict({"generator": generator})
+    log.write("resume", checkpoint=str(ckpt), activation=act, round=rnd, missing=0, unexpected=0)
+    return act + 1
 
 
 def _checkpoint(trainer: PeerTrainer, tokenizer, ckpt_root: Path, a: int, rnd: int, blk: int) -> None:
@@ -255,10 +260,13 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     first_step = 0
     if restarted and cfg.comm != "none":  # a rejoin: pick up where the network is, not where we stopped
         resumed_at = first
-        where = sched.locate(gossip.catch_up(cfg.exchange_timeout_s) or 0)
+        # its own resume point goes to every neighbour first (catch_up says why)
+        heard = gossip.catch_up(cfg.exchange_timeout_s, resume_seq=first * sched.exchanges_per_activation)
+        where = sched.locate(heard or 0)
         if where is not None and where[0] >= first:
             first, first_step = where[0], where[2] - (where[2] % cfg.gossip_every)
-        log.write("rejoin", activation=first, step=first_step, missed_activations=first - resumed_at)
+        # network_seq None: no neighbour told where it is within the timeout
+        log.write("rejoin", activation=first, step=first_step, missed_activations=first - resumed_at, network_seq=heard)
     proc = psutil.Process()
     peak_rss = 0
     last_stats: dict = {}  # --overlap sends a block before its step's numbers exist: the previous step's go with it

@@ -92,6 +92,23 @@ def test_a_restarted_peer_with_dp_counts_its_releases_on(deca_cache, tmp_path):
     assert final["dp_releases"] == after[-1]["dp_releases"] and final["dp_epsilon"] >= after[-1]["dp_epsilon"]
 
 
+@pytest.mark.integration
+def test_a_whole_network_restarted_picks_up_without_waiting_out_the_timeout(deca_cache, tmp_path):
+    """Every peer restarts at once (a rerun with more rounds, or after the whole network went down): none has an
+    exchange of its own to tell the others, so each tells its resume point; without that every catch-up only ends
+    at the exchange timeout (network_seq None) and the peers go on from wherever they stopped, uninformed."""
+    topo, run_dir, base = REPO / "topologies" / "ring4.json", tmp_path / "run", free_base_port(4)
+    for rounds in (1, 2):  # the same command twice: the second resumes every peer from its final checkpoint
+        procs = {i: _start(i, topo, run_dir, base, "--set", f"rounds={rounds}") for i in range(4)}
+        outs = {i: p.communicate(timeout=240)[0] for i, p in procs.items()}
+        assert all(p.returncode == 0 for p in procs.values()), {i: o[-1500:] for i, o in outs.items()}
+    for i in range(4):
+        rejoined = records(run_dir, i, "rejoin")
+        assert len(rejoined) == 1 and rejoined[0]["network_seq"] is not None, rejoined
+        assert rejoined[0]["activation"] == 4 and rejoined[0]["missed_activations"] == 0  # round 1's first block
+        assert [r["round"] for r in records(run_dir, i, "step")][-1] == 1
+
+
 def test_straggler_is_waited_for_then_left_out(deca_cache, tmp_path):
     topo, run_dir, base = REPO / "topologies" / "ring4.json", tmp_path / "run", free_base_port(4)
     extra = {2: ["--slowdown", 40]}  # ~2 s a step, against a 1 s exchange timeout
