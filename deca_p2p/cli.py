@@ -9,7 +9,8 @@ import sys
 
 import click
 
-from .cli_common import fail as _fail, load_topology as _load_topology, user_errors as _user_errors
+from .cli_common import fail as _fail, load_topology as _load_topology, make_run_dir as _make_run_dir
+from .cli_common import user_errors as _user_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -124,6 +125,8 @@ def simulate(topology_file: str, run_dir: str | None, save: bool, **kw) -> None:
         _fail("give --data FILE (split over the peers) or --data-dir DIR (one file per peer), not both")
     if save and not run_dir:
         run_dir = f"runs/{topo.name}-simulate-{_time.strftime('%Y%m%d-%H%M%S')}"
+    if run_dir:
+        _make_run_dir(run_dir)
     try:
         res = run_simulation(topo, cfg, model_path=kw.get("model_path"), data_path=kw.get("data_path"),
                              data_dir=kw.get("data_dir"), run_dir=run_dir, save=save,
@@ -180,6 +183,7 @@ def start(peer_id, topology_file, bootstrap_file, run_dir, no_initial_eval, **kw
     if peer_id is None:
         _fail("no peer id: pass --id or set SLURM_PROCID or RANK")
     cfg = _make_config(kw)
+    _make_run_dir(run_dir)
     args = PeerArgs(peer_id, topology_file, run_dir, cfg, bootstrap_file, kw.get("model_path"), kw.get("data_path"),
                     kw.get("eval_path"), initial_eval=not no_initial_eval)
     try:
@@ -258,6 +262,7 @@ def cluster(topology_file, bootstrap_file, run_dir, no_live, no_average, **kw) -
             except KeysError as e:
                 _fail(str(e))
         run = Path(run_dir) if run_dir else Path("runs") / f"{topo.name}-{_time.strftime('%Y%m%d-%H%M%S')}"
+        _make_run_dir(run)
         extra = ["--bootstrap", bootstrap_file] if bootstrap_file else []
         try:
             files = _cluster_data(topo, cfg, run, kw.pop("data_dir", None), kw.pop("data_path", None))

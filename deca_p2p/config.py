@@ -13,6 +13,8 @@ import yaml
 
 MAX_LR = 1e3  # far above any useful rate; larger ones overflow float32 in the Adam step
 LR_SCHEDULES = ("constant", "linear", "cosine")
+MAX_SEED = 2**32  # seed and dp_seed are in [0, MAX_SEED) (see validate)
+MAX_THREADS = 4096
 CPU_MAX_LEN, GPU_MAX_LEN = 1024, 4096  # default sequence caps: a 1024-token step is seconds on a CPU
 
 
@@ -168,6 +170,13 @@ class TrainConfig:
             raise ConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
         if self.dp_seed is not None and (isinstance(self.dp_seed, bool) or not isinstance(self.dp_seed, int)):
             raise ConfigError(f"dp_seed must be an integer (or absent), got {self.dp_seed!r}")
+        # a peer's batch generator is seeded with seed * 1_000_003 + id, which torch needs below 2**64
+        for key in ("seed", "dp_seed"):
+            v = getattr(self, key)
+            if v is not None and not 0 <= v < MAX_SEED:
+                raise ConfigError(f"{key} must be >= 0 and below 2**32 ({MAX_SEED}), got {v}")
+        if not 0 <= self.threads <= MAX_THREADS:  # torch.set_num_threads takes a C int: a huge one is a typo
+            raise ConfigError(f"threads must be in [0, {MAX_THREADS}] (0: cores / peers), got {self.threads}")
         if self.robust_trim < 1:
             raise ConfigError(f"robust_trim must be at least 1, got {self.robust_trim}")
         if self.robust_exclude:
@@ -197,27 +206,40 @@ OPTIONAL_INTS = ("dp_seed",)  # default None; a value is an int ("none" on the c
 
 def _coerce(key: str, value: Any) -> Any:
     default = getattr(TrainConfig(), key)
+    kind = "int" if key in OPTIONAL_INTS else type(default).__name__
     try:
         if key in OPTIONAL_INTS:
             if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
                 return None
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(value)
+            return _int(value)
         if isinstance(default, bool):
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
                 return value.lower() in ("true", "1", "yes")
-            return bool(value)
+            if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+                return bool(value)
+            raise ValueError(value)  # `secure: 5` is a typo, not a yes
         if isinstance(default, tuple):
             items = json.loads(value) if isinstance(value, str) else value
             return tuple(float(x) for x in items)
-        if isinstance(default, (int, float, str)):
+        if isinstance(default, int):
+            return _int(value)
+        if isinstance(default, float) and isinstance(value, bool):
+            raise ValueError(value)  # `lr: true` is not a number
+        if isinstance(default, (float, str)):
             return type(default)(value)
-    except (TypeError, ValueError, json.JSONDecodeError):
-        raise ConfigError(f"{key}: cannot read {value!r} as {type(default).__name__}") from None
+    except (TypeError, ValueError, OverflowError, json.JSONDecodeError):
+        raise ConfigError(f"{key}: cannot read {value!r} as {kind}") from None
     return value
+
+
+def _int(value: Any) -> int:
+    """An int from an int, a whole finite float (YAML `3.0`) or a string; ValueError for anything else
+    (`int()` alone turns 2.7 into 2, true into 1, and .inf into an OverflowError)."""
+    if isinstance(value, bool) or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        raise ValueError(value)
+    return int(value)
 
 
 def make_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

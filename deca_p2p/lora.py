@@ -45,6 +45,7 @@ def wrap(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """`model` (modified in place) with LoRA adapters, their initial values a function of `cfg.seed` only."""
     from peft import LoraConfig, get_peft_model
 
+    _check_rank(model, cfg)
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=target_modules(cfg.lora_targets),
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     device = next(model.parameters()).device
@@ -58,6 +59,28 @@ def wrap(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     if not adapter_names(wrapped):
         raise ConfigError(f"lora_targets {cfg.lora_targets!r} put no adapter on {type(model).__name__}")
     return wrapped
+
+
+def _check_rank(model: nn.Module, cfg: TrainConfig) -> None:
+    """A rank above a targeted layer's smaller side adds nothing a full update would not, and a huge one (100000)
+    builds adapters that never finish: reject it before peft allocates them."""
+    targets = target_modules(cfg.lora_targets)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    narrowest = None
+    for name, mod in model.named_modules():
+        # nn.Linear, and transformers' Conv1D (GPT-2): the linear layers peft puts adapters on
+        if not (isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D") or getattr(mod, "weight", None) is None:
+            continue
+        if targets == "all-linear" and mod is head:
+            continue
+        if targets != "all-linear" and not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        width = min(mod.weight.shape)
+        if narrowest is None or width < narrowest[1]:
+            narrowest = (name, width)
+    if narrowest is not None and cfg.lora_rank > narrowest[1]:
+        raise ConfigError(f"lora_rank {cfg.lora_rank} is larger than the targeted layer {narrowest[0]} "
+                          f"({narrowest[1]} wide): use at most {narrowest[1]}")
 
 
 def adapter_names(model: nn.Module) -> tuple[str, ...]:

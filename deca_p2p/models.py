@@ -11,6 +11,7 @@ importing this module is cheap.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ from .paths import BASE_MODEL_DIR
 
 
 class ModelError(ValueError):
-    """A model path that cannot be used as a causal LM (missing, no config.json, wrong kind)."""
+    """A model path that cannot be used as a causal LM (missing, no config.json, unreadable weights, wrong kind)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,8 +158,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
 
     The model is returned in train mode with every dropout probability set to 0. The tokenizer has
     an EOS token and a pad token (the EOS token when the tokenizer defines none). Raises
-    :class:`ModelError` (one line) for a missing path, a directory without ``config.json``, a model that is
-    not a causal LM, or a tokenizer whose ids do not fit the model's input-embedding table.
+    :class:`ModelError` (one line) for a missing path, a directory without ``config.json``, weights that cannot
+    be read or do not match ``config.json``, a model that is not a causal LM or has no stack of decoder layers,
+    or a tokenizer whose ids do not fit the model's input-embedding table. transformers' load report (missing
+    or unexpected keys) is printed only once the model is usable.
 
     "Causal LM" is decided by two rules, both required:
 
@@ -182,19 +185,33 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"model path {path} is an encoder-decoder model ({config.model_type}), not a causal LM")
     _zero_dropout_config(config)
+    held: list[logging.LogRecord] = []
     try:
-        with QuietProgress():
+        with QuietProgress(), _HeldLogs(held):
             model = AutoModelForCausalLM.from_pretrained(
                 path, config=config, dtype=dtype, local_files_only=True
             )
+    except RuntimeError as e:  # transformers: shapes in the file differ from those config.json builds
+        mismatch = _first_mismatch(held)
+        if mismatch or "mismatch" in str(e):
+            raise ModelError(f"model path {path}: its weights do not match its config.json "
+                             f"({mismatch or _one_line(e)})") from None
+        raise ModelError(f"model path {path}: cannot load weights ({_one_line(e)})") from None
     except ValueError as e:
         raise ModelError(f"model path {path} is not a causal LM ({_one_line(e)})") from None
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - OSError, a corrupt safetensors file (SafetensorError), ...
         raise ModelError(f"model path {path}: cannot load weights ({_one_line(e)})") from None
     for mod in model.modules():
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
     check_causal(model, where=f"model path {path}")  # on the CPU copy, before any move: exact and deterministic
+    from .blocks import find_layers
+
+    try:  # DECA's blocks are its decoder layers: a model without them (num_hidden_layers <= 0) is no LM to tune
+        find_layers(model)
+    except ValueError as e:
+        raise ModelError(f"model path {path} has no decoder layers (num_hidden_layers "
+                         f"{getattr(config, 'num_hidden_layers', '?')} in config.json; {_one_line(e)})") from None
     model.to(device)
     model.train()
     try:
@@ -206,7 +223,50 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     check_vocab_fits(model, tokenizer, where=f"model path {path}")
+    for record in held:  # the model is usable: now show what transformers had to say about loading it
+        logging.getLogger(record.name).handle(record)
     return model, tokenizer
+
+
+# Where transformers logs its LOAD REPORT (modeling_utils passes its own logger; loading_report's is the default)
+_LOAD_LOGGERS = ("transformers.modeling_utils", "transformers.utils.loading_report")
+
+
+class _HeldLogs(logging.Filter):
+    """Keep the records of the loggers in _LOAD_LOGGERS in `held` instead of printing them: a failed load then
+    ends with one line, not a page-long LOAD REPORT above it; the caller re-emits them once the load succeeds."""
+
+    def __init__(self, held: list):
+        super().__init__()
+        self.held = held
+
+    def filter(self, record):
+        self.held.append(record)
+        return False
+
+    def __enter__(self):
+        for name in _LOAD_LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        for name in _LOAD_LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+        return False
+
+
+def _first_mismatch(records) -> str:
+    """The first size mismatch of a held LOAD REPORT, in words ("" when there is none)."""
+    import re
+
+    for record in records:
+        rows = [r for r in re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).splitlines() if "ckpt:" in r]
+        for row in sorted(rows):  # the report's order is a set's: name the same one every time
+            m = re.search(r"ckpt:\s*torch\.Size\((\[[^\]]*\])\)\s*vs\s*model:\s*torch\.Size\((\[[^\]]*\])\)", row)
+            if m:
+                return (f"{row.split('|')[0].strip()} is {m.group(1)} in the weights, {m.group(2)} by config.json; "
+                        f"{len(rows)} mismatch(es) in all")
+    return ""
 
 
 def check_vocab_fits(model, tokenizer, where: str = "model") -> None:
