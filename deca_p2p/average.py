@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import os
 import shutil
@@ -57,8 +58,10 @@ def peer_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     """
     run = Path(run_dir)
     if not run.is_dir():
-        raise AverageError(f"run directory {run} does not exist")
-    ids = sorted(int(d.name[5:]) for d in run.glob("peer-*") if d.is_dir() and d.name[5:].isdigit())
+        raise AverageError(f"run directory {run} {'is not a directory' if run.exists() else 'does not exist'}")
+    # ASCII digits only: "peer-²" passes str.isdigit() but not int()
+    ids = sorted(int(d.name[5:]) for d in run.glob("peer-*")
+                 if d.is_dir() and d.name[5:].isascii() and d.name[5:].isdigit())
     if not ids:
         raise AverageError(f"{run} holds no peer directories (peer-<id>/checkpoint): is it a run directory?")
     out: dict[int, Path] = {}
@@ -81,7 +84,11 @@ def peer_checkpoints(run_dir: str | Path) -> dict[int, Path]:
 def train_examples(run_dir: str | Path, peer_id: int) -> int:
     """Peer ``peer_id``'s number of training examples: the first metrics record of the peer that has one."""
     f = peer_dir(run_dir, peer_id) / METRICS_FILE
-    for rec in records(run_dir, peer_id):
+    try:
+        recs = records(run_dir, peer_id)  # lines that are not a JSON object are skipped
+    except OSError as e:
+        raise AverageError(f"cannot read {f}: {e.strerror or e}") from None
+    for rec in recs:
         if "train_examples" in rec:
             n = rec["train_examples"]
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -104,17 +111,61 @@ def _normalized(weights: Sequence[float] | None, n: int) -> list[float]:
     return [x / total for x in w]
 
 
+# transformers logs a multi-line LOAD REPORT here (missing, mismatched, unexpected tensors) before it raises
+_LOAD_LOGGERS = ("transformers.modeling_utils", "transformers.utils.loading_report")
+
+
+class _HeldLogs(logging.Filter):
+    """Hold back the records of ``_LOAD_LOGGERS`` while a checkpoint loads: dropped if it fails (the one-line
+    AverageError says why), passed on if it loads."""
+
+    def __enter__(self):
+        self.held: list[logging.LogRecord] = []
+        for name in _LOAD_LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.held.append(record)
+        return False
+
+    def __exit__(self, *exc):
+        for name in _LOAD_LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+        return False
+
+    def release(self) -> None:
+        for r in self.held:
+            logging.getLogger(r.name).handle(r)
+
+
 def _load(path: Path):
     from transformers import AutoModelForCausalLM
 
     if not (path / "config.json").is_file():
         raise AverageError(f"{path} is not a Hugging Face model directory (no config.json)")
     try:
-        with QuietProgress():
-            return AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as e:
+        with QuietProgress(), _HeldLogs() as logs:
+            # mismatched sizes do not raise here: the loading info names them, for the error below
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True,
+                                                               output_loading_info=True, ignore_mismatched_sizes=True)
+    except Exception as e:  # noqa: BLE001 - as models.load_model: OSError, SafetensorError (a damaged model.safetensors),
+        # huggingface_hub's StrictDataclassError (a config.json field of the wrong type), ...: not a usable checkpoint
         msg = " ".join(str(e).split())
         raise AverageError(f"cannot load checkpoint {path}: {msg[:300]}") from None
+    # transformers fills a missing or misshapen tensor with fresh random values and only logs it: that average
+    # would be silently wrong
+    if info.get("mismatched_keys"):
+        k, got, want = sorted(info["mismatched_keys"], key=lambda m: m[0])[0]
+        n = len(info["mismatched_keys"])
+        raise AverageError(f"cannot load checkpoint {path}: tensor {k} has shape {tuple(got)} but its config.json "
+                           f"needs {tuple(want)}{f' ({n - 1} more such tensors)' if n > 1 else ''}")
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise AverageError(f"cannot load checkpoint {path}: it lacks tensor{'s' if len(missing) > 1 else ''} "
+                           f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} (its config.json needs {'them' if len(missing) > 1 else 'it'})")
+    logs.release()
+    return model
 
 
 def _config_view(model) -> dict:
@@ -173,6 +224,10 @@ def average_checkpoints(dirs: Sequence[str | Path], weights: Sequence[float] | N
 def _check_out(out: Path) -> bool:
     """Whether ``out`` exists (then it is empty or a previous average); AverageError if it may not be replaced."""
     if not out.exists() and not out.is_symlink():
+        # its closest existing ancestor must be a directory: fail now, not after the (slow) averaging
+        up = next((a for a in out.parents if a.exists()), None)
+        if up is not None and not up.is_dir():
+            raise AverageError(f"--out {out}: {up} is not a directory")
         return False
     if out.is_symlink() or not out.is_dir():
         raise AverageError(f"--out {out} exists and is not a directory: refusing to overwrite it")
@@ -194,7 +249,10 @@ def average_run(run_dir: str | Path, out: str | Path, weighted: bool = False, *,
     ids = sorted(ckpts)
     counts = {i: train_examples(run, i) for i in ids} if weighted else {}
     weights = _normalized([counts[i] for i in ids] if weighted else None, len(ids))
-    exists = _check_out(out)  # before the (slow) averaging: fail fast
+    try:
+        exists = _check_out(out)  # before the (slow) averaging: fail fast
+    except OSError as e:  # e.g. a parent this user may not search
+        raise AverageError(f"--out {out}: {e.strerror or e}") from None
     model = average_checkpoints([ckpts[i] for i in ids], weights)
     tokenizer = None
     if (ckpts[ids[0]] / "tokenizer_config.json").is_file():
@@ -221,10 +279,10 @@ def average_run(run_dir: str | Path, out: str | Path, weighted: bool = False, *,
         "parameters": sum(p.numel() for p in model.parameters()),
         "tokenizer": tokenizer is not None,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
-    try:
+    tmp = old = None
+    try:  # creating the directories too: --out /proc/x fails here
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         with QuietProgress():
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -252,7 +310,8 @@ def average_run(run_dir: str | Path, out: str | Path, weighted: bool = False, *,
     except OSError as e:
         raise AverageError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     if info is not None:

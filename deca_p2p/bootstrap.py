@@ -54,7 +54,7 @@ def _validate(data: object, p: Path) -> dict[int, dict]:
         raise BootstrapError(f'{p}: expected {{"peers": {{"<id>": {{"endpoint": "tcp://host:port"}}}}}}')
     out: dict[int, dict] = {}
     for key, entry in data["peers"].items():
-        if not str(key).isdigit():
+        if not (str(key).isascii() and str(key).isdigit()):  # "²".isdigit(), but int("²") fails
             raise BootstrapError(f"{p}: peer id {key!r} is not a non-negative integer")
         if not isinstance(entry, dict) or not isinstance(entry.get("endpoint"), str):
             raise BootstrapError(f"{p}: peer {key}: missing string 'endpoint'")
@@ -137,9 +137,20 @@ def endpoints(entries: dict[int, dict]) -> dict[int, str]:
 
 
 def make(ids: Sequence[int], hosts: Sequence[str], base_port: int) -> dict:
-    """Peers assigned to hosts round-robin; peers sharing a host get consecutive ports from base_port."""
+    """Peers assigned to hosts round-robin; peers sharing a host get consecutive ports from base_port.
+
+    Every endpoint passes ``check_endpoint``, as ``load`` will check it: nothing is made that cannot be read back.
+    """
     if not hosts:
         raise BootstrapError("give at least one host")
+    if not 0 < base_port < 65536:
+        raise BootstrapError(f"--base-port {base_port} is not a TCP port (1..65535)")
+    for host in hosts:
+        try:
+            check_endpoint(f"tcp://{host}:{base_port}", "--hosts")
+        except BootstrapError:
+            raise BootstrapError(f"--hosts: {host!r} is not a host name or address (give bare hosts, without "
+                                 "tcp:// or a port; an IPv6 address in brackets, e.g. [::1])") from None
     per_host: dict[str, int] = {}
     peers = {}
     for k, i in enumerate(sorted(ids)):
@@ -148,7 +159,7 @@ def make(ids: Sequence[int], hosts: Sequence[str], base_port: int) -> dict:
         per_host[host] = per_host.get(host, 0) + 1
         if port > 65535:
             raise BootstrapError(f"port {port} out of range: lower --base-port")
-        peers[str(i)] = {"endpoint": f"tcp://{host}:{port}"}
+        peers[str(i)] = {"endpoint": check_endpoint(f"tcp://{host}:{port}", f"peer {i}")}
     return {"peers": peers}
 
 

@@ -93,11 +93,21 @@ def report(run_dir) -> None:
     """Rebuild the final table and plots of RUN_DIR."""
     from pathlib import Path
 
-    from deca_p2p.report import write_report
+    from deca_p2p.report import ReportError, check_run, write_report
 
     if not Path(run_dir).is_dir():
         fail(f"run directory {run_dir} does not exist")
-    if write_report(run_dir) is None:
+    try:
+        check_run(run_dir)  # the fields the report reads, in every record: nothing printed before an error
+        table = write_report(run_dir)
+    except ReportError as e:
+        fail(str(e))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        # a record check_run lets through yet the report cannot use (a valid run never gets here: tests report one)
+        fail(f"{run_dir}: a record this version cannot read ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+    except OSError as e:  # an unreadable metrics file, a read-only run directory (summary.md, plots/)
+        fail(f"{e.filename or run_dir}: {e.strerror or e}")
+    if table is None:
         fail(f"{run_dir} holds no peer metrics with an evaluation yet")
 
 
@@ -179,7 +189,7 @@ def bootstrap_cmd(topology_file, hosts, base_port, bootstrap_file, set_keys, set
         for item in items:
             key, sep, value = item.partition("=")  # z85 keys may contain '=', peer ids never do
             key, value = key.strip(), value.strip()
-            if not sep or not key.isdigit() or not value:
+            if not sep or not (key.isascii() and key.isdigit()) or not value:  # "²".isdigit(), but int("²") fails
                 fail(f"{option} expects I=VALUE with a peer id I, got {item!r}")
             i = int(key)
             if out.get(i, value) != value:

@@ -188,8 +188,20 @@ def make_keys(node_ids: Iterable[int], keys_dir: str | Path, bootstrap_path: str
                                                     f"extra peers {extra}" if extra else "") if p))
         doc = json.loads(bpath.read_text())
     else:
-        doc = {"peers": {str(i): {"endpoint": e} for i, e in bootstrap.default_endpoints(ids, base_port).items()}}
-        bpath.parent.mkdir(parents=True, exist_ok=True)
+        # every endpoint as the loader will check it, before any file is written: peer i gets port base_port + i
+        if ids and not (0 < base_port and base_port + ids[-1] < 65536):
+            raise KeysError(f"--base-port {base_port}: peer i listens on port {base_port} + i, which must be in "
+                            f"1..65535 for every peer (ids {ids[0]}..{ids[-1]})")
+        try:
+            doc = {"peers": {str(i): {"endpoint": bootstrap.check_endpoint(e, f"peer {i}")}
+                             for i, e in bootstrap.default_endpoints(ids, base_port).items()}}
+        except bootstrap.BootstrapError as e:
+            raise KeysError(str(e)) from None
+        try:
+            bpath.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a plain file on the way (FileExistsError), a directory we may not create in, ...
+            why = "a plain file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+            raise KeysError(f"cannot create directory {bpath.parent} for bootstrap file {bpath}: {why}") from None
     publics: dict[int, bytes] = {i: make_keypair(i, kdir, force=force)[0] for i in ids}
     peers = doc["peers"]
     for key in list(peers):

@@ -44,36 +44,34 @@ class MetricsLog:
             self._f.close()
 
 
+def _read(f: Path) -> list[dict]:
+    """The records of one metrics file. Lines that are not a JSON object are skipped: a torn last line (a peer
+    killed mid-write) and, in a damaged file, other JSON values or bytes that are not UTF-8 (the file is ASCII)."""
+    out = []
+    for line in f.read_bytes().splitlines():
+        try:
+            r = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: "[[[[..." nested deep
+            continue
+        if isinstance(r, dict):
+            out.append(r)
+    return out
+
+
 def read_metrics(run_dir: str | Path) -> dict[int, list[dict]]:
-    """All peers' records, by peer id; a torn last line (a peer killed mid-write) is skipped."""
+    """All peers' records, by peer id; lines that are not a record (a torn last line) are skipped."""
     out: dict[int, list[dict]] = {}
     for d in sorted(Path(run_dir).glob("peer-*")):
         f = d / METRICS_FILE
-        if not f.is_file():
+        name = d.name.split("-", 1)[1]
+        if not f.is_file() or not (name.isascii() and name.isdigit()):  # int() would also take "٣", " 3", "3_0"
             continue
-        try:
-            pid = int(d.name.split("-", 1)[1])
-        except ValueError:
-            continue
-        recs = []
-        for line in f.read_text().splitlines():
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        out[pid] = recs
+        out[int(name)] = _read(f)
     return out
 
 
 def records(run_dir: str | Path, peer_id: int, event: str | None = None) -> list[dict]:
-    """One peer's records (of one event kind), read now; a torn last line is skipped."""
+    """One peer's records (of one event kind), read now; lines that are not a record (a torn last line) are skipped."""
     f = peer_dir(run_dir, peer_id) / METRICS_FILE
-    out = []
-    for line in (f.read_text().splitlines() if f.is_file() else []):
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if event is None or r.get("event") == event:
-            out.append(r)
-    return out
+    recs = _read(f) if f.is_file() else []
+    return [r for r in recs if event is None or r.get("event") == event]

@@ -9,9 +9,73 @@ from typing import Mapping
 from rich.console import Console
 from rich.table import Table
 
-from .metrics import read_metrics
+from .metrics import METRICS_FILE, peer_dir, read_metrics
 
 AVERAGE_DIR, AVERAGE_EVAL = "average", "eval.json"  # cluster writes the network average and its scores here
+
+
+class ReportError(ValueError):
+    """A run directory whose records the report cannot read; the message is one line naming the file."""
+
+
+_STEP_NUMBERS = ("loss", "disagreement", "bytes_sent", "bytes_recv", "compute_s", "wait_s")  # what the report reads
+
+
+def _number(v) -> bool:
+    """A JSON number the report can compute with, or null (a diverged run logs NaN as null)."""
+    if v is None:
+        return True
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        float(v)  # overflows on a 400-digit integer
+    except OverflowError:
+        return False
+    return True
+
+
+def _peer_id(x) -> bool:
+    return (isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, str) and x.isascii() and x.isdigit())
+
+
+def _unreadable(r: dict) -> str | None:
+    """What of the fields the report reads has a shape no peer writes, in record ``r``; None if none."""
+    ev = r.get("event")
+    if ev == "step":
+        if "istep" not in r:
+            return "step record without istep"
+        if not isinstance(r["istep"], int) or isinstance(r["istep"], bool):
+            return f"step record with istep {r['istep']!r}"
+        bad = [k for k in _STEP_NUMBERS if not _number(r.get(k))]
+    elif ev in ("eval", "final"):
+        if ev == "eval" and "acc" not in r:
+            return "eval record without acc"
+        if r.get("activation") is not None and (not isinstance(r["activation"], int) or isinstance(r["activation"], bool)):
+            return f"{ev} record with activation {r['activation']!r}"
+        bad = [k for k in r if (k in ("eval_loss", "acc", "dp_epsilon") or k.startswith("acc/")) and not _number(r[k])]
+        flagged = r.get("flagged") if ev == "final" else None  # robust mixing: {"<neighbour id>": times flagged}
+        if flagged is not None and not (isinstance(flagged, (dict, list)) and all(map(_peer_id, flagged))):
+            return f"final record with flagged {flagged!r}"
+    elif ev == "start":
+        labels = r.get("labels")  # training records per label
+        if labels is not None and not (isinstance(labels, dict) and all(_number(v) and v is not None
+                                                                          for v in labels.values())):
+            return f"start record with labels {labels!r}"
+        bad = []
+    else:
+        return None
+    return f"{ev} record with {bad[0]} {r[bad[0]]!r}" if bad else None
+
+
+def check_run(run_dir: str | Path) -> None:
+    """ReportError naming the file unless every record has the fields the report reads in the shape peers write
+    them: a damaged or hand-edited metrics.jsonl gets one line, not an exception from the middle of a plot."""
+    for pid, recs in read_metrics(run_dir).items():
+        for r in recs:
+            what = _unreadable(r)
+            if what is not None:
+                what = what if len(what) <= 120 else what[:117] + "..."
+                raise ReportError(f"{peer_dir(run_dir, pid) / METRICS_FILE}: a record this version cannot read ({what})")
 
 
 def _task_keys(rows: Mapping[int, Mapping[str, float]]) -> list[str]:
@@ -131,9 +195,10 @@ def average_eval(run_dir: str | Path) -> dict | None:
     """The averaged model's scores, when `cluster` wrote them (RUN/average/eval.json)."""
     f = Path(run_dir) / AVERAGE_DIR / AVERAGE_EVAL
     try:
-        return json.loads(f.read_text()) if f.is_file() else None
-    except (OSError, json.JSONDecodeError):
+        scores = json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, ValueError):  # ValueError: invalid JSON, or not UTF-8
         return None
+    return scores if isinstance(scores, dict) else None  # another JSON value: as unreadable as invalid JSON
 
 
 def run_table(run_dir: str | Path, title: str = "") -> Table | None:
@@ -191,7 +256,8 @@ def make_plots(run_dir: str | Path) -> list[Path]:
             ax.plot(xs, ys, marker="o", label=f"peer {pid}", lw=1)
     ax.set_xlabel("block activation")
     ax.set_ylabel("eval exact-match accuracy")
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:  # no eval record before the final one: no legend (and no UserWarning)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out_dir / "eval_acc.png", dpi=110)
     plt.close(fig)

@@ -22,6 +22,7 @@ WEIGHT_SCHEMES = ("metropolis", "uniform")
 LINK_KEYS = ("latency_ms", "bandwidth_mbps", "jitter_ms")
 TOP_KEYS = ("name", "nodes", "edges", "weights", "links")
 MAX_ERDOS_TRIES = 1000
+ID_LIMIT = 10**10  # node ids are below it: a plain-mode routing id holds at most 10 digits (PROTOCOL.md §13 item 12)
 
 
 class TopologyError(ValueError):
@@ -228,6 +229,8 @@ def _parse_nodes(raw: Any) -> list[int]:
             raise TopologyError(f"node id {x!r} is not an integer")
         if x < 0:
             raise TopologyError(f"node id {x} is negative")
+        if x >= ID_LIMIT:
+            raise TopologyError(f"node id {x} is too large (ids must be below 10^10)")
         if x in seen:
             raise TopologyError(f"duplicate node id {x}")
         seen.add(x)
@@ -290,7 +293,20 @@ def _parse_weights(raw: Any, g: nx.Graph) -> tuple[str, dict[int, dict[int, floa
     if missing:
         raise TopologyError(f"weights: no row for node(s) {_fmt_ids(missing)}")
     _check_symmetric(rows)
+    _check_mixing_connected(rows)
     return "explicit", dict(sorted(rows.items()))
+
+
+def _check_mixing_connected(rows: dict[int, dict[int, float]]) -> None:
+    # edges whose weight is 0 carry nothing: the nodes they alone join would never mix (spectral gap 0)
+    g = nx.Graph()
+    g.add_nodes_from(rows)
+    g.add_edges_from((i, j) for i, row in rows.items() for j, w in row.items() if j != i and w > 0)
+    comps = sorted((sorted(c) for c in nx.connected_components(g)), key=lambda c: (-len(c), c[0]))
+    if len(comps) > 1:
+        cut = _join_and([_fmt_ids(c) for c in comps[1:]])
+        raise TopologyError(f"weights: the edges of positive weight leave {cut} cut off from {_fmt_ids(comps[0])} "
+                            "(the models would never mix)")
 
 
 def _parse_weight_row(i: int, row: Any, g: nx.Graph) -> dict[int, float]:
