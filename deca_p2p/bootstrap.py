@@ -24,7 +24,12 @@ class BootstrapError(ValueError):
 
 
 def default_endpoints(ids: Iterable[int], base_port: int, host: str = "127.0.0.1") -> dict[int, str]:
-    return {int(i): f"tcp://{host}:{base_port + int(i)}" for i in ids}
+    """Peer i at base_port + i; BootstrapError when the largest id's port is past 65535 (before any peer binds)."""
+    ids = [int(i) for i in ids]
+    if ids and base_port + max(ids) > 65535:
+        raise BootstrapError(f"--base-port {base_port} puts peer {max(ids)} on port {base_port + max(ids)}, past 65535: "
+                             f"use at most {65535 - max(ids)}")
+    return {i: f"tcp://{host}:{base_port + i}" for i in ids}
 
 
 def load(path: str | Path) -> dict[int, dict]:

@@ -239,6 +239,7 @@ def cluster(topology_file, bootstrap_file, run_dir, no_live, no_average, **kw) -
 
     topo = _load_topology(topology_file)
     cfg = _make_config(kw)  # validate once here rather than in n processes
+    _check_endpoints(topo, bootstrap_file, cfg.base_port)  # likewise: one line, not n failing peers
     # the peers' fork server starts importing torch and transformers now, while we check and split the data. Nothing
     # above imports torch: its 1.3 s here would come before the server's import, with the other core idle
     launcher = Launcher(kw.get("model_path"), ["peft"] if cfg.algo == "declora" else [])
@@ -282,6 +283,20 @@ def cluster(topology_file, bootstrap_file, run_dir, no_live, no_average, **kw) -
     # the peers, the averaging process and the fork server have exited; the report and plots are written
     _exit_without_teardown(code)
     raise SystemExit(code)
+
+
+def _check_endpoints(topo, bootstrap_file, base_port: int) -> None:
+    """Every peer's endpoint, from the bootstrap file or base_port + id, before any peer starts."""
+    from deca_p2p import bootstrap
+    from deca_p2p.topology import TopologyError, check_ids
+
+    try:
+        if bootstrap_file:
+            check_ids(topo, bootstrap.load(bootstrap_file).keys(), what=f"bootstrap file {bootstrap_file}")
+        else:
+            bootstrap.default_endpoints(topo.nodes, base_port)
+    except (bootstrap.BootstrapError, TopologyError) as e:
+        _fail(str(e))
 
 
 def _cluster_data(topo, cfg, run, data_dir, data_path) -> dict:

@@ -186,6 +186,7 @@ def _released_before(run_dir: str, me: int) -> int:
     """DP releases this peer made before a restart: the last count it logged, plus one it may have sent before a
     crash kept it from logging it (privacy accounting must not undercount; re-done steps count again)."""
     counts = [r.get("dp_releases") or 0 for r in records(run_dir, me, "step")]
+    counts = [c for c in counts if isinstance(c, (int, float)) and not isinstance(c, bool)]  # a damaged record: skipped
     return max(counts, default=0) + 1
 
 

@@ -310,3 +310,16 @@ def test_topology_weights_must_connect_the_graph(tmp_path):
     t = T.from_dict({**square, "weights": {"0": {"1": 0.5, "3": 0}, "1": {"0": 0.5, "2": 0.25},
                                            "2": {"1": 0.25, "3": 0.25}, "3": {"2": 0.25, "0": 0}}})
     assert t.spectral_gap() > 0
+
+
+def test_cluster_checks_every_peers_endpoint_before_starting_any(tmp_path):
+    """A base port that puts the last peer past 65535, or a bootstrap file missing a peer: one line before any peer
+    starts (before: the peers started, one failed to bind, the others waited for it)."""
+    topo = tmp_path / "ring4.json"
+    topo.write_text(T.ring(4).to_json())
+    _user_error(_cli("cluster", "--topology", topo, "--base-port", 65533, "--no-live", "--run-dir", tmp_path / "r"),
+                "puts peer 3 on port 65536", "at most 65532")
+    bs = tmp_path / "b.json"
+    bs.write_text(json.dumps({"peers": {str(i): {"endpoint": f"tcp://127.0.0.1:{6000 + i}"} for i in range(3)}}))
+    _user_error(_cli("cluster", "--topology", topo, "--bootstrap", bs, "--no-live", "--run-dir", tmp_path / "r"), "3")
+    assert not (tmp_path / "r").exists()  # nothing started, nothing written
