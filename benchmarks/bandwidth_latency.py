@@ -74,6 +74,7 @@ def measure(run_dir: Path, latency: float, bw: float | None) -> dict:
     encode = {(pid, r["seq"]): r.get("encode_s") or 0.0 for pid, recs in data.items() for r in recs
               if r.get("event") == "step" and r.get("seq") is not None}
     goodput, sizes, step_wall, compute, waits, walls = [], [], [], [], 0.0, 0.0
+    read_rule: list[float] = []  # the rule before 096866b, for comparison: read > 5 ms after the exchange began
     compute_cpu: list[float] = []  # each local step's own thread CPU (what it costs a core, however shared)
     cpu_step: list[float] = []  # per peer: the CPU its process (every thread) spent per inner step
     act_mean: list[float] = []  # per peer and activation: wall time per step over the steps after its first
@@ -106,13 +107,16 @@ def measure(run_dir: Path, latency: float, bw: float | None) -> dict:
                 transfer = one_way - enc - latency / 1e3
                 if read_after is not None and sent_while_waiting(one_way, read_after, enc) and transfer > 0:
                     goodput.append(nbytes * 8 / transfer / 1e6)
+                if read_after is not None and read_after > 0.005 and transfer > 0:
+                    read_rule.append(nbytes * 8 / transfer / 1e6)
     finals = [r for recs in data.values() for r in recs if r.get("event") == "final"]
     late = [f["handoff_late_ms"] for f in finals if f.get("handoff_late_ms") is not None]
     S = statistics.median(sizes)
     c = statistics.median(compute)
     expected = c + latency / 1e3 + (S * 8 / (bw * 1e6) if bw else 0.0)
     return {"latency": latency, "bw": bw, "S": S, "goodput": statistics.median(goodput) if goodput else None,
-            "n_goodput": len(goodput), "step_wall": statistics.median(step_wall), "compute": c, "expected": expected,
+            "n_goodput": len(goodput), "goodput_read_rule": statistics.median(read_rule) if read_rule else None,
+            "step_wall": statistics.median(step_wall), "compute": c, "expected": expected,
             # what a step costs a run: the mean over an activation (the median of single steps misreads runs whose
             # steps alternate long and short, as ring8's two halves do with --overlap)
             "step_mean": statistics.median(act_mean) if act_mean else statistics.median(step_wall),
@@ -180,8 +184,8 @@ def raw_floor(size: float, gap: float, n: int = 80) -> float:
 
 TABLE_HEAD = ["| latency ms | bandwidth Mbit/s | S (MB) | goodput Mbit/s (median) | goodput / configured | messages | "
               "hand-off late ms (mean) | step wall s | compute + L + S/R s | step / expected | waiting share | "
-              "compute CPU ms (mean) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "compute CPU ms (mean) | the rule before: goodput / configured over reads > 5 ms after the exchange began |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def worst_ratio(runs: list[dict]) -> float:
@@ -223,16 +227,17 @@ def main() -> None:
              f"Command: `.venv/bin/python benchmarks/bandwidth_latency.py{' --quick' if args.quick else ''}` "
              f"({os.cpu_count()} cores; embedded model, layer blocks only: one message = S bytes = one decoder layer in float32; "
              f"1 round x 4 blocks x {steps} inner steps per configuration; 8 peers share the {os.cpu_count()} cores: a "
-             "step's compute wall includes waiting for a core, its CPU time (last column) does not).", "", *TABLE_HEAD]
+             "step's compute wall includes waiting for a core, its CPU time (compute CPU column) does not).", "", *TABLE_HEAD]
 
     def row(r) -> str:
         ratio = r["goodput"] / r["bw"] if (r["bw"] and r["goodput"]) else None
         late = "–" if r["late_ms"] is None else f"{r['late_ms']:.2f}"
         cpu = "–" if r.get("compute_cpu") is None else f"{1e3 * r['compute_cpu']:.1f}"
+        before = f"{r['goodput_read_rule'] / r['bw']:.3f}" if (r["bw"] and r.get("goodput_read_rule")) else "–"
         return (f"| {r['latency']} | {r['bw'] or 'unlimited'} | {r['S'] / 1e6:.3f} | "
                 f"{r['goodput']:.0f} | {f'{ratio:.3f}' if ratio else '–'} | {r['n_goodput']} | {late} | "
                 f"{r['step_wall']:.3f} | {r['expected']:.3f} | {r['step_wall'] / r['expected']:.2f} | "
-                f"{100 * r['wait_share']:.0f}% | {cpu} |")
+                f"{100 * r['wait_share']:.0f}% | {cpu} | {before} |")
 
     lines += [row(r) for r in rows]
     lines += ["", "Control: the same links between 2 peers (ring of 2, one peer per core, "
