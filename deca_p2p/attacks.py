@@ -72,7 +72,8 @@ class Attack:
         if self.kind == "signflip":
             return {k: -v for k, v in own.items()}
         if self.kind == "gaussian":
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.me) * 1_000_003 + seq)
+            # below 2**63 for any seed config allows (torch refuses 2**64 and above); unchanged for seeds < ~9e6
+            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.me) * 1_000_003 + seq) % 2**63)
             return {k: torch.randn(v.shape, generator=g) * v.double().pow(2).mean().sqrt().float()
                     for k, v in own.items()}
         # dissensus

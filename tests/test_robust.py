@@ -415,3 +415,10 @@ def test_dp_noise_raises_the_cold_radius_so_honest_noisy_neighbours_are_mixed():
     assert run(s) == (0, {})
     left_out, flagged = run(s, attacker=True)
     assert left_out == 12 and set(flagged) == {"7"}  # the x1000 one, at every exchange; the honest one never
+
+
+def test_gaussian_attack_takes_any_seed_the_config_allows():
+    from deca_p2p.config import MAX_SEED
+
+    out = Attack("gaussian", 0.0, 3, RING, seed=MAX_SEED - 1)({"w": torch.ones(8)}, {}, 10**6, False)["w"]
+    assert out.shape == (8,) and torch.isfinite(out).all()
