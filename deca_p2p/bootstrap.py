@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 from . import atomic
 
-_ENDPOINT = re.compile(r"^tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
+_ENDPOINT = re.compile(r"^tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):([0-9]{1,5})$")
 
 
 class BootstrapError(ValueError):
@@ -160,8 +160,9 @@ def make(ids: Sequence[int], hosts: Sequence[str], base_port: int) -> dict:
     peers = {}
     for k, i in enumerate(sorted(ids)):
         host = hosts[k % len(hosts)]
-        port = base_port + per_host.get(host, 0)
-        per_host[host] = per_host.get(host, 0) + 1
+        same = host.lower()  # host names are case-insensitive: A and a are one host, so they share the port count
+        port = base_port + per_host.get(same, 0)
+        per_host[same] = per_host.get(same, 0) + 1
         if port > 65535:
             raise BootstrapError(f"port {port} out of range: lower --base-port")
         peers[str(i)] = {"endpoint": check_endpoint(f"tcp://{host}:{port}", f"peer {i}")}

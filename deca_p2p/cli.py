@@ -183,6 +183,10 @@ def start(peer_id, topology_file, bootstrap_file, run_dir, no_initial_eval, **kw
     if peer_id is None:
         _fail("no peer id: pass --id or set SLURM_PROCID or RANK")
     cfg = _make_config(kw)
+    try:  # before the run directory exists: a mistyped id leaves nothing behind
+        _load_topology(topology_file).check_peer(peer_id)
+    except _user_errors() as e:
+        _fail(f"peer {peer_id}: {e}")
     _make_run_dir(run_dir)
     args = PeerArgs(peer_id, topology_file, run_dir, cfg, bootstrap_file, kw.get("model_path"), kw.get("data_path"),
                     kw.get("eval_path"), initial_eval=not no_initial_eval)

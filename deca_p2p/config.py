@@ -14,6 +14,9 @@ import yaml
 MAX_LR = 1e3  # far above any useful rate; larger ones overflow float32 in the Adam step
 LR_SCHEDULES = ("constant", "linear", "cosine")
 MAX_SEED = 2**32  # seed and dp_seed are in [0, MAX_SEED) (see validate)
+# every other integer setting is at most this: counts go into msgpack headers and torch as 64-bit ints, and a
+# `rounds: 1e30` is a typo, not a plan
+MAX_COUNT = 2**31 - 1
 MAX_THREADS = 4096
 CPU_MAX_LEN, GPU_MAX_LEN = 1024, 4096  # default sequence caps: a 1024-token step is seconds on a CPU
 
@@ -193,6 +196,11 @@ class TrainConfig:
                 parse(self.attack)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        for key, f in FIELDS.items():
+            v = getattr(self, key)
+            if key not in ("seed", "dp_seed") and f.type in ("int", "int | None") and isinstance(v, int) \
+                    and not isinstance(v, bool) and v > MAX_COUNT:
+                raise ConfigError(f"{key} must be at most {MAX_COUNT}, got {v}")
         if not 0 < self.base_port < 65536:
             raise ConfigError(f"base_port must be a TCP port, got {self.base_port}")
         return self

@@ -94,8 +94,7 @@ def run_peer(args: PeerArgs, stop: threading.Event | None = None) -> None:
     cfg = args.cfg
     me = args.peer_id
     topo = topology.load(args.topology_path)
-    if me not in topo.nodes:
-        raise topology.TopologyError(f"peer id {me} is not in topology {topo.name} (nodes {topo.nodes[0]}..{topo.nodes[-1]})")
+    topo.check_peer(me)
     endpoints = resolve_endpoints(args, topo)
     security = _transport_security(args, topo)
     stop = stop or threading.Event()

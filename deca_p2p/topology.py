@@ -57,6 +57,11 @@ class Topology:
         if i not in self._adj:
             raise TopologyError(f"{self.name}: unknown node {i!r}")
 
+    def check_peer(self, i: int) -> None:
+        """A user-given peer id that is not a node: one TopologyError line naming the nodes."""
+        if i not in self._adj:
+            raise TopologyError(f"peer id {i} is not in topology {self.name} (nodes {self.nodes[0]}..{self.nodes[-1]})")
+
     def neighbors(self, i: int) -> list[int]:
         self._known(i)
         return list(self._adj[i])
@@ -267,7 +272,7 @@ def _check_connected(g: nx.Graph) -> None:
 def _parse_id_key(k: Any, what: str) -> int:
     if _is_int(k):
         return k
-    if isinstance(k, str) and re.fullmatch(r"\d+", k):
+    if isinstance(k, str) and re.fullmatch(r"[0-9]+", k):
         return int(k)
     raise TopologyError(f"{what}: key {k!r} is not a node id")
 
@@ -358,7 +363,7 @@ def _parse_links(raw: Any, g: nx.Graph) -> dict[str, Link]:
     for k, entry in raw.items():
         if k == "default":
             continue
-        m = re.fullmatch(r"(\d+)-(\d+)", k) if isinstance(k, str) else None
+        m = re.fullmatch(r"([0-9]+)-([0-9]+)", k) if isinstance(k, str) else None
         if not m:
             raise TopologyError(f"links: bad key {k!r} (expected \"default\" or \"i-j\")")
         i, j = int(m.group(1)), int(m.group(2))

@@ -153,6 +153,22 @@ def test_values_that_would_be_silently_changed_are_refused(overrides, needle):
         make_config(None, overrides)
 
 
+@pytest.mark.parametrize("key", ["rounds", "train_per_task", "eval_every", "warmup_steps", "max_len"])
+def test_counts_above_two_to_the_31_are_refused(tmp_path, key):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"{key}: 1.0e+30\n")  # YAML reads a float: whole and finite, so only the range can refuse it
+    with pytest.raises(ConfigError, match=f"{key} must be at most 2147483647, got 1000000000000000019884624838656"):
+        make_config(f)
+    assert getattr(make_config(None, {key: 2**31 - 1}), key) == 2**31 - 1
+
+
+def test_a_start_with_an_id_not_in_the_topology_leaves_no_run_directory(tmp_path):
+    p = subprocess.run(deca_peer_cmd("start", "--id", 9, "--neighbors", RING4, *FAST, "--run-dir", "r"),
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    _assert_user_error(p, "peer 9: peer id 9 is not in topology ring4 (nodes 0..3)")
+    assert not (tmp_path / "r").exists()
+
+
 def test_what_still_reads():
     cfg = make_config(None, {"rounds": 3.0, "secure": 1, "head_block": "yes", "seed": 2**32 - 1, "dp_seed": "7"})
     assert (cfg.rounds, cfg.secure, cfg.head_block, cfg.seed, cfg.dp_seed) == (3, True, True, 2**32 - 1, 7)

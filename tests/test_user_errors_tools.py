@@ -283,7 +283,21 @@ def test_bootstrap_peer_ids_are_ascii_digits(ring4, tmp_path):
     _user_error(_cli("bootstrap", "--file", b, "--set-key", f"0={Z85_KEY}"), "peer id '²' is not a non-negative integer")
 
 
+def test_bootstrap_hosts_differing_only_in_case_are_one_host(ring4):
+    doc = bootstrap.make([0, 1, 2, 3], ["H1", "h1"], 7000)
+    assert sorted(e["endpoint"].rsplit(":", 1)[1] for e in doc["peers"].values()) == ["7000", "7001", "7002", "7003"]
+
+
 # --------------------------------------------------------------------------- topology
+
+
+def test_topology_id_keys_are_ascii_digits(tmp_path):
+    base = {"name": "x", "nodes": [0, 1, 2], "edges": [[0, 1], [1, 2], [0, 2]]}
+    with pytest.raises(T.TopologyError, match="key '\u0661' is not a node id"):  # ARABIC-INDIC DIGIT ONE
+        T.from_dict({**base, "weights": {"0": {"\u0661": 0.5, "2": 0.0}, "1": {"0": 0.5, "2": 0.0},
+                                         "2": {"0": 0.0, "1": 0.0}}})
+    with pytest.raises(T.TopologyError, match="\u0661-2"):
+        T.from_dict({**base, "links": {"\u0661-2": {"latency_ms": 5}}})
 
 
 def test_topology_node_ids_below_ten_to_the_ten(tmp_path):
