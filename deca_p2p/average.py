@@ -266,7 +266,7 @@ def average_run(run_dir: str | Path, out: str | Path, weighted: bool = False, *,
         f = ckpts[i] / "deca_state.json"
         try:
             states[i] = json.loads(f.read_text()) if f.is_file() else {}
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # JSONDecodeError, UnicodeDecodeError, an int over 4300 digits: no state
             states[i] = {}
     record = {
         "run_dir": str(run.resolve()),

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 from . import atomic
 
-_ENDPOINT = re.compile(r"^tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):([0-9]{1,5})$")
+_ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):([0-9]{1,5})")
 
 
 class BootstrapError(ValueError):
@@ -48,7 +48,7 @@ def load(path: str | Path) -> dict[int, dict]:
 
 def check_endpoint(endpoint: object, where: str) -> str:
     """``endpoint`` if it is ``tcp://host:port`` with a valid port, else BootstrapError naming ``where``."""
-    m = _ENDPOINT.match(endpoint) if isinstance(endpoint, str) else None
+    m = _ENDPOINT.fullmatch(endpoint) if isinstance(endpoint, str) else None
     if not m or not 0 < int(m.group(2)) < 65536:
         raise BootstrapError(f"{where}: endpoint {endpoint!r} is not tcp://host:port")
     return endpoint

@@ -146,8 +146,9 @@ def simulate(topology_file: str, run_dir: str | None, save: bool, **kw) -> None:
 
 def _env_id() -> int | None:
     for var in ("SLURM_PROCID", "RANK"):
-        if os.environ.get(var, "").strip().isdigit():
-            return int(os.environ[var])
+        v = os.environ.get(var, "").strip()
+        if v.isascii() and v.isdigit():  # "²".isdigit() is True, and int() refuses it
+            return int(v)
     return None
 
 

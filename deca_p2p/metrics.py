@@ -51,7 +51,8 @@ def _read(f: Path) -> list[dict]:
     for line in f.read_bytes().splitlines():
         try:
             r = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: "[[[[..." nested deep
+        # ValueError: JSONDecodeError, UnicodeDecodeError, an int over 4300 digits; RecursionError: "[[[[..." deep
+        except (ValueError, RecursionError):
             continue
         if isinstance(r, dict):
             out.append(r)

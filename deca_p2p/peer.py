@@ -163,9 +163,14 @@ def _resume(trainer: PeerTrainer, ckpt_root: Path, log: MetricsLog) -> int:
         return 0
     try:  # a run directory another command wrote (`simulate --save`), or a damaged one: say so, in one line
         state = json.loads((ckpt / "deca_state.json").read_text())
-        act, rnd, gen = int(state["activation"]), int(state["round"]), state["batcher_generator"]
+        act, rnd, gen = state["activation"], state["round"], state["batcher_generator"]
+        for key, v in (("activation", act), ("round", rnd)):  # a negative activation would index from the end
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{key} is {v!r}, not a whole number >= 0")
         generator = torch.tensor(gen, dtype=torch.uint8)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        if generator.shape != trainer.batcher.state_dict()["generator"].shape:
+            raise ValueError(f"batcher_generator holds {generator.numel()} bytes, not a generator state")
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # RuntimeError: torch, bytes above 255
         raise CheckpointError(f"{ckpt} is not a peer checkpoint this peer can resume from ({type(e).__name__}: "
                               f"{e}); give a fresh --run-dir, or --set resume=false") from None
     trainer.restore(ckpt)

@@ -121,3 +121,13 @@ def test_imports_run_with_the_collector_paused_and_frozen_only_in_the_program_it
     finally:
         gc.unfreeze()
     assert keep
+
+
+def test_a_rank_that_is_not_ascii_digits_is_no_id(monkeypatch):
+    from deca_p2p.cli import _env_id
+
+    monkeypatch.setenv("SLURM_PROCID", "\u00b2")
+    monkeypatch.setenv("RANK", "3")
+    assert _env_id() == 3
+    monkeypatch.delenv("RANK")
+    assert _env_id() is None

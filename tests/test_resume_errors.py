@@ -7,7 +7,16 @@ import pytest
 from conftest import REPO, deca_peer_cmd, free_base_port
 
 
-@pytest.mark.parametrize("state", [None, "{not json", '{"activation": 0}'], ids=["no-state", "garbage", "partial"])
+GEN = "[" + ",".join(["7"] * 5056) + "]"  # a CPU torch generator's state is 5056 bytes
+
+
+@pytest.mark.parametrize("state", [
+    None, "{not json", '{"activation": 0}',
+    '{"activation": -7, "round": 0, "batcher_generator": %s}' % GEN,  # would train the last activations first
+    '{"activation": 2.9, "round": 0, "batcher_generator": %s}' % GEN,
+    '{"activation": 0, "round": 0, "batcher_generator": [1, 2, 3]}',
+    '{"activation": 0, "round": 0, "batcher_generator": [300]}',
+], ids=["no-state", "garbage", "partial", "negative", "fraction", "short-generator", "not-bytes"])
 def test_start_on_a_checkpoint_it_cannot_resume_from_is_one_line(state, tmp_path):
     from deca_p2p.checkpoint import save_atomic
     from deca_p2p.models import default_model_path, load_model

@@ -288,6 +288,27 @@ def test_bootstrap_hosts_differing_only_in_case_are_one_host(ring4):
     assert sorted(e["endpoint"].rsplit(":", 1)[1] for e in doc["peers"].values()) == ["7000", "7001", "7002", "7003"]
 
 
+def test_an_endpoint_with_a_trailing_newline_is_refused():
+    with pytest.raises(bootstrap.BootstrapError, match="is not tcp://host:port"):
+        bootstrap.check_endpoint("tcp://h:5550\n", "peer 0")
+
+
+def test_a_huge_integer_line_in_metrics_is_skipped(tmp_path):
+    f = tmp_path / "peer-0" / "metrics.jsonl"
+    f.parent.mkdir()
+    f.write_text('{"event": "step", "x": ' + "9" * 5000 + '}\n{"event": "step", "x": 1}\n')
+    assert [r["x"] for r in records(tmp_path, 0, "step")] == [1]
+
+
+def test_average_of_a_run_with_an_undecodable_state_file(run_copy, tmp_path):
+    state = _latest(run_copy, 0) / "deca_state.json"
+    state.unlink(missing_ok=True)  # (a peer's is a hard link shared with older checkpoints: not written through)
+    state.write_bytes(b"\xff\xfe{")
+    res = _cli("average", run_copy, "--out", tmp_path / "avg")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "avg" / "model.safetensors").is_file()
+
+
 # --------------------------------------------------------------------------- topology
 
 
