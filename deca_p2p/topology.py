@@ -4,25 +4,24 @@ Pure module: no sockets, no processes. A topology is an undirected connected gra
 peer ids, a symmetric doubly stochastic mixing matrix W on it, and per-link emulation settings.
 Every way of building one (file, dict, generator) goes through `from_dict`, so every Topology
 in the program has been validated the same way.
+
+This module holds the classes, the weight schemes, file loading and the reports; the parser (`from_dict`) is in
+topology_parse.py and the generators in topology_gen.py. It re-exports both, so callers use `topology.X` for all.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import networkx as nx
 import numpy as np
 
-TOL = 1e-6  # tolerance on row sums and symmetry of explicit weights
 WEIGHT_SCHEMES = ("metropolis", "uniform")
 LINK_KEYS = ("latency_ms", "bandwidth_mbps", "jitter_ms")
-TOP_KEYS = ("name", "nodes", "edges", "weights", "links")
-MAX_ERDOS_TRIES = 1000
-ID_LIMIT = 10**10  # node ids are below it: a plain-mode routing id holds at most 10 digits (PROTOCOL.md §13 item 12)
 
 
 class TopologyError(ValueError):
@@ -191,221 +190,6 @@ def _with_self(i: int, row: dict[int, float]) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
-# --------------------------------------------------------------------------- validation
-
-def from_dict(d: Any, source: str = "<topology>") -> Topology:
-    """Validate a topology description (the JSON file's content) and build a Topology."""
-    try:
-        return _build(d)
-    except TopologyError as e:
-        raise TopologyError(f"{source}: {e}") from None
-
-
-def _build(d: Any) -> Topology:
-    if not isinstance(d, dict):
-        raise TopologyError(f"topology must be a JSON object, got {type(d).__name__}")
-    unknown = sorted(set(d) - set(TOP_KEYS), key=str)
-    if unknown:
-        raise TopologyError(f"unknown key {unknown[0]!r} (allowed: {', '.join(TOP_KEYS)})")
-    for key in ("name", "nodes", "edges"):
-        if key not in d:
-            raise TopologyError(f"missing key {key!r}")
-    if not isinstance(d["name"], str):
-        raise TopologyError(f"'name' must be a string, got {type(d['name']).__name__}")
-    nodes = _parse_nodes(d["nodes"])
-    edges = _parse_edges(d["edges"], set(nodes))
-    g = nx.Graph()
-    g.add_nodes_from(nodes)
-    g.add_edges_from(edges)
-    _check_connected(g)
-    scheme, weights = _parse_weights(d.get("weights", "metropolis"), g)
-    links = _parse_links(d.get("links", {}), g)
-    return Topology(d["name"], nodes, edges, weights, links, scheme)
-
-
-def _parse_nodes(raw: Any) -> list[int]:
-    if not isinstance(raw, list):
-        raise TopologyError(f"'nodes' must be a list of integer ids, got {type(raw).__name__}")
-    if not raw:
-        raise TopologyError("'nodes' is empty")
-    seen: set[int] = set()
-    for x in raw:
-        if not _is_int(x):
-            raise TopologyError(f"node id {x!r} is not an integer")
-        if x < 0:
-            raise TopologyError(f"node id {x} is negative")
-        if x >= ID_LIMIT:
-            raise TopologyError(f"node id {x} is too large (ids must be below 10^10)")
-        if x in seen:
-            raise TopologyError(f"duplicate node id {x}")
-        seen.add(x)
-    return sorted(raw)
-
-
-def _parse_edges(raw: Any, ids: set[int]) -> list[tuple[int, int]]:
-    if not isinstance(raw, list):
-        raise TopologyError(f"'edges' must be a list of [i, j] pairs, got {type(raw).__name__}")
-    seen: set[tuple[int, int]] = set()
-    for e in raw:
-        if not (isinstance(e, (list, tuple)) and len(e) == 2 and all(map(_is_int, e))):
-            raise TopologyError(f"edge {e!r} is not a pair of integer ids")
-        i, j = e
-        for x in (i, j):
-            if x not in ids:
-                raise TopologyError(f"edge [{i}, {j}] names unknown node {x}")
-        if i == j:
-            raise TopologyError(f"self-loop edge [{i}, {j}]")
-        key = (min(i, j), max(i, j))
-        if key in seen:
-            raise TopologyError(f"duplicate edge [{i}, {j}]")
-        seen.add(key)
-    return sorted(seen)
-
-
-def _check_connected(g: nx.Graph) -> None:
-    comps = sorted((sorted(c) for c in nx.connected_components(g)), key=lambda c: c[0])
-    if len(comps) > 1:
-        listed = _join_and([_fmt_ids(c) for c in comps])
-        raise TopologyError(f"graph is not connected (components: {listed})")
-
-
-def _parse_id_key(k: Any, what: str) -> int:
-    if _is_int(k):
-        return k
-    if isinstance(k, str) and re.fullmatch(r"[0-9]+", k):
-        return int(k)
-    raise TopologyError(f"{what}: key {k!r} is not a node id")
-
-
-def _parse_weights(raw: Any, g: nx.Graph) -> tuple[str, dict[int, dict[int, float]]]:
-    if raw == "metropolis":
-        return "metropolis", metropolis_weights(g)
-    if raw == "uniform":
-        return "uniform", uniform_weights(g)
-    if not isinstance(raw, dict):
-        raise TopologyError(
-            f"'weights' must be \"metropolis\", \"uniform\" or an object of rows, got {raw!r}"
-        )
-    rows: dict[int, dict[int, float]] = {}
-    for k, row in raw.items():
-        i = _parse_id_key(k, "weights")
-        if i not in g:
-            raise TopologyError(f"weights: row for unknown node {i}")
-        if i in rows:
-            raise TopologyError(f"weights: two rows for node {i}")
-        rows[i] = _parse_weight_row(i, row, g)
-    missing = sorted(set(g.nodes) - set(rows))
-    if missing:
-        raise TopologyError(f"weights: no row for node(s) {_fmt_ids(missing)}")
-    _check_symmetric(rows)
-    _check_mixing_connected(rows)
-    return "explicit", dict(sorted(rows.items()))
-
-
-def _check_mixing_connected(rows: dict[int, dict[int, float]]) -> None:
-    # edges whose weight is 0 carry nothing: the nodes they alone join would never mix (spectral gap 0)
-    g = nx.Graph()
-    g.add_nodes_from(rows)
-    g.add_edges_from((i, j) for i, row in rows.items() for j, w in row.items() if j != i and w > 0)
-    comps = sorted((sorted(c) for c in nx.connected_components(g)), key=lambda c: (-len(c), c[0]))
-    if len(comps) > 1:
-        cut = _join_and([_fmt_ids(c) for c in comps[1:]])
-        raise TopologyError(f"weights: the edges of positive weight leave {cut} cut off from {_fmt_ids(comps[0])} "
-                            "(the models would never mix)")
-
-
-def _parse_weight_row(i: int, row: Any, g: nx.Graph) -> dict[int, float]:
-    if not isinstance(row, dict):
-        raise TopologyError(f"weights: row {i} must be an object {{\"j\": w}}")
-    # Every neighbour gets an entry (0 if absent) so rows are complete for gossip.
-    out: dict[int, float] = {j: 0.0 for j in g.neighbors(i)}
-    given: set[int] = set()
-    for k, w in row.items():
-        j = _parse_id_key(k, f"weights row {i}")
-        if j in given:
-            raise TopologyError(f"weights: w[{i}][{j}] given twice")
-        given.add(j)
-        if j != i and not g.has_edge(i, j):
-            raise TopologyError(f"weights: w[{i}][{j}] is on a non-edge ({i}-{j} is not in 'edges')")
-        if not _is_num(w):
-            raise TopologyError(f"weights: w[{i}][{j}] = {w!r} is not a finite number")
-        if w < 0:
-            raise TopologyError(f"weights: w[{i}][{j}] = {w} is negative")
-        out[j] = float(w)
-    if i not in given:
-        rest = 1.0 - math.fsum(v for j, v in out.items() if j != i)
-        if rest < -TOL:
-            raise TopologyError(
-                f"weights: row {i} does not sum to 1 (neighbour weights alone sum to {1 - rest:.6g})"
-            )
-        out[i] = max(0.0, rest)
-    total = math.fsum(out.values())
-    if abs(total - 1.0) > TOL:
-        raise TopologyError(f"weights: row {i} does not sum to 1 (sum is {total:.9g})")
-    return dict(sorted(out.items()))
-
-
-def _check_symmetric(rows: dict[int, dict[int, float]]) -> None:
-    for i, row in sorted(rows.items()):
-        for j, wij in row.items():
-            wji = rows[j].get(i, 0.0)
-            if abs(wij - wji) > TOL:
-                raise TopologyError(
-                    f"weights: matrix is not symmetric (w[{i}][{j}] = {wij:g} but w[{j}][{i}] = {wji:g})"
-                )
-
-
-def _parse_links(raw: Any, g: nx.Graph) -> dict[str, Link]:
-    if not isinstance(raw, dict):
-        raise TopologyError(f"'links' must be an object, got {type(raw).__name__}")
-    default = _parse_link(raw.get("default", {}), "default", Link())
-    links = {"default": default}
-    for k, entry in raw.items():
-        if k == "default":
-            continue
-        m = re.fullmatch(r"([0-9]+)-([0-9]+)", k) if isinstance(k, str) else None
-        if not m:
-            raise TopologyError(f"links: bad key {k!r} (expected \"default\" or \"i-j\")")
-        i, j = int(m.group(1)), int(m.group(2))
-        if not g.has_edge(i, j):
-            raise TopologyError(f"links: {k!r} is not an edge")
-        canon = _link_key(i, j)
-        if canon in links:
-            raise TopologyError(f"links: link {canon} is given twice")
-        # Missing fields of an override inherit from "default".
-        links[canon] = _parse_link(entry, k, default)
-    return dict(sorted(links.items(), key=lambda kv: _link_sort_key(kv[0])))
-
-
-def _link_sort_key(k: str) -> tuple[int, int]:
-    if k == "default":
-        return (-1, -1)
-    i, j = k.split("-")
-    return (int(i), int(j))
-
-
-def _parse_link(entry: Any, key: str, base: Link) -> Link:
-    where = f"links[{key!r}]"
-    if not isinstance(entry, dict):
-        raise TopologyError(f"{where} must be an object")
-    unknown = sorted(set(entry) - set(LINK_KEYS), key=str)
-    if unknown:
-        raise TopologyError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(LINK_KEYS)})")
-    vals: dict[str, Any] = {}
-    for k, v in entry.items():
-        if k == "bandwidth_mbps" and v is None:
-            vals[k] = None
-            continue
-        if not _is_num(v):
-            raise TopologyError(f"{where}: {k} = {v!r} is not a finite number")
-        if v < 0:
-            raise TopologyError(f"{where}: {k} = {v} is negative")
-        if k == "bandwidth_mbps" and v == 0:
-            raise TopologyError(f"{where}: bandwidth_mbps must be > 0 (null means unlimited)")
-        vals[k] = float(v)
-    return replace(base, **vals)
-
-
 # --------------------------------------------------------------------------- files
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
@@ -434,125 +218,6 @@ def load(path: str | Path) -> Topology:
     except TopologyError as e:
         raise TopologyError(f"{src}: {e}") from None
     return from_dict(d, source=src)
-
-
-# --------------------------------------------------------------------------- generators
-
-def _from_graph(name: str, g: nx.Graph) -> Topology:
-    g = nx.Graph(g)
-    g.remove_edges_from(list(nx.selfloop_edges(g)))  # e.g. cycle_graph(1) loops on itself
-    d = {"name": name, "nodes": sorted(g.nodes), "edges": [list(e) for e in g.edges],
-         "weights": "metropolis"}
-    return from_dict(d, source=name)
-
-
-def _need(kind: str, what: str, value: Any, low: int = 1) -> None:
-    if not _is_int(value) or value < low:
-        raise TopologyError(f"{kind}: {what} must be an integer >= {low}, got {value!r}")
-
-
-def ring(n: int) -> Topology:
-    _need("ring", "n", n)
-    return _from_graph(f"ring{n}", nx.cycle_graph(n))
-
-
-def torus(rows: int, cols: int) -> Topology:
-    _need("torus", "rows", rows)
-    _need("torus", "cols", cols)
-    g = nx.grid_2d_graph(rows, cols, periodic=True)
-    g = nx.relabel_nodes(g, {(r, c): r * cols + c for r, c in g.nodes})
-    return _from_graph(f"torus{rows}x{cols}", g)
-
-
-def complete(n: int) -> Topology:
-    _need("complete", "n", n)
-    return _from_graph(f"complete{n}", nx.complete_graph(n))
-
-
-def star(n: int) -> Topology:
-    """n nodes in all: hub 0 and n-1 leaves."""
-    _need("star", "n", n)
-    return _from_graph(f"star{n}", nx.star_graph(n - 1))
-
-
-def erdos_renyi(n: int, p: float, seed: int = 0) -> Topology:
-    """G(n, p), re-drawn with seed+1, seed+2, ... until connected; the name records the seed used."""
-    _need("erdos", "n", n)
-    _need("erdos", "seed", seed, low=0)
-    if not _is_num(p) or not 0 < p <= 1:
-        raise TopologyError(f"erdos: p must be in (0, 1], got {p!r}")
-    for s in range(seed, seed + MAX_ERDOS_TRIES):
-        g = nx.gnp_random_graph(n, p, seed=s)
-        if nx.is_connected(g):
-            return _from_graph(f"erdos{n}-p{p:g}-s{s}", g)
-    raise TopologyError(
-        f"erdos: no connected G({n}, {p:g}) in {MAX_ERDOS_TRIES} seeds from {seed}; raise p"
-    )
-
-
-def exponential(n: int) -> Topology:
-    """Node i linked to (i + 2^k) mod n for every 2^k < n (undirected)."""
-    _need("exp", "n", n)
-    g = nx.empty_graph(n)
-    step = 1
-    while step < n:
-        g.add_edges_from((i, (i + step) % n) for i in range(n))
-        step *= 2
-    return _from_graph(f"exp{n}", g)
-
-
-# kind -> (generator, argument names); erdos also takes p and seed.
-GENERATORS: dict[str, tuple[Callable[..., Topology], tuple[str, ...]]] = {
-    "ring": (ring, ("n",)),
-    "torus": (torus, ("rows", "cols")),
-    "complete": (complete, ("n",)),
-    "star": (star, ("n",)),
-    "erdos": (erdos_renyi, ("n", "p", "seed")),
-    "exp": (exponential, ("n",)),
-}
-ALIASES = {"erdos_renyi": "erdos", "exponential": "exp", "cycle": "ring"}
-
-
-def _coerce(kind: str, name: str, v: Any) -> Any:
-    # CLI arguments arrive as strings; Python callers pass numbers.
-    if isinstance(v, str):
-        try:
-            return float(v) if name == "p" else int(v)
-        except ValueError:
-            raise TopologyError(f"{kind}: {name} must be a number, got {v!r}") from None
-    return v
-
-
-def generate(kind: str, *args: Any, p: float | None = None, seed: int | None = None,
-             link: Link | dict | None = None) -> Topology:
-    """Build a topology by kind name: ring N | torus R C | complete N | star N | erdos N [P [SEED]] | exp N.
-
-    `p`/`seed` may be given as keywords for erdos; `link` replaces the default link.
-    """
-    kind = ALIASES.get(kind, kind)
-    if kind not in GENERATORS:
-        raise TopologyError(f"unknown topology kind {kind!r} (known: {', '.join(GENERATORS)})")
-    fn, names = GENERATORS[kind]
-    vals = dict(zip(names, args))
-    if len(args) > len(names):
-        raise TopologyError(f"{kind}: too many arguments {list(args)} (takes {' '.join(names)})")
-    for key, v in (("p", p), ("seed", seed)):
-        if v is None:
-            continue
-        if key not in names:
-            raise TopologyError(f"{kind}: takes no {key} (only erdos does)")
-        if key in vals:
-            raise TopologyError(f"{kind}: {key} given twice")
-        vals[key] = v
-    required = names[:2] if kind == "erdos" else names
-    missing = [x for x in required if x not in vals]
-    if missing:
-        raise TopologyError(f"{kind}: missing {', '.join(missing)} (usage: {kind} {' '.join(names)})")
-    t = fn(**{k: _coerce(kind, k, v) for k, v in vals.items()})
-    if link is not None:
-        entry = _link_to_dict(link) if isinstance(link, Link) else link
-        t.links = {"default": _parse_link(entry, "default", Link())}
-    return t
 
 
 # --------------------------------------------------------------------------- reports and checks
@@ -596,3 +261,10 @@ def check_ids(t: Topology, ids: Iterable[int | str], what: str = "bootstrap file
         raise TopologyError(
             f"{what} ids do not match topology {t.name!r}: {'; '.join(parts)}"
         )
+
+
+# --------------------------------------------------------------------------- the parser and the generators
+# Imported at the end: both import the classes and helpers above from here, so those must exist first.
+from .topology_parse import ID_LIMIT, TOL, TOP_KEYS, _parse_id_key, from_dict  # noqa: E402,F401
+from .topology_gen import (ALIASES, GENERATORS, MAX_ERDOS_TRIES, complete, erdos_renyi, exponential,  # noqa: E402,F401
+                           generate, ring, star, torus)

@@ -47,10 +47,7 @@ Refused connections never reach ``recv``: a socket monitor on the ROUTER counts 
 
 from __future__ import annotations
 
-import copy
 import random
-import re
-import socket as _socket
 import threading
 import time
 from collections import deque
@@ -58,71 +55,30 @@ from typing import Callable, Mapping, Sequence
 
 import zmq
 
-# the outgoing links (emulation, queue, sender thread) live in link.py; what both use, in transport_base.py
+# the outgoing links (emulation, queue, sender thread) live in link.py; what both use, in transport_base.py;
+# the hello handshake and barrier in transport_hello.py; endpoint and routing-id parsing in transport_addr.py;
+# the counters' methods in transport_counters.py
 from .curve import ZAP_DOMAIN, CurveConfig, Gatekeeper
 from .delay_line import DelayLine, split_stamp
 from .link import (LinkCounters, LinkSpec, MAX_QUEUED_BYTES, MAX_QUEUED_DATA, _as_buffer, _Item,  # noqa: F401
                    _Link, _link_params, _nbytes)
+from .transport_addr import _ROUTING_ID_RE, _TCP_RE, _bind_address, _parse_src  # noqa: F401
 from .transport_base import (HELLO_INTERVAL_S, RCVHWM, RECONNECT_IVL_MAX_MS, RECONNECT_IVL_MS,  # noqa: F401
                              SNDHWM, TRIM_AFTER_UNWANTED_BYTES, TransportError, _POLL_SLICE_S, _wire,
                              _zmq_reason)
+from .transport_counters import TransportCounters
+from .transport_hello import MAX_PENDING_DURING_BARRIER, REANSWER_S, HelloBarrier  # noqa: F401
 from .heap import malloc_trim
 
-REANSWER_S = 1.0                # a repeated hello of the same (neighbour, inc) is answered again at most this often
-
 __all__ = ["TransportError", "LinkSpec", "LinkCounters", "CurveConfig", "Transport"]  # CurveConfig: curve.py
-
-_ROUTING_ID_RE = re.compile(rb"peer-(0|[1-9][0-9]{0,9})")
-_TCP_RE = re.compile(r"tcp://(\[[^\]]*\]|[^:/\[\]]+):(\d+)")
-
-
 
 CURVE_SLOWEST_RATE = 20e6       # bytes/s: heartbeat timeouts allow a largest message moving this slowly under CURVE
 PLAIN_SLOWEST_RATE = 100e6      # bytes/s: the same allowance without CURVE
 
-
-
-
-def _parse_src(routing_id: bytes) -> int | None:
-    m = _ROUTING_ID_RE.fullmatch(routing_id)
-    return int(m.group(1)) if m else None
-
-
-def _bind_address(endpoint: str) -> str:
-    """Where to bind for ``endpoint``: itself when its host is a local address, else ``tcp://*:port``.
-
-    Host names are resolved here (libzmq does not resolve names on bind) and the address is
-    tested by binding an ordinary socket to it, which succeeds exactly for this machine's addresses.
-    """
-    m = _TCP_RE.fullmatch(endpoint)
-    if m is None:
-        if endpoint.startswith(("ipc://", "inproc://")):
-            return endpoint
-        raise TransportError(f"invalid endpoint {endpoint!r}: expected tcp://host:port")
-    host, port = m.group(1), m.group(2)
-    if host in ("*", "0.0.0.0"):
-        return f"tcp://*:{port}"
-    if host.startswith("["):
-        return endpoint  # IPv6 literal: bind as given (IPV6 is enabled on the socket)
-    try:
-        ip = _socket.getaddrinfo(host, None, _socket.AF_INET, _socket.SOCK_STREAM)[0][4][0]
-    except (OSError, IndexError):
-        return f"tcp://*:{port}"
-    s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
-    try:
-        s.bind((ip, 0))
-    except OSError:
-        return f"tcp://*:{port}"
-    finally:
-        s.close()
-    return f"tcp://{ip}:{port}"
-
-
-MAX_PENDING_DURING_BARRIER = 64  # messages kept for recv() while the hello barrier runs
 MAX_DRAIN_AT_DEADLINE = 64      # recv at its deadline reads on while the delay line takes what it reads (held ones)
 
 
-class Transport:
+class Transport(HelloBarrier, TransportCounters):
     """One peer's sockets: a bound ROUTER for input, one emulated DEALER link per neighbour.
 
     ``send`` may be called from any thread; ``start``, ``recv``, ``barrier`` and ``close`` must be
@@ -279,21 +235,6 @@ class Transport:
         if self.log is not None:  # read at each note: a caller may set `log` after construction
             self.log(line)
 
-    @property
-    def rejected_keys(self) -> int:
-        """Secure: CURVE handshakes the ZAP handler refused (client key not allowed)."""
-        return self._gate.rejected_keys if self._gate is not None else 0
-
-    @property
-    def rejected_handshakes(self) -> int:
-        """Secure: failed incoming handshakes, counted by a monitor thread on the ROUTER (curve.py)."""
-        return self._gate.rejected_handshakes if self._gate is not None else 0
-
-    @property
-    def handshake_failures(self) -> dict[str, int]:
-        """Secure: the failed incoming handshakes by kind (auth, protocol, no_detail)."""
-        return self._gate.handshake_failures if self._gate is not None else {}
-
     def close(self, send_bye: bool = True) -> None:
         """Send bye to neighbours (best effort), stop the link threads, close sockets (bounded)."""
         if self._closed:
@@ -366,44 +307,6 @@ class Transport:
             return True
         deadline = time.monotonic() + max(0.0, timeout_s)
         return all(link.wait_idle(deadline) for link in self._links.values())
-
-    def _send_hello(self, dst: int, *, timeout: float) -> None:
-        assert self._hello_frames is not None
-        hdr, pay = self._sizes(self._hello_frames)
-        self._links[dst].enqueue(self._hello_frames, hdr, pay, timeout=timeout, data=False,
-                                 hello_inc=self._inc)
-
-    def _hello(self) -> list:
-        if self._hello_frames is None:
-            w = _wire()
-            self._hello_frames = w.encode(w.Message("hello", src=self.my_id, inc=self._inc, cfg=self.hello_cfg))
-        return self._hello_frames
-
-    # -- counters --------------------------------------------------------------------------
-    def _count_sent(self, dst: int, header: int, payload: int, late_s: float | None = None) -> None:
-        with self._ctr_lock:
-            c = self._counters[dst]
-            c.sent_header += header
-            c.sent_payload += payload
-            c.msgs_sent += 1
-            if late_s is not None:
-                c.data_sent += 1
-                c.handoff_late_s += late_s
-                c.handoff_late_max_s = max(c.handoff_late_max_s, late_s)
-
-    def _count_failures(self, dst: int, k: int) -> None:
-        with self._ctr_lock:
-            self._counters[dst].send_failures += k
-
-    def held_stamps(self) -> dict[str, int]:
-        """What the delay line defused (delay_line.py): stamps clamped, holds cut short, stamps unreadable."""
-        return {"stamps_clamped": self._delay.clamped, "holds_cut_short": self._delay.cut_short,
-                "bad_stamps": self.bad_stamps}
-
-    def counters(self) -> dict[int, LinkCounters]:
-        """Snapshot of the per-link counters (neighbours, plus any other peer in ``endpoints`` heard from)."""
-        with self._ctr_lock:
-            return {k: copy.copy(v) for k, v in self._counters.items()}
 
     # -- receiving -------------------------------------------------------------------------
     def _recv_raw(self, timeout_s: float | None) -> tuple[int | None, list] | None:
@@ -512,123 +415,3 @@ class Transport:
         if r is not None and r[0] in self._links and len(r[1]) == 1:
             self._maybe_answer_hello(r[0], r[1])
         return r
-
-    def _maybe_answer_hello(self, src: int, frames: list) -> None:
-        w = _wire()
-        try:
-            msg = w.decode(frames)
-        except w.WireError:
-            return
-        if msg.kind == "hello" and msg.src == src:
-            self._answer(src, msg.inc)  # always: a restarted neighbour with another configuration learns it from ours
-            if msg.cfg is not None:
-                diff = self._cfg_difference(src, msg.cfg)
-                if diff is not None:
-                    self.cfg_rejected[(src, msg.inc)] = diff
-
-    def _cfg_difference(self, src: int, cfg: dict) -> str | None:
-        """Compare a neighbour's fingerprint with ours: None when they agree (or we have none), else one line."""
-        if self.hello_cfg is None:
-            return None
-        from .fingerprint import describe, first_difference
-
-        diff = first_difference(self.hello_cfg, cfg)
-        if diff is None:
-            self.neighbour_cfg[src] = dict(cfg)
-            return None
-        return f"configuration differs from neighbour {src} in {describe(*diff)}"
-
-    def _answer(self, src: int, inc: int) -> None:
-        """Answer a neighbour's hello: the first one at once, a repeated one again at most every REANSWER_S.
-        An answer can be lost (our DEALER not yet connected within the send timeout on a slow start), and a
-        neighbour still in its barrier repeats its hello until it hears ours: answering only the first left it
-        waiting for its whole hello timeout. (The conformance peer's intermittent barrier timeout in CI turned out
-        to be its own: its barrier re-read kept messages instead of its socket; tests/conformance_peer.py.)"""
-        key, now = (src, inc), time.monotonic()
-        last = self._answered.get(key)
-        if last is None or now - last >= REANSWER_S:
-            self._answered[key] = now
-            self._hello()
-            self._send_hello(src, timeout=self.send_timeout_s)
-
-    def _keep(self, r: tuple[int | None, list]) -> None:
-        """Hold a message that arrived during the barrier for recv(); a bounded number (the oldest go)."""
-        self._pending.append(r)
-        while len(self._pending) > MAX_PENDING_DURING_BARRIER:
-            self._pending.popleft()
-
-    def barrier(self, inc: int, timeout_s: float) -> None:
-        """Start-up hello barrier with every neighbour.
-
-        Returns once, for every neighbour, (a) a hello or any decodable message from it has been
-        received and (b) one of our hellos has been accepted by zmq on the link to it (with
-        ``IMMEDIATE=1`` that means the neighbour's ROUTER is up, so it will read our hello).
-        Hellos are re-sent every ``HELLO_INTERVAL_S`` to neighbours not yet done, and each
-        received hello is answered once.  Non-hello messages and position hellos (``stats.seq``)
-        received meanwhile are kept for ``recv``.  Raises TransportError naming the missing peers
-        after ``timeout_s``.
-
-        With a configuration fingerprint (``hello_cfg``), (a) needs a hello carrying the neighbour's
-        fingerprint (other messages are kept, but do not count), and a fingerprint that differs from ours
-        in a field that must agree raises TransportError at once, naming the neighbour and the first such
-        field; our answer to its hello is queued first, so the neighbour fails the same way.  So does a
-        message of another protocol version from a neighbour.
-        """
-        self._check_open()
-        w = _wire()
-        if self._hello_frames is None or inc != self._inc:
-            self._inc = int(inc)
-            self._hello_frames = None
-        self._hello()
-        start = time.monotonic()
-        deadline = start + timeout_s
-        heard: set[int] = set()
-        next_tx = start
-        while True:
-            missing = [n for n in self.neighbours
-                       if n not in heard or self._links[n].hello_ok_inc != self._inc]
-            if not missing:
-                return
-            now = time.monotonic()
-            if now >= deadline:
-                unheard = [n for n in missing if n not in heard] or missing
-                noun = "peer" if len(unheard) == 1 else "peers"
-                raise TransportError(f"hello barrier timed out after {timeout_s:g} s: no answer from "
-                                     f"{noun} {', '.join(str(n) for n in unheard)}")
-            if now >= next_tx:
-                for n in missing:
-                    link = self._links[n]
-                    if link.hellos_outstanding == 0:
-                        self._send_hello(n, timeout=0.0)
-                next_tx = now + HELLO_INTERVAL_S
-            r = self._recv_raw(max(0.0, min(_POLL_SLICE_S, next_tx - now, deadline - now)))
-            if r is None:
-                continue
-            src, frames = r
-            if src not in self._links:
-                continue  # not a neighbour: nothing to keep (and a flood of them must not fill memory)
-            try:
-                msg = w.decode(frames)
-            except w.WireError as e:
-                if e.reason == "version" and self.hello_cfg is not None:
-                    # a neighbour of another protocol version would only time out here: say so at once
-                    raise TransportError(f"neighbour {src} speaks another protocol version ({e.message})") from None
-                self._keep(r)  # the caller counts it as a bad message
-                continue
-            if msg.src == src:
-                if msg.kind == "hello":
-                    self._answer(src, msg.inc)
-                    if self.hello_cfg is None:
-                        heard.add(src)
-                    elif msg.cfg is not None:  # a hello without one does not count
-                        diff = self._cfg_difference(src, msg.cfg)
-                        if diff is not None:
-                            raise TransportError(diff)
-                        heard.add(src)
-                    if "seq" in msg.stats:  # a position hello (a neighbour telling a restarted peer where the
-                        self._keep(r)       # network is): the rejoin (gossip.catch_up) needs it after the barrier
-                    continue
-                if self.hello_cfg is None:
-                    heard.add(src)
-            if msg.kind != "hello":
-                self._keep(r)
