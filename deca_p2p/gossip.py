@@ -36,6 +36,9 @@ from .trainer import Schedule, TrainingDiverged
 from .transport import Transport
 
 
+RESUME_QUIET_S = 2.0  # catch_up: how long after the last resuming position heard to wait for a settled one
+
+
 @dataclass
 class ExchangeResult:
     mixed: list[torch.Tensor]
@@ -248,32 +251,47 @@ class Gossip:
         """No live neighbour: every neighbour said bye or missed its last deadline (only this peer's block mixes)."""
         return bool(self.neighbours) and all(j in self.gone or j in self.suspect for j in self.neighbours)
 
-    def _tell_position(self, j: int, seq: int | None = None) -> None:
+    def _tell_position(self, j: int, seq: int | None = None, *, resuming: bool = False) -> None:
         """A restarted neighbour needs to know where the network is, to pick up there. The position hello carries
-        the configuration fingerprint too: the restarted peer's barrier counts only hellos that carry one."""
+        the configuration fingerprint too: the restarted peer's barrier counts only hellos that carry one.
+        RESUMING marks a restarted peer's own checkpoint position: where it would start, not where it will."""
         seq = self.position if seq is None else seq
         if seq is not None:
-            self.tr.send(j, wire.encode(wire.Message(kind="hello", src=self.me, inc=self.inc,
-                                                     stats={"seq": float(seq)},
+            stats = {"seq": float(seq), **({"resuming": 1.0} if resuming else {})}
+            self.tr.send(j, wire.encode(wire.Message(kind="hello", src=self.me, inc=self.inc, stats=stats,
                                                      cfg=getattr(self.tr, "hello_cfg", None))))
+
+    def announce(self, seq: int) -> None:
+        """A rejoined peer tells every neighbour the exchange it starts at once it has chosen it: a neighbour that
+        restarted with it and heard only its checkpoint position is still waiting for this (catch_up)."""
+        for j in self.neighbours:
+            self._tell_position(j, seq)
 
     def catch_up(self, timeout_s: float, resume_seq: int | None = None) -> int | None:
         """For a peer that restarted mid-run: the furthest exchange its neighbours are at (from their position
         hellos or block headers), or None if none told within the timeout. Blocks are kept for that exchange.
 
-        RESUME_SEQ, the first exchange this peer will do from its checkpoint, is told to every neighbour first: a
-        neighbour that restarted too (a whole network restarted) has no exchange of its own to tell, and without
-        this both would wait out the timeout. A running neighbour reads it as an ordinary hello."""
+        RESUME_SEQ, the first exchange this peer will do from its checkpoint, is told to every neighbour first, marked
+        `resuming`: a neighbour that restarted too (a whole network restarted) has no exchange of its own to tell, and
+        without this both would wait out the timeout. A running neighbour reads it as an ordinary hello.
+
+        A resuming position is only where that neighbour would start: it may hear a running peer further on and
+        jump there (then it `announce`s it). So while only resuming positions were heard, this waits RESUME_QUIET_S
+        after the last of them before it goes; a running peer's position (or a block) ends it 0.1 s after the line
+        goes quiet. Without that, of two restarted neighbours the one that heard no running peer would start an
+        activation behind the other, and the two would never exchange a block again."""
         if resume_seq is not None:
             for j in self.neighbours:
-                self._tell_position(j, resume_seq)
+                self._tell_position(j, resume_seq, resuming=True)
         deadline = time.perf_counter() + timeout_s
         best: int | None = None
+        settled = False  # heard a position that is not only a resuming peer's checkpoint
+        t_resuming = 0.0  # when the last resuming position came
         while time.perf_counter() < deadline:
             got = self.tr.recv(0.1 if best is not None else min(0.25, max(0.0, deadline - time.perf_counter())))
             if got is None:
-                if best is not None:
-                    return best  # heard at least one neighbour and the line is quiet: go
+                if best is not None and (settled or time.perf_counter() - t_resuming >= RESUME_QUIET_S):
+                    return best  # heard the network and the line is quiet: go
                 continue
             src, frames = got
             try:
@@ -286,6 +304,10 @@ class Gossip:
                     pos = msg.stats.get("seq")
                     if pos is not None and pos == int(pos) and pos >= 0:
                         best = max(best or 0, int(pos))
+                        if msg.stats.get("resuming") == 1.0:
+                            t_resuming = time.perf_counter()
+                        else:
+                            settled = True
                 continue
             mseq = self.schedule.seq(msg.round, msg.block, msg.step)
             try:
@@ -301,6 +323,7 @@ class Gossip:
             while len(self.pending[src]) > self.window:
                 self.pending[src].pop(min(self.pending[src]))
             best = max(best or 0, mseq)
+            settled = True  # only a running peer sends blocks
         return best
 
     def finish(self, timeout_s: float) -> None:

@@ -268,8 +268,11 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
         # its own resume point goes to every neighbour first (catch_up says why)
         heard = gossip.catch_up(cfg.exchange_timeout_s, resume_seq=first * sched.exchanges_per_activation)
         where = sched.locate(heard or 0)
+        start_seq = first * sched.exchanges_per_activation
         if where is not None and where[0] >= first:
             first, first_step = where[0], where[2] - (where[2] % cfg.gossip_every)
+            start_seq = heard
+        gossip.announce(start_seq)  # a neighbour that restarted with us may wait for where we start (catch_up)
         # network_seq None: no neighbour told where it is within the timeout
         log.write("rejoin", activation=first, step=first_step, missed_activations=first - resumed_at, network_seq=heard)
     proc = psutil.Process()

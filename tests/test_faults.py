@@ -1,4 +1,5 @@
 """Faults with real processes: kill -9 and rejoin, stragglers, and kills during a checkpoint save."""
+import json
 import os
 import signal
 import subprocess
@@ -107,6 +108,37 @@ def test_a_whole_network_restarted_picks_up_without_waiting_out_the_timeout(deca
         assert len(rejoined) == 1 and rejoined[0]["network_seq"] is not None, rejoined
         assert rejoined[0]["activation"] == 4 and rejoined[0]["missed_activations"] == 0  # round 1's first block
         assert [r["round"] for r in records(run_dir, i, "step")][-1] == 1
+
+
+@pytest.mark.integration
+def test_two_neighbours_restarted_together_start_at_the_same_exchange(deca_cache, tmp_path):
+    """On the path 0-1-2-3, peers 2 and 3 go down together and come back while 0 and 1 run on. Peer 2 hears
+    where the network is from 1 and jumps there; peer 3 hears only peer 2, first its checkpoint position (marked
+    resuming), so it must wait for where 2 really starts: else it starts activations behind 2 and the two never
+    mix again (each drops the other's blocks as stale or too far ahead, and waits out the timeout)."""
+    topo, run_dir, base = tmp_path / "path4.json", tmp_path / "run", free_base_port(4)
+    topo.write_text(json.dumps({"name": "path4", "nodes": [0, 1, 2, 3], "edges": [[0, 1], [1, 2], [2, 3]]}))
+    procs = {i: _start(i, topo, run_dir, base, "--set", "rounds=6") for i in range(4)}
+    deadline = time.time() + 180
+    _kill_after_first_checkpoint(procs, run_dir, 3, deadline)
+    procs[2].send_signal(signal.SIGKILL)
+    procs[2].wait()
+    done = max(_activation(latest(run_dir / f"peer-{i}" / "checkpoint")) for i in (2, 3))
+    while _activation(latest(run_dir / "peer-0" / "checkpoint")) < done + 2:
+        assert time.time() < deadline and procs[0].poll() is None
+        time.sleep(0.2)
+    t_restart = time.time()
+    for i in (2, 3):
+        procs[i] = _start(i, topo, run_dir, base, "--set", "rounds=6")
+    outs = {i: p.communicate(timeout=240)[0] for i, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), {i: o[-1500:] for i, o in outs.items()}
+    rejoined = {i: records(run_dir, i, "rejoin") for i in (2, 3)}
+    assert all(len(r) == 1 for r in rejoined.values()), rejoined
+    assert rejoined[2][0]["activation"] >= done + 2  # it heard peer 1
+    assert (rejoined[3][0]["activation"], rejoined[3][0]["step"]) == (rejoined[2][0]["activation"],
+                                                                        rejoined[2][0]["step"]), rejoined
+    after = [r for r in records(run_dir, 3, "step") if r["time"] > t_restart and "missing" in r]
+    assert after and sum(2 not in r["missing"] for r in after) >= len(after) - 1, after  # 3 mixes with 2 again
 
 
 def test_straggler_is_waited_for_then_left_out(deca_cache, tmp_path):
