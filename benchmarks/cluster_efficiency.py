@@ -45,6 +45,7 @@ UNTIMED = "main thread, untimed (start-up, bye, bookkeeping)"
 THREADS = "other threads (transport: ZeroMQ I/O, link senders, handshake monitor)"
 RUNS = RESULTS / "cluster_efficiency_runs.jsonl"
 SLICE0 = "cluster --time-slice-ms 0"  # the kernel's default slice (before timeslice.py)
+CEILING_ROUNDS, CEILING_REPS = 6, 2    # the ceiling's simulate: long enough that start-up is not most of it
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
@@ -58,23 +59,21 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
-def both_cores_ceiling(cmd: list[str], cores: int, reps: int = 2) -> dict:
+def both_cores_ceiling(cmd: list[str], cores: int, reps: int = CEILING_REPS) -> dict:
     """How fast one process runs when every core is busy: CMD (a short simulate) alone, then CORES copies side by
-    side, REPS times. The ratio is the best efficiency any CORES-process run can reach on this machine: the cores
-    share the last-level cache and memory bandwidth (and a VM's host), so two independent copies of the one-process
-    reference already run slower each than one alone."""
+    side, REPS times (medians). The ratio is the best efficiency any CORES-process run can reach on this machine:
+    below 1 where the cores share a cache, memory bandwidth or a VM host's time."""
     alone, together = [], []
     for _ in range(reps):
         alone.append(timed(cmd)[0])
-        t0 = time.perf_counter()
-        procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                 for _ in range(cores)]
-        ends = []
-        for p in procs:
-            if p.wait() != 0:
-                raise SystemExit(f"{' '.join(cmd)} failed: {p.stderr.read().decode()[-2000:]}")
-            ends.append(time.perf_counter() - t0)  # (an upper bound for the earlier ones: reaped in order)
-        together.append(max(ends))
+        with tempfile.TemporaryFile() as err:  # (a pipe could fill and stall a copy while we wait on another)
+            t0 = time.perf_counter()
+            procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err) for _ in range(cores)]
+            codes = [p.wait() for p in procs]
+            together.append(time.perf_counter() - t0)
+            if any(codes):
+                err.seek(0)
+                raise SystemExit(f"{' '.join(cmd)} failed: {err.read().decode(errors='replace')[-2000:]}")
     a, t = statistics.median(alone), statistics.median(together)
     return {"alone": a, "together": t, "ceiling": a / t}
 
@@ -157,12 +156,12 @@ def main() -> None:
         rows[name] = {"wall": wall, "cpu": cpu, "parts": cpu_parts(data), **per_peer(data, t_launch, t_end)}
         print(f"{name}: {wall:.1f} s", flush=True)
     sims, sim_cpu = {}, {}
+    simulate = deca + ["simulate", "--topology", str(TOPO), "--threads", "1"]
     for name, flags in (("simulate", []), ("simulate --run-dir", ["--run-dir", str(tmp / "sim")])):
-        sims[name], sim_cpu[name] = timed(deca + ["simulate", "--topology", str(TOPO), "--threads", "1", *extra, *flags])
+        sims[name], sim_cpu[name] = timed(simulate + [*extra, *flags])
         print(f"{name}: {sims[name]:.1f} s", flush=True)
     sim_parts = cpu_parts(read_metrics(tmp / "sim"))
-    probe = deca + ["simulate", "--topology", str(TOPO), "--threads", "1", "--rounds", "6"]
-    ceiling = both_cores_ceiling(probe, cores)
+    ceiling = both_cores_ceiling(simulate + ["--rounds", str(CEILING_ROUNDS)], cores)
     print(f"both cores busy: {ceiling}", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -180,12 +179,12 @@ def main() -> None:
          f"peer makes: the same work) **{same:.1f} s**, `deca-peer simulate` as `make simulate` runs it (no metrics, "
          f"no evaluation before the end) {bare:.1f} s. {cores} cores, so the ideal cluster wall is {same / cores:.1f} s "
          f"for the same work. Target (issue 12): efficiency >= 0.8 (it was 0.59 against plain `simulate`).", "",
-         f"**The machine's ceiling: {ceiling['ceiling']:.2f}.** The same one-process simulate (`--rounds 6`) takes "
-         f"{ceiling['alone']:.1f} s alone and {ceiling['together']:.1f} s when {cores} copies run side by side "
-         f"(medians of 2): with every core busy, each runs at {ceiling['ceiling']:.2f} of its speed alone (below 1 "
-         "where the cores share a cache, memory bandwidth or a VM host's time), and no run that keeps every core busy, "
-         "however little it adds, can pass that efficiency here. Last column: the efficiency as a share of that "
-         "ceiling.", "",
+         f"**The machine's ceiling: {ceiling['ceiling']:.2f}.** The same one-process simulate "
+         f"(`--rounds {CEILING_ROUNDS}`) takes {ceiling['alone']:.1f} s alone and {ceiling['together']:.1f} s when "
+         f"{cores} copies run side by side (medians of {CEILING_REPS}): with every core busy, each runs at "
+         f"{ceiling['ceiling']:.2f} of its speed alone (below 1 where the cores share a cache, memory bandwidth or a "
+         "VM host's time), and no run that keeps every core busy, however little it adds, can pass that efficiency "
+         "here. Last column: the efficiency as a share of that ceiling.", "",
          "| run | wall s | efficiency: same work (simulate --run-dir / cores / wall) | against plain simulate | "
          "per peer: compute s | compute CPU s | waiting s | other CPU in training s | before first step s | "
          "after last step s | share of the ceiling |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
