@@ -8,17 +8,17 @@ model strictly: every parameter and persistent buffer, bit for bit, or a `Checkp
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import tempfile
 import time
-import weakref
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import torch
 
 from .atomic import fsync_path
+from .checkpoint_reuse import ST_DTYPES, Reuse, weight_file_names
 from .models import QuietProgress
 
 LATEST = "latest"
@@ -28,12 +28,17 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match the model it is restored into (missing, extra or reshaped keys)."""
 
 
-def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[str, str | bytes] | None = None) -> Path:
+def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[str, str | bytes] | None = None, *,
+                groups: Sequence[Iterable[str]] | None = None, changed: Iterable[str] | None = None) -> Path:
     """Save model (+ tokenizer, + extra files: text or bytes, by relative path, e.g. ``adapter/x.safetensors``)
     as `<root>/ckpt-<tag>` and point `<root>/latest` at it.
 
     A peer checkpoints the same model into the same root after every activation; from the second time on only the
-    weights are written again (`_Reuse`); the model's and tokenizer's other files are hard links to the last ones."""
+    weights are written again (`checkpoint_reuse.Reuse`); the model's and tokenizer's other files are hard links to
+    the last ones. GROUPS (tensor names, e.g. the blocks' parameters): the weights are kept block-sharded, one
+    safetensors shard per group and one for the rest, with the index `from_pretrained` reads; CHANGED: the tensors
+    that may differ from the last save into this root (None: any). A later save then rewrites only the shards that
+    hold one and links the others: the caller vouches that nothing else changed."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt-{tag}-{time.time_ns()}"  # never the directory `latest` points to now
@@ -41,14 +46,15 @@ def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[
     extra = extra_files or {}
     try:
         reuse = _REUSE.get(str(root))
-        linked = reuse.write(model, tokenizer, tmp, latest(root), skip=set(extra)) if reuse is not None else None
+        linked = (reuse.write(model, tokenizer, tmp, latest(root), skip=set(extra), groups=groups, changed=changed)
+                  if reuse is not None else None)
         if linked is None:
             with QuietProgress():
                 model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if reuse is None or not reuse.no_links:  # (a file system without hard links: always in full)
-                reuse = _Reuse.plan(model, tokenizer, tmp)
+                reuse = Reuse.plan(model, tokenizer, tmp, groups)
             linked = ()
         for name, content in extra.items():
             path = tmp / name
@@ -80,85 +86,7 @@ def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[
     return final
 
 
-class _Reuse:
-    """How to write the next checkpoint of one model into one root without `save_pretrained`.
-
-    A peer writes one checkpoint per activation. On the embedded model a full save (`save_pretrained`, the tokenizer,
-    every file fsynced) costs 7.6 ms of CPU, a later one 3.8 (benchmarks/results/checkpoint_cost.md): most of the
-    difference is re-serialising configs and re-deriving the key layout. Valid only where `save_pretrained` wrote one
-    plain weight file whose keys are state_dict names with the tensors' own shapes and dtypes (no key conversion, no
-    sharding): then writing those tensors with safetensors gives the same file. The other files (config.json,
-    generation_config.json, the tokenizer's) are linked from the last checkpoint: for the same model object with
-    the same tensor layout and the same tokenizer object. A peer never edits its model's config after loading; a
-    caller that does must save into a fresh root."""
-
-    def __init__(self, model, tokenizer, keys: list[str], layout: dict, metadata: dict | None, static: list[str]):
-        self.model = weakref.ref(model)
-        self.tokenizer = None if tokenizer is None else weakref.ref(tokenizer)  # its files are linked too
-        self.keys, self.layout, self.metadata, self.static = keys, layout, metadata, static
-        self.ckpt: Path | None = None
-        self.no_links = False  # os.link failed here once: every save in full from then on
-
-    @classmethod
-    def plan(cls, model, tokenizer, ckpt: Path) -> "_Reuse | None":
-        from safetensors import safe_open
-
-        weights = ckpt / "model.safetensors"
-        if not weights.is_file() or (ckpt / "model.safetensors.index.json").exists():
-            return None
-        sd = model.state_dict()
-        with safe_open(weights, framework="pt") as st:
-            keys, metadata = list(st.keys()), st.metadata()
-            for k in keys:
-                sl = st.get_slice(k)
-                t = sd.get(k)
-                if t is None or tuple(sl.get_shape()) != tuple(t.shape) or sl.get_dtype() != _ST_DTYPES.get(t.dtype):
-                    return None
-        static = sorted(f.relative_to(ckpt).as_posix() for f in ckpt.rglob("*") if f.is_file() and f != weights)
-        try:
-            return cls(model, tokenizer, keys, _layout(sd), metadata, static)
-        except TypeError:  # a tokenizer that cannot be weakly referenced
-            return None
-
-    def write(self, model, tokenizer, tmp: Path, last: Path | None, skip: set[str]) -> tuple[str, ...] | None:
-        """Write the weights into TMP and link the rest from LAST, except the names in SKIP (the caller writes those);
-        the linked names, or None (then nothing was written: the caller saves in full)."""
-        if self.no_links or self.model() is not model:
-            return None
-        if (tokenizer is None) != (self.tokenizer is None):
-            return None
-        if self.tokenizer is not None and self.tokenizer() is not tokenizer:  # (a dead reference is None: no match)
-            return None
-        if last is None or self.ckpt is None or last != self.ckpt.resolve():
-            return None  # someone else wrote this root since
-        sd = model.state_dict()
-        linked = tuple(n for n in self.static if n not in skip)
-        if _layout(sd) != self.layout or not all((last / name).is_file() for name in linked):
-            return None
-        from safetensors.torch import save_file
-
-        try:
-            for name in linked:
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(last / name, tmp / name)
-                except OSError:
-                    self.no_links = True
-                    raise
-            save_file({k: sd[k].detach().contiguous() for k in self.keys}, tmp / "model.safetensors",
-                      metadata=self.metadata)
-        except (OSError, KeyError, ValueError, RuntimeError):  # no hard links here, a changed model
-            for f in sorted(tmp.rglob("*"), reverse=True):
-                f.rmdir() if f.is_dir() else f.unlink()
-            return None
-        return linked
-
-
-def _layout(sd: dict) -> dict:
-    return {k: (tuple(t.shape), t.dtype) for k, t in sd.items()}
-
-
-_REUSE: dict[str, _Reuse] = {}  # by checkpoint root: what the last save there can lend the next
+_REUSE: dict[str, Reuse] = {}  # by checkpoint root: what the last save there can lend the next
 
 
 def latest(root: str | Path) -> Path | None:
@@ -171,17 +99,23 @@ def latest(root: str | Path) -> Path | None:
 # --------------------------------------------------------------------------------------------------
 
 def _weight_files(ckpt: Path) -> list[Path]:
-    index = ckpt / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {ckpt}: unreadable {index.name} ({e})") from None
-        return [ckpt / s for s in shards]
-    single = ckpt / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise CheckpointError(f"checkpoint {ckpt} has no model.safetensors")
+    names = weight_file_names(ckpt)
+    if names is None:
+        if (ckpt / "model.safetensors.index.json").is_file():
+            raise CheckpointError(f"checkpoint {ckpt}: unreadable model.safetensors.index.json")
+        raise CheckpointError(f"checkpoint {ckpt} has no model.safetensors")
+    return [ckpt / n for n in names]
+
+
+def read_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint's weight files hold, by key (one `model.safetensors`, or the shards of a
+    block-sharded one)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in _weight_files(Path(ckpt)):
+        out.update(load_file(f))
+    return out
 
 
 def _file_entries(ckpt: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -202,9 +136,7 @@ def _file_entries(ckpt: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return entries
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
+_ST_DTYPES = ST_DTYPES
 
 
 def _expected_entries(model) -> dict[str, tuple[tuple[int, ...], str | None]] | None:

@@ -179,11 +179,15 @@ def _resume(trainer: PeerTrainer, ckpt_root: Path, log: MetricsLog) -> int:
     return act + 1
 
 
-def _checkpoint(trainer: PeerTrainer, tokenizer, ckpt_root: Path, a: int, rnd: int, blk: int) -> None:
+def _checkpoint(trainer: PeerTrainer, tokenizer, ckpt_root: Path, a: int, rnd: int, blk: int,
+                changed: set[str] | None = None) -> None:
+    """CHANGED: the parameters of every block active since the last checkpoint (only their shards are written again;
+    None: all)."""
     state = {"activation": a, "round": rnd, "block": blk,
              "batcher_generator": trainer.batcher.state_dict()["generator"].tolist()}
     save_atomic(trainer.export_model(), tokenizer, ckpt_root, tag=f"a{a:05d}",  # declora: merged, adapters beside
-                extra_files={"deca_state.json": json.dumps(state), **trainer.checkpoint_files()})
+                extra_files={"deca_state.json": json.dumps(state), **trainer.checkpoint_files()},
+                groups=trainer.checkpoint_groups(), changed=changed)
 
 
 def _released_before(run_dir: str, me: int) -> int:
@@ -281,11 +285,13 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     alone_exchanges, was_alone = 0, False
     evaluated: tuple[int, dict] = (-1, {})  # (activation, metrics) of the latest evaluation
     cpu = gossip.cpu  # this thread's CPU by part (cpu_parts.py): gossip times send, receive and mix
+    changed: set[str] = set()  # only the active block changes: the next checkpoint rewrites these blocks' shards
     for a in range(first, len(acts)):
         rnd, blk = acts[a]
         flight = res = mixed = None  # the previous block's buffers go before the switch trims the heap
         with cpu.part("activate"):
             trainer.activate(blk)
+        changed.update(trainer.blocks[blk].param_names)
         gossip.begin_activation(rnd, blk)
         for step in range(first_step if a == first else 0, cfg.inner_steps):
             exchanging = cfg.comm != "none" and sched.is_exchange(step)
@@ -336,7 +342,8 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
         end_of_round = (a + 1) % sched.n_blocks == 0
         if stop.is_set() or end_of_round or (a + 1) % cfg.checkpoint_every == 0:
             with cpu.part("checkpoint"):  # before eval: a stop has a grace period
-                _checkpoint(trainer, inputs.tokenizer, ckpt_root, a, rnd, blk)
+                _checkpoint(trainer, inputs.tokenizer, ckpt_root, a, rnd, blk, changed)
+            changed = set()
         if stop.is_set():
             break
         if (end_of_round and not cfg.eval_every) or (cfg.eval_every and (a + 1) % cfg.eval_every == 0):

@@ -252,6 +252,12 @@ class PeerTrainer:
         adapters merged into the base weights."""
         return lora.merged(self.model) if self.cfg.algo == "declora" else self.model
 
+    def checkpoint_groups(self) -> list[tuple[str, ...]] | None:
+        """The tensor groups a checkpoint keeps in shards of their own (checkpoint.save_atomic): the blocks, so that
+        a save after an activation rewrites the active block's shard alone; None where every save writes a new
+        model anyway (declora exports a merged copy)."""
+        return None if self.cfg.algo == "declora" else [b.param_names for b in self.blocks]
+
     def checkpoint_files(self) -> dict[str, bytes | str]:
         """Files a checkpoint needs beside `export_model()` to resume this trainer exactly (declora: the adapters)."""
         return lora.adapter_files(self.model) if self.cfg.algo == "declora" else {}

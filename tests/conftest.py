@@ -28,9 +28,7 @@ def max_diff_to_simulation(run_dir, topo_path, cfg: dict) -> float:
     """The largest absolute difference between any parameter of the real peers' final checkpoints under RUN_DIR
     (peer-<i>/checkpoint/latest) and the same peer's model in the in-process ``simulate`` run of TOPO_PATH with
     CFG (the settings the peers were started with). 0.0: the network changed nothing."""
-    from safetensors.torch import load_file
-
-    from deca_p2p.checkpoint import latest
+    from deca_p2p.checkpoint import latest, read_weights
     from deca_p2p.config import make_config
     from deca_p2p.simulate import simulate
     from deca_p2p.topology import load as load_topology
@@ -41,7 +39,7 @@ def max_diff_to_simulation(run_dir, topo_path, cfg: dict) -> float:
     for i in topo.nodes:
         ckpt = latest(Path(run_dir) / f"peer-{i}" / "checkpoint")
         assert ckpt is not None, f"peer {i} wrote no checkpoint"
-        net = load_file(ckpt / "model.safetensors")
+        net = read_weights(ckpt)
         ref = dict(res.models[i].named_parameters())
         assert set(net) <= set(ref)
         for name, t in net.items():

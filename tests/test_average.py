@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, deca_peer_cmd, free_base_port
 from deca_p2p.average import MARKER, AverageError, average_checkpoints, average_run
-from deca_p2p.checkpoint import latest, save_atomic
+from deca_p2p.checkpoint import latest, read_weights, save_atomic
 from deca_p2p.cli import main
 from deca_p2p.models import default_model_path, load_model
 
@@ -49,7 +49,7 @@ def run(deca_cache, tmp_path_factory):
 
 
 def _weights(run):
-    return [load_file(latest(run / f"peer-{i}" / "checkpoint") / "model.safetensors") for i in (0, 1)]
+    return [read_weights(latest(run / f"peer-{i}" / "checkpoint")) for i in (0, 1)]
 
 
 def _mean(tensors, w):

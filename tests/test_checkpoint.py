@@ -99,3 +99,75 @@ def test_a_changed_tensor_layout_is_saved_in_full(tmp_path):
     m.to(torch.float16)  # config.json records the dtype: it must be written again
     ckpt = save_atomic(m, None, root, "b")
     assert _files(ckpt) == _files(save_atomic(m, None, tmp_path / "fresh", "x"))
+
+
+def _layer_groups(m):
+    return [tuple(n for n, _ in m.named_parameters() if n.startswith(f"model.layers.{i}.")) for i in (0, 1)]
+
+
+def _mtimes(ckpt):
+    """Of the weight files (the shard index, the same for the same groups, is linked)."""
+    return {f.name: f.stat().st_mtime for f in ckpt.glob("model*.safetensors")}
+
+
+def test_block_sharded_saves_rewrite_only_the_shards_that_changed(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from deca_p2p.checkpoint import read_weights
+
+    m = _model(0)
+    groups = _layer_groups(m)
+    root = tmp_path / "peer"
+    first = save_atomic(m, None, root, "a", groups=groups)
+    shards = sorted(f.name for f in first.glob("model-*.safetensors"))
+    assert shards == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]  # the rest, layer 0, layer 1
+    assert not (first / "model.safetensors").exists() and (first / "model.safetensors.index.json").is_file()
+    for f in first.glob("model*.safetensors*"):
+        os.utime(f, (1e9, 1e9))  # a link keeps this; a file written again does not
+    with torch.no_grad():
+        for n in groups[1]:
+            dict(m.named_parameters())[n].add_(0.5)
+    ckpt = save_atomic(m, None, root, "b", groups=groups, changed=groups[1])
+    assert {n for n, t in _mtimes(ckpt).items() if t != 1e9} == {shards[2]}  # layer 1's shard alone is new
+    # the same files a first save into a fresh root writes, which transformers and a strict restore read back
+    assert _files(ckpt) == _files(save_atomic(m, None, tmp_path / "fresh", "x", groups=groups))
+    reread = LlamaForCausalLM.from_pretrained(ckpt)
+    assert all(torch.equal(p, q) for p, q in zip(reread.state_dict().values(), m.state_dict().values()))
+    fresh = _model(1)
+    restore_weights(fresh, ckpt)
+    assert all(torch.equal(p, q) for p, q in zip(fresh.state_dict().values(), m.state_dict().values()))
+    assert set(read_weights(ckpt)) == set(read_weights(save_atomic(m, None, tmp_path / "single", "y")))
+
+
+def test_a_tied_weight_changed_under_its_other_name_rewrites_its_shard(tmp_path):
+    m = _model(0)  # tie_word_embeddings: the file keeps model.embed_tokens.weight (the rest's shard), not lm_head.weight
+    groups = _layer_groups(m)
+    root = tmp_path / "peer"
+    first = save_atomic(m, None, root, "a", groups=groups)
+    for f in first.glob("model*.safetensors*"):
+        os.utime(f, (1e9, 1e9))
+    with torch.no_grad():
+        m.lm_head.weight.add_(1.0)
+    ckpt = save_atomic(m, None, root, "b", groups=groups, changed={"lm_head.weight"})
+    assert {n for n, t in _mtimes(ckpt).items() if t != 1e9} == {"model-00001-of-00003.safetensors"}
+    fresh = _model(1)
+    restore_weights(fresh, ckpt)
+    assert torch.equal(fresh.model.embed_tokens.weight, m.model.embed_tokens.weight)
+
+
+def test_unsaid_changes_and_new_groups_mean_every_shard_is_written(tmp_path):
+    m = _model(0)
+    groups = _layer_groups(m)
+    root = tmp_path / "peer"
+    for k, (g, changed) in enumerate([(groups, None), (groups, None), (groups[::-1], groups[0]), (None, set())]):
+        with torch.no_grad():
+            next(m.parameters()).add_(1.0)  # the embeddings: a change no `changed` below names
+        if k:
+            for f in latest(root).glob("model*.safetensors*"):
+                os.utime(f, (1e9, 1e9))
+        ckpt = save_atomic(m, None, root, f"a{k}", groups=g, changed=changed)
+        if k:  # changed=None: every shard; other groups or none: a full save
+            assert all(t != 1e9 for t in _mtimes(ckpt).values()), k
+        fresh = _model(1)
+        restore_weights(fresh, ckpt)
+        assert all(torch.equal(p, q) for p, q in zip(fresh.state_dict().values(), m.state_dict().values())), k

@@ -5,11 +5,10 @@ import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import REPO, deca_peer_cmd, free_base_port, max_diff_to_simulation
 from deca_p2p import peer_env
-from deca_p2p.checkpoint import latest
+from deca_p2p.checkpoint import latest, read_weights
 from deca_p2p.timeslice import current_slice_ms
 
 SMALL = {"rounds": 1, "inner_steps": 3, "batch_size": 8, "train_per_task": 100, "eval_per_task": 3,
@@ -69,9 +68,12 @@ def test_network_reproduces_in_process_simulation(deca_cache, tmp_path, extra):
     assert start["glibc_tunables"] == want
     # the training thread asked for a 30 ms time slice (timeslice.py) where the kernel has custom slices
     assert start["time_slice_ms"] == (None if current_slice_ms() is None else 30.0)
+    # each save after the first rewrote the shards of the blocks trained since (checkpoint_reuse.py): the final
+    # checkpoint is block-sharded, and it equals simulate's model (above)
+    assert (latest(run_dir / "peer-0" / "checkpoint") / "model.safetensors.index.json").is_file()
     # the network moved the weights: peers differ from the initial model and from each other
-    a = load_file(latest(run_dir / "peer-0" / "checkpoint") / "model.safetensors")
-    b = load_file(latest(run_dir / "peer-2" / "checkpoint") / "model.safetensors")
+    a = read_weights(latest(run_dir / "peer-0" / "checkpoint"))
+    b = read_weights(latest(run_dir / "peer-2" / "checkpoint"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 

@@ -253,9 +253,8 @@ def test_a_restarted_peer_counts_on_from_its_logged_releases(tmp_path):
 def test_real_peers_with_dp_reproduce_simulate(deca_cache, tmp_path):
     """The noise is drawn where the real peer and the in-process reference draw it, from the same per-peer
     generator (dp_seed set): the networked weights equal the reference's."""
-    from safetensors.torch import load_file
 
-    from deca_p2p.checkpoint import latest
+    from deca_p2p.checkpoint import latest, read_weights
 
     # the default robust clip: its cold radius has a floor at the noise's scale (robust.py); without it this noise
     # left the honest neighbours out (two exchanges per activation here) and the peers trained alone
@@ -274,7 +273,7 @@ def test_real_peers_with_dp_reproduce_simulate(deca_cache, tmp_path):
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(o[-2000:] for o in outs)
     res = simulate(load_topology(RING4), make_config(None, cfg))
     for i in range(4):
-        net = load_file(latest(run / f"peer-{i}" / "checkpoint") / "model.safetensors")
+        net = read_weights(latest(run / f"peer-{i}" / "checkpoint"))
         ref = dict(res.models[i].named_parameters())
         for name, t in net.items():
             assert torch.equal(t, ref[name].detach()), (i, name)

@@ -14,8 +14,12 @@ from test_architectures import ARCHS, IDS, _write
 pytestmark = pytest.mark.integration
 
 
-def _digest(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _digest(ckpt):
+    """Of every weight file (a peer's checkpoint is block-sharded)."""
+    h = hashlib.sha256()
+    for f in sorted(ckpt.glob("model*.safetensors")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
 
 
 @pytest.mark.parametrize("arch", ["gpt-neox", "mixtral"])
@@ -33,12 +37,12 @@ def test_restart_after_finish_changes_nothing(arch, deca_cache, tmp_path):
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     ckpts = {i: (run / f"peer-{i}" / "checkpoint" / "latest").resolve() for i in (0, 1)}
-    before = {i: _digest(c / "model.safetensors") for i, c in ckpts.items()}
+    before = {i: _digest(c) for i, c in ckpts.items()}
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     for i in (0, 1):
         assert (run / f"peer-{i}" / "checkpoint" / "latest").resolve() == ckpts[i]
-        assert _digest(ckpts[i] / "model.safetensors") == before[i], "the final checkpoint is unchanged"
+        assert _digest(ckpts[i]) == before[i], "the final checkpoint is unchanged"
         finals = records(run, i, "final")
         assert len(finals) == 2
         assert finals[1]["eval_loss"] == finals[0]["eval_loss"], "restored bit for bit: the same evaluation"

@@ -2,10 +2,9 @@
 import subprocess
 
 import pytest
-from safetensors.torch import load_file
 
 from conftest import REPO, deca_peer_cmd, free_base_port
-from deca_p2p.checkpoint import latest
+from deca_p2p.checkpoint import latest, read_weights
 from deca_p2p.config import make_config
 from deca_p2p.metrics import records
 from deca_p2p.simulate import simulate
@@ -32,7 +31,7 @@ def test_real_peers_with_robust_clip_under_attack_reproduce_simulate(deca_cache,
     res = simulate(load_topology(topo_path), make_config(None, cfg))
     worst = 0.0
     for i in range(4):
-        net = load_file(latest(run_dir / f"peer-{i}" / "checkpoint") / "model.safetensors")
+        net = read_weights(latest(run_dir / f"peer-{i}" / "checkpoint"))
         ref = dict(res.models[i].named_parameters())
         for name, t in net.items():
             worst = max(worst, float((t.float() - ref[name].detach().float()).abs().max()))
