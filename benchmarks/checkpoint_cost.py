@@ -36,31 +36,38 @@ WAYS = ("full", "later, one file", "later, block-sharded")
 
 
 def measure(model, tok, blocks: list[tuple[str, ...]], work: Path, n: int, extra: dict) -> dict[str, tuple[float, float]]:
-    """Median (wall ms, CPU ms) per save of each way, N saves each, alternating."""
+    """Median (wall ms, CPU ms) per save of each way, N saves each, alternating. Each way saves its own copy of MODEL
+    (one block changes between two of its saves, as a peer's would)."""
+    import copy
+
     import torch
 
     from deca_p2p import checkpoint
     from deca_p2p.checkpoint import save_atomic
 
-    named = dict(model.named_parameters())
+    models = {w: copy.deepcopy(model) for w in WAYS}
+    named = {w: dict(m.named_parameters()) for w, m in models.items()}
     kw = {"full": {"groups": blocks}, "later, one file": {}, "later, block-sharded": {"groups": blocks}}
     roots = {w: work / f"way{i}" for i, w in enumerate(WAYS)}
     for w in WAYS:
-        save_atomic(model, tok, roots[w], "warm", extra_files=extra, **kw[w])
+        save_atomic(models[w], tok, roots[w], "warm", extra_files=extra, **kw[w])
     times: dict[str, list[tuple[float, float]]] = {w: [] for w in WAYS}
     for i in range(n):
         for w in WAYS:
             block = blocks[(i * len(WAYS) + WAYS.index(w)) % len(blocks)]
             with torch.no_grad():
                 for name in block:
-                    named[name].add_(1e-3)  # this block trained since the last save
+                    named[w][name].add_(1e-3)  # this block trained since the last save
             if w == "full":
                 checkpoint._REUSE.pop(str(roots[w]), None)  # this root only
             changed = set(block) if w == "later, block-sharded" else None
             w0, c0 = time.perf_counter(), time.process_time()
-            save_atomic(model, tok, roots[w], f"a{i:05d}", extra_files=extra, changed=changed, **kw[w])
+            save_atomic(models[w], tok, roots[w], f"a{i:05d}", extra_files=extra, changed=changed, **kw[w])
             times[w].append((time.perf_counter() - w0, time.process_time() - c0))
-    for r in roots.values():
+    for w, r in roots.items():  # the last block-sharded save holds its model exactly (every way: a self-check)
+        got = checkpoint.read_weights(checkpoint.latest(r))
+        want = models[w].state_dict()
+        assert all(torch.equal(t, want[k]) for k, t in got.items()), w
         shutil.rmtree(r, ignore_errors=True)
     return {w: (statistics.median(t for t, _ in v) * 1e3, statistics.median(c for _, c in v) * 1e3)
             for w, v in times.items()}

@@ -41,6 +41,8 @@ def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[
     hold one and links the others: the caller vouches that nothing else changed."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    if str(root) not in _REUSE:  # this process's first save here: what a killed earlier one left goes
+        _sweep(root)
     final = root / f"ckpt-{tag}-{time.time_ns()}"  # never the directory `latest` points to now
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     extra = extra_files or {}
@@ -87,6 +89,16 @@ def save_atomic(model, tokenizer, root: str | Path, tag: str, extra_files: dict[
 
 
 _REUSE: dict[str, Reuse] = {}  # by checkpoint root: what the last save there can lend the next
+
+
+def _sweep(root: Path) -> None:
+    """Remove the temp directories and symlinks a save killed midway left in ROOT (one writer per root): a temp
+    directory may hold links to a deleted checkpoint's shards, keeping their space."""
+    for p in root.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".latest-*"):
+        if p.is_symlink():
+            p.unlink(missing_ok=True)
 
 
 def latest(root: str | Path) -> Path | None:

@@ -3,11 +3,11 @@
 checkpoint (checkpoint.save_atomic uses it).
 
 A peer writes one checkpoint per activation, and between two of them only the active block changed. Kept in one
-weight file, every save rewrites the whole model: on Qwen2.5-0.5B's architecture (1 GB in bf16) 988 ms per save on
+weight file, every save rewrites the whole model: on Qwen2.5-0.5B's architecture (1 GB in bf16) 899 ms per save on
 this machine, where its local step computes in ~0.8 s (benchmarks/results/checkpoint_cost.md, realistic_size.md).
 Kept *block-sharded* (one safetensors shard per block, one for everything no block holds, and the
 `model.safetensors.index.json` that `from_pretrained` reads), a save writes the changed block's shard alone and links
-the rest: 40 ms there; its cost follows the block, not the model.
+the rest: 38 ms there; its cost follows the block, not the model.
 """
 from __future__ import annotations
 
@@ -31,9 +31,13 @@ def weight_file_names(ckpt: Path) -> list[str] | None:
     None when it has neither or an unreadable index."""
     if (ckpt / INDEX).is_file():
         try:
-            return sorted(set(json.loads((ckpt / INDEX).read_text())["weight_map"].values()))
+            names = set(json.loads((ckpt / INDEX).read_text())["weight_map"].values())
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
+        # a shard is a file beside the index: not a path elsewhere, not a hidden or foreign file
+        ok = all(isinstance(n, str) and n.endswith(".safetensors") and "/" not in n and "\\" not in n
+                 and not n.startswith(".") for n in names)
+        return sorted(names) if ok and names else None
     return [SINGLE] if (ckpt / SINGLE).is_file() else None
 
 
@@ -124,7 +128,7 @@ class Reuse:
         sd = model.state_dict()
         if _layout(sd) != self.layout:
             return None
-        dirty = _dirty(sd, changed)
+        dirty = _dirty(sd, changed) if self.groups is not None else None  # one file: always written
         keep = [name for name, keys in self.shards if dirty is not None and not any(_in(sd, k, dirty) for k in keys)]
         linked = tuple(n for n in self.static + keep if n not in skip)
         if not all((last / name).is_file() for name in linked):

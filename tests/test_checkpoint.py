@@ -1,6 +1,7 @@
 """save_atomic's later saves (weights written, the rest linked) give the files save_pretrained gives."""
 import os
 
+import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -171,3 +172,31 @@ def test_unsaid_changes_and_new_groups_mean_every_shard_is_written(tmp_path):
         fresh = _model(1)
         restore_weights(fresh, ckpt)
         assert all(torch.equal(p, q) for p, q in zip(fresh.state_dict().values(), m.state_dict().values())), k
+
+
+def test_changed_means_nothing_without_groups(tmp_path):
+    """One weight file holds every tensor: it is always written again, whatever `changed` names."""
+    m = _model(0)
+    root = tmp_path / "peer"
+    save_atomic(m, None, root, "a", changed=set())
+    with torch.no_grad():
+        next(m.parameters()).add_(1.0)
+    ckpt = save_atomic(m, None, root, "b", changed={"no.such.tensor"})
+    fresh = _model(1)
+    restore_weights(fresh, ckpt)
+    assert all(torch.equal(p, q) for p, q in zip(fresh.state_dict().values(), m.state_dict().values()))
+
+
+@pytest.mark.parametrize("shard", [5, None, "../elsewhere.safetensors", "/abs.safetensors", ".hidden.safetensors"])
+def test_a_damaged_shard_index_is_a_one_line_error(tmp_path, shard):
+    import json
+
+    from deca_p2p.checkpoint import CheckpointError
+
+    m = _model(0)
+    ckpt = save_atomic(m, None, tmp_path / "peer", "a", groups=_layer_groups(m))
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = shard
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="unreadable model.safetensors.index.json"):
+        restore_weights(_model(1), ckpt)

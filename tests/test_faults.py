@@ -162,23 +162,38 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from deca_p2p.checkpoint import save_atomic
 m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=2, num_key_value_heads=2))
+layers = [[n for n, _ in m.named_parameters() if n.startswith(f"model.layers.{i}.")] for i in (0, 1)]
+sharded = sys.argv[2] == "sharded"
+with torch.no_grad():
+    for p in m.parameters():
+        p.fill_(-1)
 print("ready", flush=True)
 k = 0
-while True:
+while True:  # one file: every tensor holds k; sharded: as a peer, save k changes layer k % 2 alone, to k
+    params = dict(m.named_parameters())
     with torch.no_grad():
-        for p in m.parameters():
-            p.fill_(k)
-    save_atomic(m, None, sys.argv[1], tag=str(k))
+        for n in (layers[k % 2] if sharded else params):
+            params[n].fill_(k)
+    save_atomic(m, None, sys.argv[1], tag=str(k), groups=layers if sharded else None,
+                changed=layers[k % 2] if sharded else None)
     k += 1
 """
 
 
-def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path):
-    from safetensors.torch import load_file
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2))
+
+
+@pytest.mark.parametrize("layout", ["one-file", "sharded"])
+def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path, layout):
+    from deca_p2p.checkpoint import read_weights, save_atomic
 
     root = tmp_path / "ckpt"
     for trial in range(4):
-        p = subprocess.Popen([sys.executable, "-c", _SAVER, str(root)], stdout=subprocess.PIPE, text=True,
+        p = subprocess.Popen([sys.executable, "-c", _SAVER, str(root), layout], stdout=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
         assert p.stdout.readline().strip() == "ready"
         time.sleep(0.5 + 0.37 * trial)  # somewhere in the middle of a save
@@ -186,6 +201,23 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path):
         p.wait()
         ckpt = latest(root)
         assert ckpt is not None
-        weights = load_file(ckpt / "model.safetensors")
-        values = {float(t.flatten()[0]) for t in weights.values()}
-        assert len(values) == 1  # one whole checkpoint, not a mix of two saves
+        k = int(ckpt.name.split("-")[1])
+        value = {n: {float(x) for x in t.flatten()} for n, t in read_weights(ckpt).items()}
+        assert all(len(v) == 1 for v in value.values()), "a torn tensor"
+        value = {n: v.pop() for n, v in value.items()}
+        if layout == "one-file":
+            assert set(value.values()) == {k}  # one whole checkpoint, not a mix of two saves
+        else:  # save k: layer k % 2 at k, the other at k - 1 (-1 before its first save), the rest never changed
+            want = {k % 2: k, 1 - k % 2: k - 1 if k else -1}
+            for n, v in value.items():
+                i = int(n.split(".")[2]) if n.startswith("model.layers.") else None
+                assert v == (-1 if i is None else want[i]), (n, v, k)
+    # a kill leaves its temp directory (holding links to the shards it reused): a process's first save into the root
+    # removes what earlier ones left
+    (root / ".tmp-left").mkdir(exist_ok=True)
+    os.link(next(latest(root).glob("*.safetensors")), root / ".tmp-left" / "held.safetensors")
+    (root / ".latest-1").unlink(missing_ok=True)
+    (root / ".latest-1").symlink_to(latest(root).name)
+    save_atomic(_tiny_llama(), None, root, tag="x")
+    assert sorted(p.name for p in root.iterdir()) == sorted(["latest", latest(root).name])
+
