@@ -119,6 +119,13 @@ def _weight_files(ckpt: Path) -> list[Path]:
     return [ckpt / n for n in names]
 
 
+def differing_keys(model, ckpt: str | Path) -> list[str]:
+    """The keys whose tensor in CKPT's weight files is not exactly MODEL's (or that MODEL lacks), sorted."""
+    sd = model.state_dict()
+    return sorted(k for k, t in read_weights(ckpt).items()
+                  if k not in sd or not torch.equal(t, sd[k].detach().to("cpu")))
+
+
 def read_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor a checkpoint's weight files hold, by key (one `model.safetensors`, or the shards of a
     block-sharded one)."""

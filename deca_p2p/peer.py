@@ -25,7 +25,7 @@ import psutil
 import torch
 
 from . import bootstrap, fingerprint, topology
-from .checkpoint import CheckpointError, latest, save_atomic
+from .checkpoint import CheckpointError, differing_keys, latest, save_atomic
 from .config import TrainConfig
 from .attacks import make_attack
 from .gossip import Gossip
@@ -190,6 +190,25 @@ def _checkpoint(trainer: PeerTrainer, tokenizer, ckpt_root: Path, a: int, rnd: i
                 groups=trainer.checkpoint_groups(), changed=changed)
 
 
+def _verify_last_checkpoint(trainer: PeerTrainer, tokenizer, ckpt_root: Path, saved: tuple[int, int, int],
+                            log: MetricsLog, me: int) -> int:
+    """Read the last checkpoint back and compare it with the model; if any tensor differs, save it again in full.
+
+    A block-sharded save links the shards of blocks the peer says did not change (checkpoint_reuse.py): a slip in
+    that bookkeeping would leave stale weights in the model a user keeps, silently. One read of the final checkpoint
+    per run costs what one full save does. Returns how many tensors differed (0: it was exact)."""
+    ckpt = latest(ckpt_root)
+    if ckpt is None or trainer.checkpoint_groups() is None:  # declora: every save is a full one
+        return 0
+    stale = differing_keys(trainer.export_model(), ckpt)
+    if stale:
+        print(f"peer {me}: the last checkpoint differed from the model in {len(stale)} tensors ({stale[0]} first); "
+              f"saved again in full", flush=True)
+        _checkpoint(trainer, tokenizer, ckpt_root, *saved, changed=None)
+        log.write("checkpoint_repaired", tensors=len(stale), first=stale[0])
+    return len(stale)
+
+
 def _released_before(run_dir: str, me: int) -> int:
     """DP releases this peer made before a restart: the last count it logged, plus one it may have sent before a
     crash kept it from logging it (privacy accounting must not undercount; re-done steps count again)."""
@@ -286,6 +305,7 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     evaluated: tuple[int, dict] = (-1, {})  # (activation, metrics) of the latest evaluation
     cpu = gossip.cpu  # this thread's CPU by part (cpu_parts.py): gossip times send, receive and mix
     changed: set[str] = set()  # only the active block changes: the next checkpoint rewrites these blocks' shards
+    saved = None  # (activation, round, block) of this process's last checkpoint
     for a in range(first, len(acts)):
         rnd, blk = acts[a]
         flight = res = mixed = None  # the previous block's buffers go before the switch trims the heap
@@ -343,13 +363,16 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
         if stop.is_set() or end_of_round or (a + 1) % cfg.checkpoint_every == 0:
             with cpu.part("checkpoint"):  # before eval: a stop has a grace period
                 _checkpoint(trainer, inputs.tokenizer, ckpt_root, a, rnd, blk, changed)
-            changed = set()
+            changed, saved = set(), (a, rnd, blk)
         if stop.is_set():
             break
         if (end_of_round and not cfg.eval_every) or (cfg.eval_every and (a + 1) % cfg.eval_every == 0):
             with cpu.part("evaluate"):
                 evaluated = (a, _evaluate(trainer, inputs))
             log.write("eval", round=rnd, activation=a, **evaluated[1])
+    if saved is not None:
+        with cpu.part("checkpoint"):
+            _verify_last_checkpoint(trainer, inputs.tokenizer, ckpt_root, saved, log, me)
     # the model has not changed since an evaluation after the last activation: its numbers are the final ones
     with cpu.part("evaluate"):
         final = evaluated[1] if evaluated[0] == len(acts) - 1 else _evaluate(trainer, inputs)

@@ -71,6 +71,8 @@ def test_network_reproduces_in_process_simulation(deca_cache, tmp_path, extra):
     # each save after the first rewrote the shards of the blocks trained since (checkpoint_reuse.py): the final
     # checkpoint is block-sharded, and it equals simulate's model (above)
     assert (latest(run_dir / "peer-0" / "checkpoint") / "model.safetensors.index.json").is_file()
+    # and each peer's read-back of its last checkpoint found it exact (peer._verify_last_checkpoint)
+    assert not any('"checkpoint_repaired"' in (run_dir / f"peer-{i}" / "metrics.jsonl").read_text() for i in range(4))
     # the network moved the weights: peers differ from the initial model and from each other
     a = read_weights(latest(run_dir / "peer-0" / "checkpoint"))
     b = read_weights(latest(run_dir / "peer-2" / "checkpoint"))
