@@ -155,8 +155,6 @@ def _file_entries(ckpt: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return entries
 
 
-_ST_DTYPES = ST_DTYPES
-
 
 def _expected_entries(model) -> dict[str, tuple[tuple[int, ...], str | None]] | None:
     """key -> (shape, dtype) that `model.save_pretrained` writes for this model now (tied weights once, MoE
@@ -172,7 +170,7 @@ def _expected_entries(model) -> dict[str, tuple[tuple[int, ...], str | None]] | 
         sd.pop(k, None)
     sd = remove_tied_weights_from_state_dict(sd, model)
     sd = revert_weight_conversion(model, {k: v.to("meta") for k, v in sd.items()})
-    return {k: (tuple(v.shape), _ST_DTYPES.get(v.dtype)) for k, v in sd.items()}
+    return {k: (tuple(v.shape), ST_DTYPES.get(v.dtype)) for k, v in sd.items()}
 
 
 def check_keys(expected, found, where: str, what: str = "key") -> None:

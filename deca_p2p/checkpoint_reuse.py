@@ -133,8 +133,6 @@ class Reuse:
         linked = tuple(n for n in self.static + keep if n not in skip)
         if not all((last / name).is_file() for name in linked):
             return None
-        from safetensors.torch import save_file
-
         try:
             for name in linked:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +143,7 @@ class Reuse:
                     raise
             for name, keys in self.shards:
                 if name not in keep:
-                    save_file({k: sd[k].detach().contiguous() for k in keys}, tmp / name, metadata=self.metadata)
+                    _save_shard(sd, keys, tmp / name, self.metadata)
         except (OSError, KeyError, ValueError, RuntimeError):  # no hard links here, a changed model
             for f in sorted(tmp.rglob("*"), reverse=True):
                 f.rmdir() if f.is_dir() else f.unlink()
@@ -166,18 +164,22 @@ def _in(sd: dict, key: str, dirty: tuple[set[str], set[int]]) -> bool:
     return key in names or (sd[key].numel() > 0 and sd[key].data_ptr() in ptrs)
 
 
+def _save_shard(sd: dict, keys: list[str], path: Path, metadata: dict | None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: sd[k].detach().contiguous() for k in keys}, path, metadata=metadata)
+
+
 def _write_sharded(sd: dict, ckpt: Path, shards: list[tuple[str, list[str]]], metadata: dict | None,
                    old: list[str]) -> None:
     """Replace the weight files `save_pretrained` wrote into CKPT by SHARDS and their index."""
-    from safetensors.torch import save_file
-
     for name in old:
         (ckpt / name).unlink()
     (ckpt / INDEX).unlink(missing_ok=True)
     weight_map = {}
     total = 0
     for name, keys in shards:
-        save_file({k: sd[k].detach().contiguous() for k in keys}, ckpt / name, metadata=metadata)
+        _save_shard(sd, keys, ckpt / name, metadata)
         for k in keys:
             weight_map[k] = name
             total += sd[k].numel() * sd[k].element_size()

@@ -195,8 +195,8 @@ def _verify_last_checkpoint(trainer: PeerTrainer, tokenizer, ckpt_root: Path, sa
     """Read the last checkpoint back and compare it with the model; if any tensor differs, save it again in full.
 
     A block-sharded save links the shards of blocks the peer says did not change (checkpoint_reuse.py): a slip in
-    that bookkeeping would leave stale weights in the model a user keeps, silently. One read of the final checkpoint
-    per run costs what one full save does. Returns how many tensors differed (0: it was exact)."""
+    that bookkeeping would leave stale weights in the model a user keeps, silently. One read of the last checkpoint
+    per run. Returns how many tensors differed (0: it was exact)."""
     ckpt = latest(ckpt_root)
     if ckpt is None or trainer.checkpoint_groups() is None:  # declora: every save is a full one
         return 0

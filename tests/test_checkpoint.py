@@ -1,11 +1,12 @@
 """save_atomic's later saves (weights written, the rest linked) give the files save_pretrained gives."""
+import json
 import os
 
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from deca_p2p.checkpoint import latest, restore_weights, save_atomic
+from deca_p2p.checkpoint import CheckpointError, latest, read_weights, restore_weights, save_atomic
 from deca_p2p.models import BASE_MODEL_DIR
 
 
@@ -111,11 +112,19 @@ def _mtimes(ckpt):
     return {f.name: f.stat().st_mtime for f in ckpt.glob("model*.safetensors")}
 
 
+def _age(ckpt):
+    """Date CKPT's weight files and index back: a link keeps this; a file written again does not."""
+    for f in ckpt.glob("model*.safetensors*"):
+        os.utime(f, (1e9, 1e9))
+
+
+def _restores_exactly(m, ckpt) -> bool:
+    fresh = _model(1)
+    restore_weights(fresh, ckpt)
+    return all(torch.equal(p, q) for p, q in zip(fresh.state_dict().values(), m.state_dict().values()))
+
+
 def test_block_sharded_saves_rewrite_only_the_shards_that_changed(tmp_path):
-    from transformers import LlamaForCausalLM
-
-    from deca_p2p.checkpoint import read_weights
-
     m = _model(0)
     groups = _layer_groups(m)
     root = tmp_path / "peer"
@@ -123,8 +132,7 @@ def test_block_sharded_saves_rewrite_only_the_shards_that_changed(tmp_path):
     shards = sorted(f.name for f in first.glob("model-*.safetensors"))
     assert shards == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]  # the rest, layer 0, layer 1
     assert not (first / "model.safetensors").exists() and (first / "model.safetensors.index.json").is_file()
-    for f in first.glob("model*.safetensors*"):
-        os.utime(f, (1e9, 1e9))  # a link keeps this; a file written again does not
+    _age(first)
     with torch.no_grad():
         for n in groups[1]:
             dict(m.named_parameters())[n].add_(0.5)
@@ -134,9 +142,7 @@ def test_block_sharded_saves_rewrite_only_the_shards_that_changed(tmp_path):
     assert _files(ckpt) == _files(save_atomic(m, None, tmp_path / "fresh", "x", groups=groups))
     reread = LlamaForCausalLM.from_pretrained(ckpt)
     assert all(torch.equal(p, q) for p, q in zip(reread.state_dict().values(), m.state_dict().values()))
-    fresh = _model(1)
-    restore_weights(fresh, ckpt)
-    assert all(torch.equal(p, q) for p, q in zip(fresh.state_dict().values(), m.state_dict().values()))
+    assert _restores_exactly(m, ckpt)
     assert set(read_weights(ckpt)) == set(read_weights(save_atomic(m, None, tmp_path / "single", "y")))
 
 
@@ -145,15 +151,12 @@ def test_a_tied_weight_changed_under_its_other_name_rewrites_its_shard(tmp_path)
     groups = _layer_groups(m)
     root = tmp_path / "peer"
     first = save_atomic(m, None, root, "a", groups=groups)
-    for f in first.glob("model*.safetensors*"):
-        os.utime(f, (1e9, 1e9))
+    _age(first)
     with torch.no_grad():
         m.lm_head.weight.add_(1.0)
     ckpt = save_atomic(m, None, root, "b", groups=groups, changed={"lm_head.weight"})
     assert {n for n, t in _mtimes(ckpt).items() if t != 1e9} == {"model-00001-of-00003.safetensors"}
-    fresh = _model(1)
-    restore_weights(fresh, ckpt)
-    assert torch.equal(fresh.model.embed_tokens.weight, m.model.embed_tokens.weight)
+    assert _restores_exactly(m, ckpt)  # the embeddings (and every other tensor)
 
 
 def test_unsaid_changes_and_new_groups_mean_every_shard_is_written(tmp_path):
@@ -164,14 +167,11 @@ def test_unsaid_changes_and_new_groups_mean_every_shard_is_written(tmp_path):
         with torch.no_grad():
             next(m.parameters()).add_(1.0)  # the embeddings: a change no `changed` below names
         if k:
-            for f in latest(root).glob("model*.safetensors*"):
-                os.utime(f, (1e9, 1e9))
+            _age(latest(root))
         ckpt = save_atomic(m, None, root, f"a{k}", groups=g, changed=changed)
         if k:  # changed=None: every shard; other groups or none: a full save
             assert all(t != 1e9 for t in _mtimes(ckpt).values()), k
-        fresh = _model(1)
-        restore_weights(fresh, ckpt)
-        assert all(torch.equal(p, q) for p, q in zip(fresh.state_dict().values(), m.state_dict().values())), k
+        assert _restores_exactly(m, ckpt), k
 
 
 def test_changed_means_nothing_without_groups(tmp_path):
@@ -182,17 +182,11 @@ def test_changed_means_nothing_without_groups(tmp_path):
     with torch.no_grad():
         next(m.parameters()).add_(1.0)
     ckpt = save_atomic(m, None, root, "b", changed={"no.such.tensor"})
-    fresh = _model(1)
-    restore_weights(fresh, ckpt)
-    assert all(torch.equal(p, q) for p, q in zip(fresh.state_dict().values(), m.state_dict().values()))
+    assert _restores_exactly(m, ckpt)
 
 
 @pytest.mark.parametrize("shard", [5, None, "../elsewhere.safetensors", "/abs.safetensors", ".hidden.safetensors"])
 def test_a_damaged_shard_index_is_a_one_line_error(tmp_path, shard):
-    import json
-
-    from deca_p2p.checkpoint import CheckpointError
-
     m = _model(0)
     ckpt = save_atomic(m, None, tmp_path / "peer", "a", groups=_layer_groups(m))
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
