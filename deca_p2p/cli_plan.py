@@ -33,13 +33,19 @@ from .cli_common import fail, load_topology
                    "is then one peer's on one core.")
 @click.option("--device", "device_class", default="gpu", show_default=True,
               help="Default speeds of a device class: cpu, gpu (H100/H200), consumer-gpu (RTX 3090/4090).")
-@click.option("--calibrate", is_flag=True, help="Measure FLOP/s and memory bandwidth on this machine (auto: cuda or cpu).")
+@click.option("--calibrate", is_flag=True,
+              help="Measure FLOP/s and memory bandwidth on this machine (auto: cuda or cpu), and checkpoint writes in "
+                   "the current directory.")
 @click.option("--flops", default=None, help="Effective FLOP/s of a training step (overrides the device class).")
 @click.option("--mem-bw", default=None, help="Memory bandwidth in bytes/s (overrides the device class).")
+@click.option("--checkpoint-every", default="1", show_default=True,
+              help="A checkpoint every N activations (and at the end of each round), as `start`'s option.")
+@click.option("--disk-bw", default=None,
+              help="Checkpoint write rate in bytes/s (serialization, write, fsync; overrides the default or --calibrate's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole prediction as JSON.")
 def plan_cmd(model_spec, topology_file, method, codec, inner_steps, rounds, batch_size, seq_len, dtype, gossip_every,
              layers_per_block, lora_rank, embeddings_block, head_block, gradient_checkpointing, shared_uplink,
-             peers_per_core, device_class, calibrate, flops, mem_bw, as_json) -> None:
+             peers_per_core, device_class, calibrate, flops, mem_bw, checkpoint_every, disk_bw, as_json) -> None:
     """Predict what a run costs: time per step / round / run, traffic and memory per peer (a model, not a run).
 
     \b
@@ -62,7 +68,8 @@ def plan_cmd(model_spec, topology_file, method, codec, inner_steps, rounds, batc
 
     ints = {k: number(k.replace("_", "-"), v) for k, v in
             (("inner_steps", inner_steps), ("rounds", rounds), ("batch_size", batch_size), ("seq_len", seq_len),
-             ("gossip_every", gossip_every), ("layers_per_block", layers_per_block), ("lora_rank", lora_rank))}
+             ("gossip_every", gossip_every), ("layers_per_block", layers_per_block), ("lora_rank", lora_rank),
+             ("checkpoint_every", checkpoint_every))}
     if calibrate and flops is not None:
         fail("give --calibrate (measure here) or --flops X (a given speed), not both")
     share = number("peers-per-core", peers_per_core, float)
@@ -81,6 +88,8 @@ def plan_cmd(model_spec, topology_file, method, codec, inner_steps, rounds, batc
             device = dataclasses.replace(device, flops=number("flops", flops, float), kind=f"given: {device.kind}")
         if mem_bw is not None:
             device = dataclasses.replace(device, mem_bw=number("mem-bw", mem_bw, float))
+        if disk_bw is not None:
+            device = dataclasses.replace(device, disk_bw=number("disk-bw", disk_bw, float))
         inp = plan.PlanInputs(method=method, codec=codec, dtype=dtype or ("bfloat16" if device.on_gpu else "float32"),
                               embeddings_block=embeddings_block, head_block=head_block,
                               gradient_checkpointing=gradient_checkpointing, shared_uplink=shared_uplink,

@@ -3,7 +3,7 @@
 Given a model (a preset or an HF ``config.json``), a topology with its links, a codec, R, T, a batch and a compute
 speed, it predicts per peer: parameters and bytes per block, bytes per exchange per link, compute /
 communication / local-overhead seconds per step (sequential, the default, and overlapped, as with `--overlap`),
-time per round and per run, traffic, and peak memory for DECA, decentralized Adam and Dec-LoRA.
+seconds per checkpoint, time per round and per run, traffic, and peak memory for DECA, decentralized Adam and Dec-LoRA.
 
 What the model mirrors in the code (and where it is approximate):
 
@@ -40,6 +40,9 @@ What the model mirrors in the code (and where it is approximate):
   kernel's scheduler is no such oracle). The plan predicts their mean (`shared_bounds`, `step_seconds`): over four
   ring8 runs on this machine that mean was 0.91-1.06 of the measured step, the pessimistic schedule alone 1.00-1.22,
   the optimistic 0.75-1.06 (`plan_validation.md`, which says which run chose the mean and which checked it).
+* **Checkpoints** (plan_checkpoint.py): a save after every activation (`checkpoint_every`), the block just trained
+  (DECA) or the whole model (the baselines) at the disk's checkpoint rate plus a fixed part, added to the round (no
+  exchange hides it); a process's first save, which writes more, once to the run.
 * **Memory** per peer, as held by ``blocks.ActiveBlock``, ``optim.DECA``, ``optim.MixAccumulator``,
   ``public_copy.PublicCopy`` and ``gossip``: the whole model in its working dtype; per *active* parameter, at the mix, a
   float32 master copy (when the working dtype is not float32), the float32 gradient, m and v, θ_r kept between
@@ -64,6 +67,7 @@ from .plan_arch import (  # noqa: F401  (plan.X stays the one name users and tes
     EXACT_TYPES, arch_from_config, load_arch, _linears, layer_tensors, layer_params, embedding_params, head_params,
     total_params, lora_layer_params, BlockCost, make_blocks, message_bytes,
 )
+from .plan_checkpoint import calibrate_disk, save_bytes, save_seconds, saves_per_round
 from .plan_report import fmt_bytes, fmt_s, render  # noqa: F401
 from .plan_shared import shared_cores_step
 
@@ -117,6 +121,12 @@ OVERHEAD_BYTES = {"raw": (24, 16), "lossy": (40, 16)}
 TRANSPORT_BYTES = 2
 
 
+# a checkpoint on a local disk, about as measured here (checkpoint_cost.md: a 29.8 MB shard in 30-38 ms, 0.85 MB in 3-6 ms);
+# `plan --calibrate` times the disk it runs on, `--disk-bw` gives another
+DISK_BW = 1e9
+SAVE_S = 0.005
+
+
 @dataclass
 class Device:
     kind: str                # cpu | gpu | consumer-gpu | calibrated: <what>
@@ -125,6 +135,8 @@ class Device:
     host_bw: float           # bytes/s of the exchange's host-side passes (encode, public copies, mix)
     runtime_bytes: int = 0   # fixed memory of the runtime (torch, transformers) beside the model
     on_gpu: bool = False     # the public copies then live in host memory, the rest on the device
+    disk_bw: float = DISK_BW  # bytes/s of a checkpoint's weights: safetensors serialization, write and fsync
+    save_s: float = SAVE_S    # fixed seconds of one checkpoint: its files' and directories' fsyncs, renames, links
 
 
 DEVICES = {  # defaults per device class (effective, not peak: ~40% of peak FLOP/s for GPUs)
@@ -134,8 +146,9 @@ DEVICES = {  # defaults per device class (effective, not peak: ~40% of peak FLOP
 }
 
 
-def calibrate(device: str = "auto", seconds: float = 3.0) -> Device:
-    """Time a scaled-down Llama's forward+backward and a large elementwise add on this machine's CPU or GPU."""
+def calibrate(device: str = "auto", seconds: float = 3.0, disk_dir: str = ".") -> Device:
+    """Time a scaled-down Llama's forward+backward and a large elementwise add on this machine's CPU or GPU, and a
+    checkpoint's writes in DISK_DIR (plan_checkpoint.calibrate_disk)."""
     try:
         import torch
     except ImportError as e:  # pragma: no cover - torch is a dependency
@@ -186,7 +199,8 @@ def calibrate(device: str = "auto", seconds: float = 3.0) -> Device:
     host = bw if dev.type == "cpu" else DEVICES["gpu"].host_bw
     base = DEVICES["cpu" if dev.type == "cpu" else "gpu"]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    return Device(f"calibrated: {name}", flops, bw, host, base.runtime_bytes, dev.type == "cuda")
+    disk_bw, save_s = calibrate_disk(disk_dir)
+    return Device(f"calibrated: {name}", flops, bw, host, base.runtime_bytes, dev.type == "cuda", disk_bw, save_s)
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -287,6 +301,7 @@ class PlanInputs:
     gradient_checkpointing: bool = False
     shared_uplink: bool = False
     peers_per_core: float = 1.0  # > 1: peers share a host's cores (make cluster here: 8 peers / 2 cores = 4)
+    checkpoint_every: int = 1    # a checkpoint every N activations (and at the end of each round), as the peer's option
 
     def check(self) -> "PlanInputs":
         if self.method not in METHODS:
@@ -295,7 +310,8 @@ class PlanInputs:
             raise PlanError(f"unknown codec {self.codec!r}; choose {', '.join(CODEC_BYTES)}")
         if self.dtype not in DTYPE_BYTES:
             raise PlanError(f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPE_BYTES)}")
-        for k in ("inner_steps", "rounds", "batch_size", "seq_len", "gossip_every", "layers_per_block", "lora_rank"):
+        for k in ("inner_steps", "rounds", "batch_size", "seq_len", "gossip_every", "layers_per_block", "lora_rank",
+                  "checkpoint_every"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise PlanError(f"{k.replace('_', '-')} must be a positive integer, got {v!r}")
@@ -377,6 +393,12 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
     mean_flops = sum(w * f for w, (_, f, _) in zip(weights, per_block)) / nb
     peers = []
     neighbours = {i: topo.neighbors(i) for i in topo.nodes}
+    # checkpoints (plan_checkpoint.py): the same for every peer; peers sharing a host's cores share its disk
+    later, first = save_bytes(a, method, blocks, inp.dtype)
+    writers = len(topo.nodes) if inp.peers_per_core > 1 else 1
+    n_saves = saves_per_round(method, len(deca_blocks), inp.checkpoint_every)
+    save_s = save_seconds(sum(later) / len(later), device.disk_bw, device.save_s, writers)
+    first_extra_s = save_seconds(first, device.disk_bw, device.save_s, writers) - save_s
     steps_memo: dict[tuple, tuple[float, float]] = {}
     for i in topo.nodes:
         nbrs = neighbours[i]
@@ -408,6 +430,9 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
             step_local.append((w, local))
             step_transport.append((w, transport))
             link_bytes.append((w, s))
+        step_s, step_overlap_s = round_time_seq / steps_per_round, round_time_ovl / steps_per_round
+        round_time_seq += n_saves * save_s
+        round_time_ovl += n_saves * save_s  # a save waits for the activation's last exchange: nothing hides it
         wavg = lambda xs: sum(w * x for w, x in xs) / nb  # noqa: E731
         mem = memory(a, method, blocks, deg, tokens, inp.dtype, on_gpu, device.runtime_bytes, inp.lora_rank,
                      inp.gradient_checkpointing, codec=inp.codec)
@@ -418,9 +443,12 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
             "bytes_per_exchange_per_link": wavg(link_bytes),
             "compute_s": mean_compute, "comm_s": wavg(step_comm), "local_s": wavg(step_local),
             "transport_s": wavg(step_transport), "peers_per_core": inp.peers_per_core,
-            "step_s": round_time_seq / steps_per_round, "step_overlap_s": round_time_ovl / steps_per_round,
+            "step_s": step_s, "step_overlap_s": step_overlap_s,
+            "checkpoint_s": save_s, "checkpoints_per_round": n_saves, "checkpoint_bytes": sum(later) / len(later),
+            "first_checkpoint_bytes": first,
             "round_s": round_time_seq, "round_overlap_s": round_time_ovl,
-            "run_s": round_time_seq * inp.rounds, "run_overlap_s": round_time_ovl * inp.rounds,
+            "run_s": round_time_seq * inp.rounds + first_extra_s,
+            "run_overlap_s": round_time_ovl * inp.rounds + first_extra_s,
             "sent_bytes_run": sent_round * inp.rounds,
             "memory_device_bytes": mem.device_bytes, "memory_host_bytes": mem.host_bytes, "memory_parts": mem.parts,
         })

@@ -95,10 +95,15 @@ def render(plan: dict[str, Any], console=None, max_peers: int = 16) -> None:
                    f"{p['step_overlap_s']:.3g}", fmt_s(p["round_s"]), fmt_s(p["run_s"]), fmt_bytes(p["sent_bytes_run"]),
                    mem)
     con.print(pt)
+    p = max(cost["peers"], key=lambda q: q["round_s"])
+    dev_disk = f"{dev['disk_bw'] / 1e9:.3g} GB/s + {dev['save_s'] * 1e3:.3g} ms a save"
+    con.print(f"checkpoints ({inp['method']}): {p['checkpoints_per_round']} per round, {fmt_bytes(p['checkpoint_bytes'])} "
+              f"written each (a process's first: {fmt_bytes(p['first_checkpoint_bytes'])}), {fmt_s(p['checkpoint_s'])} "
+              f"each at {dev_disk}; in 'round' and 'run'")
     ct = Table(title=f"methods at the same number of local steps ({cost['steps_per_round']} per round x {inp['rounds']} "
                "rounds); network = slowest peer (synchronous gossip)")
-    for col in ("method", "trained params/step", "bytes/exch/link", "step s", "step s overlap", "run", "run overlap",
-                "traffic (all peers)", "peak memory/peer"):
+    for col in ("method", "trained params/step", "bytes/exch/link", "step s", "step s overlap", "checkpoint",
+                "run", "run overlap", "traffic (all peers)", "peak memory/peer"):
         ct.add_column(col, justify="right" if col != "method" else "left")
     for name, c in plan["methods"].items():
         n = c["network"]
@@ -106,6 +111,7 @@ def render(plan: dict[str, Any], console=None, max_peers: int = 16) -> None:
                                                          if n["max_memory_host_bytes"] else "")
         ct.add_row(name, f"{c['trainable_params_per_step'] / 1e6:.4g} M",
                    fmt_bytes(max(p["bytes_per_exchange_per_link"] for p in c["peers"])),
-                   f"{n['step_s']:.3g}", f"{n['step_overlap_s']:.3g}", fmt_s(n["run_s"]), fmt_s(n["run_overlap_s"]),
+                   f"{n['step_s']:.3g}", f"{n['step_overlap_s']:.3g}", fmt_s(max(q["checkpoint_s"] for q in c["peers"])),
+                   fmt_s(n["run_s"]), fmt_s(n["run_overlap_s"]),
                    fmt_bytes(n["traffic_bytes_run"]), mem)
     con.print(ct)

@@ -1,0 +1,94 @@
+"""`deca-peer plan`'s checkpoint cost (deca_p2p/plan_checkpoint.py): the bytes it says a save writes are the bytes a
+real block-sharded save writes, the saves add up in the round and the run, and the disk calibration."""
+import dataclasses
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from deca_p2p import plan
+from deca_p2p.blocks import partition
+from deca_p2p.checkpoint import latest, save_atomic
+from deca_p2p.plan_checkpoint import calibrate_disk, save_bytes, saves_per_round
+from deca_p2p.topology import generate
+
+
+def _small_llama(tmp_path):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg)
+    cfg.save_pretrained(tmp_path / "arch")
+    return model, plan.load_arch(str(tmp_path / "arch" / "config.json"))
+
+
+def test_a_later_deca_save_writes_the_active_block_as_the_plan_says(tmp_path):
+    model, arch = _small_llama(tmp_path)
+    groups = [b.param_names for b in partition(model)]
+    later, first = save_bytes(arch, "deca", plan.make_blocks(arch, "deca"), "float32")
+    assert len(later) == len(groups)
+    root = tmp_path / "ckpt"
+    save_atomic(model, None, root, "first", groups=groups)
+    weights = sum(f.stat().st_size for f in latest(root).glob("*.safetensors"))
+    assert first == pytest.approx(2 * weights, rel=0.02)  # save_pretrained's file, then the shards
+    for i, names in enumerate(groups):
+        before = {f.name: f.stat().st_ino for f in latest(root).glob("*.safetensors")}
+        save_atomic(model, None, root, f"a{i}", groups=groups, changed=names)
+        now = {f.name: f for f in latest(root).glob("*.safetensors")}
+        written = [f for name, f in now.items() if f.stat().st_ino != before.get(name)]  # the others are links
+        assert len(written) == 1
+        assert written[0].stat().st_size == pytest.approx(later[i], rel=0.02)  # + the safetensors header
+
+
+def test_the_baselines_save_the_whole_model_every_time():
+    a = plan.load_arch("qwen2.5-0.5b")
+    model = 2 * plan.total_params(a)
+    assert save_bytes(a, "dadam", plan.make_blocks(a, "dadam"), "bfloat16") == ([model], 2 * model)
+    (lora,) = plan.make_blocks(a, "declora")
+    assert save_bytes(a, "declora", [lora], "bfloat16") == ([model + 4 * lora.params], model + 4 * lora.params)
+
+
+def test_saves_per_round_follow_checkpoint_every_and_the_round_end():
+    assert saves_per_round("deca", 8, 1) == 8
+    assert saves_per_round("deca", 8, 3) == 3  # after activations 3, 6 and the round's last
+    assert saves_per_round("deca", 8, 100) == 1
+    assert saves_per_round("dadam", 8, 3) == 8  # its rounds are one activation long: a save after each
+
+
+def test_checkpoints_add_to_the_round_and_the_first_one_to_the_run():
+    a = plan.load_arch("llama-3-8b")
+    topo = generate("ring", 4)
+    dev = plan.DEVICES["gpu"]
+    inp = plan.PlanInputs(rounds=3)
+    p = plan.make_plan(a, topo, inp, dev)
+    slow = plan.make_plan(a, topo, inp, dataclasses.replace(dev, disk_bw=dev.disk_bw / 10))
+    n_blocks = len(plan.make_blocks(a, "deca"))
+    for m in plan.METHODS:
+        fast_peer, slow_peer = p["methods"][m]["peers"][0], slow["methods"][m]["peers"][0]
+        assert fast_peer["checkpoints_per_round"] == n_blocks
+        assert slow_peer["checkpoint_s"] > 9 * (fast_peer["checkpoint_s"] - dev.save_s)
+        assert slow_peer["round_s"] - fast_peer["round_s"] == pytest.approx(
+            n_blocks * (slow_peer["checkpoint_s"] - fast_peer["checkpoint_s"]))
+        extra = fast_peer["run_s"] - 3 * fast_peer["round_s"]  # the first save writes the model twice (declora: once)
+        assert extra == pytest.approx(max(0.0, fast_peer["first_checkpoint_bytes"] - fast_peer["checkpoint_bytes"])
+                                      / dev.disk_bw)
+    deca, dadam = (p["methods"][m]["peers"][0]["checkpoint_s"] for m in ("deca", "dadam"))
+    assert dadam > 20 * deca  # the whole model against one of 32 layers
+    # peers sharing a host's cores share its disk, and save at about the same time
+    shared = plan.make_plan(a, topo, dataclasses.replace(inp, peers_per_core=2), dev)
+    own = p["methods"]["deca"]["peers"][0]
+    assert shared["methods"]["deca"]["peers"][0]["checkpoint_s"] == pytest.approx(
+        dev.save_s + 4 * (own["checkpoint_s"] - dev.save_s))
+
+
+def test_calibrate_disk_times_real_saves_and_leaves_nothing(tmp_path):
+    bw, fixed = calibrate_disk(tmp_path, reps=1)
+    assert bw > 1e6 and 0 < fixed < 5
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrate_disk_where_it_cannot_write_is_a_plan_error(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for where in (tmp_path / "a-file", tmp_path / "missing"):
+        with pytest.raises(plan.PlanError, match="--disk-bw"):
+            calibrate_disk(where)
