@@ -3,11 +3,11 @@
 checkpoint (checkpoint.save_atomic uses it).
 
 A peer writes one checkpoint per activation, and between two of them only the active block changed. Kept in one
-weight file, every save rewrites the whole model: on Qwen2.5-0.5B's architecture (1 GB in bf16) 899 ms per save on
+weight file, every save rewrites the whole model: on Qwen2.5-0.5B's architecture (1 GB in bf16) 784-899 ms per save on
 this machine, where its local step computes in ~0.8 s (benchmarks/results/checkpoint_cost.md, realistic_size.md).
 Kept *block-sharded* (one safetensors shard per block, one for everything no block holds, and the
 `model.safetensors.index.json` that `from_pretrained` reads), a save writes the changed block's shard alone and links
-the rest: 38 ms there; its cost follows the block, not the model.
+the rest: 30-38 ms there; its cost follows the block, not the model.
 """
 from __future__ import annotations
 
