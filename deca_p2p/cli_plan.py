@@ -78,8 +78,9 @@ def plan_cmd(model_spec, topology_file, method, codec, inner_steps, rounds, batc
     topo = load_topology(topology_file)
     try:
         arch = plan.load_arch(model_spec)
+        disk = None if disk_bw is None else number("disk-bw", disk_bw, float)
         if calibrate:
-            device = plan.calibrate("auto")
+            device = plan.calibrate("auto", disk_dir="." if disk is None else None)
         else:
             if device_class not in plan.DEVICES:
                 fail(f"--device must be one of {', '.join(plan.DEVICES)}, got {device_class!r}")
@@ -88,8 +89,8 @@ def plan_cmd(model_spec, topology_file, method, codec, inner_steps, rounds, batc
             device = dataclasses.replace(device, flops=number("flops", flops, float), kind=f"given: {device.kind}")
         if mem_bw is not None:
             device = dataclasses.replace(device, mem_bw=number("mem-bw", mem_bw, float))
-        if disk_bw is not None:
-            device = dataclasses.replace(device, disk_bw=number("disk-bw", disk_bw, float))
+        if disk is not None:
+            device = dataclasses.replace(device, disk_bw=disk)
         inp = plan.PlanInputs(method=method, codec=codec, dtype=dtype or ("bfloat16" if device.on_gpu else "float32"),
                               embeddings_block=embeddings_block, head_block=head_block,
                               gradient_checkpointing=gradient_checkpointing, shared_uplink=shared_uplink,

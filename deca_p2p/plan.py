@@ -67,7 +67,7 @@ from .plan_arch import (  # noqa: F401  (plan.X stays the one name users and tes
     EXACT_TYPES, arch_from_config, load_arch, _linears, layer_tensors, layer_params, embedding_params, head_params,
     total_params, lora_layer_params, BlockCost, make_blocks, message_bytes,
 )
-from .plan_checkpoint import calibrate_disk, save_bytes, save_seconds, saves_per_round
+from .plan_checkpoint import calibrate_disk, checkpoint_cost, save_bytes
 from .plan_report import fmt_bytes, fmt_s, render  # noqa: F401
 from .plan_shared import shared_cores_step
 
@@ -146,9 +146,9 @@ DEVICES = {  # defaults per device class (effective, not peak: ~40% of peak FLOP
 }
 
 
-def calibrate(device: str = "auto", seconds: float = 3.0, disk_dir: str = ".") -> Device:
+def calibrate(device: str = "auto", seconds: float = 3.0, disk_dir: str | None = ".") -> Device:
     """Time a scaled-down Llama's forward+backward and a large elementwise add on this machine's CPU or GPU, and a
-    checkpoint's writes in DISK_DIR (plan_checkpoint.calibrate_disk)."""
+    checkpoint's writes in DISK_DIR (plan_checkpoint.calibrate_disk; None: the default disk)."""
     try:
         import torch
     except ImportError as e:  # pragma: no cover - torch is a dependency
@@ -199,7 +199,7 @@ def calibrate(device: str = "auto", seconds: float = 3.0, disk_dir: str = ".") -
     host = bw if dev.type == "cpu" else DEVICES["gpu"].host_bw
     base = DEVICES["cpu" if dev.type == "cpu" else "gpu"]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    disk_bw, save_s = calibrate_disk(disk_dir)
+    disk_bw, save_s = (DISK_BW, SAVE_S) if disk_dir is None else calibrate_disk(disk_dir)
     return Device(f"calibrated: {name}", flops, bw, host, base.runtime_bytes, dev.type == "cuda", disk_bw, save_s)
 
 
@@ -396,9 +396,8 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
     # checkpoints (plan_checkpoint.py): the same for every peer; peers sharing a host's cores share its disk
     later, first = save_bytes(a, method, blocks, inp.dtype)
     writers = len(topo.nodes) if inp.peers_per_core > 1 else 1
-    n_saves = saves_per_round(method, len(deca_blocks), inp.checkpoint_every)
-    save_s = save_seconds(sum(later) / len(later), device.disk_bw, device.save_s, writers)
-    first_extra_s = save_seconds(first, device.disk_bw, device.save_s, writers) - save_s
+    ck = checkpoint_cost(method, later, first, len(deca_blocks), inp.rounds, inp.checkpoint_every, device.disk_bw,
+                         device.save_s, writers)
     steps_memo: dict[tuple, tuple[float, float]] = {}
     for i in topo.nodes:
         nbrs = neighbours[i]
@@ -431,8 +430,8 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
             step_transport.append((w, transport))
             link_bytes.append((w, s))
         step_s, step_overlap_s = round_time_seq / steps_per_round, round_time_ovl / steps_per_round
-        round_time_seq += n_saves * save_s
-        round_time_ovl += n_saves * save_s  # a save waits for the activation's last exchange: nothing hides it
+        round_time_seq += ck["seconds_per_round"]
+        round_time_ovl += ck["seconds_per_round"]  # a save waits for the activation's last exchange: nothing hides it
         wavg = lambda xs: sum(w * x for w, x in xs) / nb  # noqa: E731
         mem = memory(a, method, blocks, deg, tokens, inp.dtype, on_gpu, device.runtime_bytes, inp.lora_rank,
                      inp.gradient_checkpointing, codec=inp.codec)
@@ -444,11 +443,11 @@ def method_cost(a: Arch, topo, inp: PlanInputs, device: Device, method: str) -> 
             "compute_s": mean_compute, "comm_s": wavg(step_comm), "local_s": wavg(step_local),
             "transport_s": wavg(step_transport), "peers_per_core": inp.peers_per_core,
             "step_s": step_s, "step_overlap_s": step_overlap_s,
-            "checkpoint_s": save_s, "checkpoints_per_round": n_saves, "checkpoint_bytes": sum(later) / len(later),
-            "first_checkpoint_bytes": first,
+            "checkpoint_s": ck["seconds_per_save"], "checkpoints_per_round": ck["saves_per_round"],
+            "checkpoint_bytes": ck["bytes_per_save"], "first_checkpoint_bytes": first,
             "round_s": round_time_seq, "round_overlap_s": round_time_ovl,
-            "run_s": round_time_seq * inp.rounds + first_extra_s,
-            "run_overlap_s": round_time_ovl * inp.rounds + first_extra_s,
+            "run_s": round_time_seq * inp.rounds + ck["first_extra_s"],
+            "run_overlap_s": round_time_ovl * inp.rounds + ck["first_extra_s"],
             "sent_bytes_run": sent_round * inp.rounds,
             "memory_device_bytes": mem.device_bytes, "memory_host_bytes": mem.host_bytes, "memory_parts": mem.parts,
         })

@@ -97,7 +97,7 @@ def render(plan: dict[str, Any], console=None, max_peers: int = 16) -> None:
     con.print(pt)
     p = max(cost["peers"], key=lambda q: q["round_s"])
     dev_disk = f"{dev['disk_bw'] / 1e9:.3g} GB/s + {dev['save_s'] * 1e3:.3g} ms a save"
-    con.print(f"checkpoints ({inp['method']}): {p['checkpoints_per_round']} per round, {fmt_bytes(p['checkpoint_bytes'])} "
+    con.print(f"checkpoints ({inp['method']}): {p['checkpoints_per_round']:.3g} per round, {fmt_bytes(p['checkpoint_bytes'])} "
               f"written each (a process's first: {fmt_bytes(p['first_checkpoint_bytes'])}), {fmt_s(p['checkpoint_s'])} "
               f"each at {dev_disk}; in 'round' and 'run'")
     ct = Table(title=f"methods at the same number of local steps ({cost['steps_per_round']} per round x {inp['rounds']} "

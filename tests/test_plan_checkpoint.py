@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from deca_p2p import plan
 from deca_p2p.blocks import partition
 from deca_p2p.checkpoint import latest, save_atomic
-from deca_p2p.plan_checkpoint import calibrate_disk, save_bytes, saves_per_round
+from deca_p2p.plan_checkpoint import calibrate_disk, checkpoint_cost, save_bytes, saves_per_run
 from deca_p2p.topology import generate
 
 
@@ -48,11 +48,26 @@ def test_the_baselines_save_the_whole_model_every_time():
     assert save_bytes(a, "declora", [lora], "bfloat16") == ([model + 4 * lora.params], model + 4 * lora.params)
 
 
-def test_saves_per_round_follow_checkpoint_every_and_the_round_end():
-    assert saves_per_round("deca", 8, 1) == 8
-    assert saves_per_round("deca", 8, 3) == 3  # after activations 3, 6 and the round's last
-    assert saves_per_round("deca", 8, 100) == 1
-    assert saves_per_round("dadam", 8, 3) == 8  # its rounds are one activation long: a save after each
+def test_saves_follow_checkpoint_every_over_the_run_and_every_round_end():
+    # peer.py: after activation a (counted over the run) when (a + 1) % every == 0, and after each round's last
+    assert saves_per_run("deca", 8, 3, 1) == 24
+    assert saves_per_run("deca", 8, 3, 3) == 10  # a + 1 in 3, 6, 8, 9, 12, 15, 16, 18, 21, 24
+    assert saves_per_run("deca", 8, 3, 100) == 3
+    assert saves_per_run("dadam", 8, 3, 3) == 24  # its rounds are one activation long: a save after each
+
+
+def test_deca_writes_every_block_once_a_round_whatever_checkpoint_every():
+    """A save rewrites the shards of every block trained since the last one (peer.py's `changed`): fewer saves
+    save the fixed part, not the bytes."""
+    a = plan.load_arch("llama-3-8b")
+    blocks = plan.make_blocks(a, "deca")
+    later, first = save_bytes(a, "deca", blocks, "bfloat16")
+    each = checkpoint_cost("deca", later, first, len(blocks), 3, 1, 1e9, 0.005)
+    rare = checkpoint_cost("deca", later, first, len(blocks), 3, 1000, 1e9, 0.005)
+    assert each["bytes_per_round"] == rare["bytes_per_round"] == pytest.approx(sum(later))
+    assert (each["saves_per_round"], rare["saves_per_round"]) == (len(blocks), 1)
+    assert each["seconds_per_round"] - rare["seconds_per_round"] == pytest.approx((len(blocks) - 1) * 0.005)
+    assert rare["bytes_per_save"] == pytest.approx(sum(later))
 
 
 def test_checkpoints_add_to_the_round_and_the_first_one_to_the_run():
@@ -92,3 +107,17 @@ def test_calibrate_disk_where_it_cannot_write_is_a_plan_error(tmp_path):
     for where in (tmp_path / "a-file", tmp_path / "missing"):
         with pytest.raises(plan.PlanError, match="--disk-bw"):
             calibrate_disk(where)
+
+
+def test_cli_calibrate_with_a_given_disk_rate_writes_nothing(tmp_path):
+    import json
+    import subprocess
+
+    from conftest import REPO, deca_peer_cmd
+
+    p = subprocess.run(deca_peer_cmd("plan", "--model", "qwen2.5-0.5b", "--topology", REPO / "topologies" / "ring8.json",
+                                     "--calibrate", "--disk-bw", "2e9", "--json"),
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["device"]["disk_bw"] == 2e9
+    assert list(tmp_path.iterdir()) == []
