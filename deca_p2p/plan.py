@@ -235,7 +235,9 @@ def memory(a: Arch, method: str, blocks: list[BlockCost], degree: int, tokens: i
                     F64_CHUNK elements, or the largest tensor when smaller);
     * mix:          m + gradient (4) + m, v (8) + θ_r (4) + the float32 accumulator, which is the result (4)
                     + the discrepancy of the largest tensor in float32 + one float64 chunk (the
-                    distances to the neighbours, the moments' statistics).
+                    distances to the neighbours, the moments' statistics);
+    * checkpoint (Dec-LoRA only): the merged copy of the whole model every save exports, in the working dtype,
+                    beside the adapters' m, v (8).
 
     A real peer (`peer.py`) still holds the previous step's mixed result (4 B) in every phase
     (`holds_previous_mix`; `benchmarks/memory.py` drops it). On a CPU the activations count in every phase (freed
@@ -268,6 +270,8 @@ def memory(a: Arch, method: str, blocks: list[BlockCost], degree: int, tokens: i
         phases = {"backward": (master + 8 + prev + (wd if master else 0)) * b.params + act,
                   "gradient norm": (master + 4 + 8 + prev) * b.params + chunk + kept,
                   "mix": (master + 20 + prev) * b.params + 4 * b.largest + chunk + kept}
+        if method == "declora":  # a checkpoint merges a deep copy of the whole model (lora.merged): a second model
+            phases["checkpoint"] = wd * total_params(a) + (8 + prev) * b.params + kept
         phase = max(phases, key=phases.get)
         # raw: the neighbours' blocks until the mix (+ on a GPU the host copy sent; a CPU peer sends θ½ zero-copy);
         # lossy: own public copy, outgoing delta, neighbours' copies (none without a neighbour: nothing is exchanged)

@@ -15,7 +15,8 @@ A save costs a fixed part (fsyncs of its files and directories, the rename, the 
 disk's checkpoint rate (safetensors serialization, write, fsync). Peers that share a host's cores (`make cluster`)
 share its disk too, and being synchronous they save at about the same time: their bytes add up. Not modelled: the one
 read-back of the last checkpoint at the end of a run (usually from the page cache), the tokenizer's files, and
-Dec-LoRA's merge before each save (a copy of the whole model: time, and memory the plan's peak leaves out).
+the time of Dec-LoRA's merge before each save (its memory, a copy of the whole model, is plan.memory's
+"checkpoint" phase).
 """
 from __future__ import annotations
 

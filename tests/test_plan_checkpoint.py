@@ -121,3 +121,27 @@ def test_cli_calibrate_with_a_given_disk_rate_writes_nothing(tmp_path):
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["device"]["disk_bw"] == 2e9
     assert list(tmp_path.iterdir()) == []
+
+
+def test_declora_checkpoint_holds_a_second_model_in_the_plan_as_in_the_code(deca_cache):
+    """Every Dec-LoRA save exports lora.merged(model): a deep copy of the whole model. The plan counts it as a phase
+    of its own, the peak on a GPU for Llama-3-8B (a copy of 16 GB beside the model)."""
+    import copy
+
+    from deca_p2p import lora
+    from deca_p2p.config import make_config
+    from deca_p2p.runtime import load
+
+    cfg = make_config(None, {"algo": "declora", "seed": 1})
+    model = lora.wrap(copy.deepcopy(load(make_config(None, {})).model), cfg)
+    merged = lora.merged(model)
+    ptrs = {p.data_ptr() for p in model.parameters()}
+    copied = sum(p.numel() * p.element_size() for p in merged.parameters() if p.data_ptr() not in ptrs)
+    base = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in set(lora.adapter_names(model)))
+    assert copied >= base  # nothing of the model is shared: the save holds a second one
+
+    a = plan.load_arch("llama-3-8b")
+    (block,) = plan.make_blocks(a, "declora")
+    m = plan.memory(a, "declora", [block], 2, 512, "bfloat16", True)
+    assert m.parts["peak_phase"] == "checkpoint"
+    assert m.device_bytes >= 2 * 2 * plan.total_params(a)  # the model and its merged copy, bf16
