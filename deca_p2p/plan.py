@@ -40,9 +40,10 @@ What the model mirrors in the code (and where it is approximate):
   kernel's scheduler is no such oracle). The plan predicts their mean (`shared_bounds`, `step_seconds`): over four
   ring8 runs on this machine that mean was 0.91-1.06 of the measured step, the pessimistic schedule alone 1.00-1.22,
   the optimistic 0.75-1.06 (`plan_validation.md`, which says which run chose the mean and which checked it).
-* **Checkpoints** (plan_checkpoint.py): a save after every activation (`checkpoint_every`), the block just trained
-  (DECA) or the whole model (the baselines) at the disk's checkpoint rate plus a fixed part, added to the round (no
-  exchange hides it); a process's first save, which writes more, once to the run.
+* **Checkpoints** (plan_checkpoint.py): a save after every activation (`checkpoint_every`: every N-th, and each
+  round's last), the blocks trained since the last save (DECA) or the whole model (the baselines), at the disk's
+  checkpoint rate plus a fixed part, added to the round (no exchange hides it); a process's first save, which writes
+  more, once to the run.
 * **Memory** per peer, as held by ``blocks.ActiveBlock``, ``optim.DECA``, ``optim.MixAccumulator``,
   ``public_copy.PublicCopy`` and ``gossip``: the whole model in its working dtype; per *active* parameter, at the mix, a
   float32 master copy (when the working dtype is not float32), the float32 gradient, m and v, θ_r kept between
