@@ -1,5 +1,6 @@
 """`deca-peer plan`'s checkpoint cost (deca_p2p/plan_checkpoint.py): the bytes it says a save writes are the bytes a
-real block-sharded save writes, the saves add up in the round and the run, and the disk calibration."""
+real block-sharded save writes, the saves add up in the round and the run, and the disk calibration (and what
+`plan --calibrate` measures beside it)."""
 import dataclasses
 
 import pytest
@@ -145,3 +146,10 @@ def test_declora_checkpoint_holds_a_second_model_in_the_plan_as_in_the_code(deca
     m = plan.memory(a, "declora", [block], 2, 512, "bfloat16", True)
     assert m.parts["peak_phase"] == "checkpoint"
     assert m.device_bytes >= 2 * 2 * plan.total_params(a)  # the model and its merged copy, bf16
+
+
+def test_calibrate_keeps_the_validated_host_rate():
+    dev = plan.calibrate("cpu", seconds=0.4, disk_dir=None)
+    assert dev.host_bw == plan.DEVICES["cpu"].host_bw  # the rate plan_validation checks the exchange's passes with
+    assert (dev.disk_bw, dev.save_s) == (plan.DISK_BW, plan.SAVE_S)
+    assert 1e8 < dev.mem_bw < 1e12 and dev.flops > 1e8
