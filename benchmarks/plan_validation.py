@@ -243,16 +243,15 @@ def checkpoint_rows(lines: list[str]) -> list[tuple]:
               "Adam save), *later, block-sharded* one block's shard (as every later DECA save).", "",
               "| model | way | bytes written (plan) | predicted ms | measured ms | ratio | within 15% |",
               "|---|---|---:|---:|---:|---:|---|"]
+    models = {"embedded": (plan.load_arch(str(BASE_MODEL_DIR / "config.json")), "float32"),
+              "qwen": (plan.load_arch("qwen2.5-0.5b"), "bfloat16")}
     rows = []
     for cells in table_rows(text, "model")[0]:
         name, way, wall = cells[0], cells[2], float(cells[3])
-        if name.startswith("embedded"):
-            arch, dtype = plan.load_arch(str(BASE_MODEL_DIR / "config.json")), "float32"
-        else:
-            arch, dtype = plan.load_arch("qwen2.5-0.5b"), "bfloat16"
+        arch, dtype = models["embedded" if name.startswith("embedded") else "qwen"]
         later, first = save_bytes(arch, "deca", plan.make_blocks(arch, "deca"), dtype)
-        nbytes = {"full": first, "later, one file": plan.DTYPE_BYTES[dtype] * plan.total_params(arch),
-                  "later, block-sharded": sum(later) / len(later)}[way]
+        (whole,), _ = save_bytes(arch, "dadam", plan.make_blocks(arch, "dadam"), dtype)  # every dadam save
+        nbytes = {"full": first, "later, one file": whole, "later, block-sharded": sum(later) / len(later)}[way]
         pred = save_seconds(nbytes, disk_bw, fixed) * 1e3
         r, ok = verdict(pred, wall)
         lines.append(f"| {name} | {way} | {plan.fmt_bytes(nbytes)} | {pred:.1f} | {wall:.1f} | {r} | {ok} |")

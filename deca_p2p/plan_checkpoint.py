@@ -4,8 +4,8 @@ disk calibration behind `plan --calibrate`.
 A peer checkpoints after every activation (`checkpoint_every`, and at the end of each round; checkpoint.save_atomic).
 What it writes, as checkpoint.py and checkpoint_reuse.py do:
 
-* **DECA**: block-sharded; a later save rewrites the shard of the block just trained and hard-links every other
-  file, so it writes one block in the working dtype. A process's first save writes the model twice
+* **DECA**: block-sharded; a later save rewrites the shards of the blocks trained since the last save (one, with the
+  default `checkpoint_every` of 1) and hard-links every other file: blocks in the working dtype. A process's first save writes the model twice
   (`save_pretrained`, then the block shards).
 * **Decentralized Adam**: its one block is every parameter, so every save rewrites the whole model; the first one
   twice, as above.
