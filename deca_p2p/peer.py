@@ -33,7 +33,7 @@ from .optim import overlap_correction
 from .metrics import METRICS_FILE, MetricsLog, peer_dir, records
 from .privacy import public_stats
 from .robust import make_mixer
-from .timeslice import default_slice, request_slice
+from .timeslice import default_slice, request_io_slice, request_slice
 from .runtime import PeerData, embedded_data, evaluate_run, label_counts, load, make_batcher, own_data, set_threads
 from .trainer import PeerTrainer
 from .transport import Transport
@@ -256,9 +256,12 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     trunc = trainer.batcher.truncation
     named = dict(trainer.model.named_parameters())
     # a long CPU slice for this thread, but the default while it waits for a block, so that woken it reads the block at
-    # once (timeslice.py). The transport's threads, started already, keep the default.
+    # once; the same slice for ZeroMQ's I/O thread, so that its wake-ups stop preempting other peers' steps
+    # (timeslice.py). The link threads, started already and idle on direct links, keep the default.
     time_slice_ms = request_slice(cfg.time_slice_ms)
+    io_slices = request_io_slice(time_slice_ms if time_slice_ms and cfg.io_time_slice else 0)
     log.write("start", pid=os.getpid(), inc=inc, glibc_tunables=os.environ.get("GLIBC_TUNABLES"), time_slice_ms=time_slice_ms,
+              io_time_slice_ms=io_slices,
               endpoint=transport.endpoint, neighbours=topo.neighbors(me),
               train_examples=len(data.train), eval_examples=len(data.evals), train_source=data.source,
               eval_source=data.eval_source, labels=labels, max_len=inputs.max_len, truncated=trunc.as_dict(),

@@ -9,8 +9,9 @@ block. Terminal runs, not committed (ring8, 6 rounds, wall s; ring8 at 1 Gbit/s 
 or more runs each): the long slice throughout 35.9-37.1 s and 0.38-0.52 of the link; the long slice only while computing 36.3-38.1 s
 and 0.64-0.72; the long slice but for the wait 36.3, 36.9 s and 0.62-0.84; the kernel's slice 37.8-38.6 s and
 0.51-0.62. `cluster_efficiency.md` and `bandwidth_latency.md` have the committed runs. Only the calling thread
-changes, and the threads it starts later (torch's OpenMP workers with `--threads` > 1 start on the first step): the
-transport's I/O and link threads, started before, keep the default.
+changes, and the threads it starts later (torch's OpenMP workers with `--threads` > 1 start on the first step), and,
+by name, ZeroMQ's I/O thread (`request_io_slice`, which says why; `benchmarks/results/io_slice.md` measures it). The
+link threads, started before and idle on links without emulation, keep the default.
 
 Unprivileged; the policy (SCHED_OTHER or SCHED_BATCH) and nice value are kept. Elsewhere (another OS, an older
 kernel, a real-time policy a user chose) nothing changes and `request_slice` says so by returning None.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
 import struct
 import sys
@@ -30,6 +32,7 @@ _ATTR = "IIQiIQQQII"   # struct sched_attr, SCHED_ATTR_SIZE_VER1 (56 bytes): siz
 #                        runtime, deadline, period, util_min, util_max
 _SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275), "riscv64": (274, 275)}  # (sched_setattr, sched_getattr)
 _RESET_ON_FORK = 0x01  # a flag an unprivileged thread may not clear: kept as read
+ZMQ_IO_THREADS = "ZMQbg/IO/"  # how libzmq names its I/O threads (ZMQbg/IO/0, ...; its reaper is ZMQbg/Reaper)
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,36 +46,37 @@ def _libc():
         return None
 
 
-def _get(libc) -> list | None:
+def _get(libc, tid: int = 0) -> list | None:
     size = struct.calcsize(_ATTR)
     buf = ctypes.create_string_buffer(size)
-    if libc.syscall(_SYSCALLS[platform.machine()][1], 0, buf, size, 0) != 0:
+    if libc.syscall(_SYSCALLS[platform.machine()][1], tid, buf, size, 0) != 0:
         return None
     return list(struct.unpack(_ATTR, buf.raw))
 
 
-def _fair_attr() -> tuple | None:
-    """(libc, this thread's sched_attr) where its slice can be set: Linux, a fair policy (SCHED_OTHER, SCHED_BATCH)
-    and a kernel that reports a slice (>= 6.12); else None."""
+def _fair_attr(tid: int = 0) -> tuple | None:
+    """(libc, the sched_attr of thread TID (0: the calling one)) where its slice can be set: Linux, a fair policy
+    (SCHED_OTHER, SCHED_BATCH) and a kernel that reports a slice (>= 6.12); else None."""
     libc = _libc()
-    attr = None if libc is None else _get(libc)
+    attr = None if libc is None else _get(libc, tid)
     if attr is None or attr[1] not in _FAIR or attr[5] == 0:
         return None
     return libc, attr
 
 
-def current_slice_ms() -> float | None:
-    """This thread's slice in ms as the kernel reports it (None where it cannot be read or is not a slice)."""
-    got = _fair_attr()
+def current_slice_ms(tid: int = 0) -> float | None:
+    """The slice in ms of thread TID (0: this one) as the kernel reports it (None where it cannot be read or is not
+    a slice)."""
+    got = _fair_attr(tid)
     return None if got is None else got[1][5] / 1e6
 
 
-def _set_runtime_ns(libc, attr: list, ns: int) -> bool:
+def _set_runtime_ns(libc, attr: list, ns: int, tid: int = 0) -> bool:
     """Write ATTR (as just read) back with a slice of NS (0: the kernel's default)."""
     # flags: only reset-on-fork, as read; policy and nice written back as read
     attr = [struct.calcsize(_ATTR), attr[1], attr[2] & _RESET_ON_FORK, *attr[3:5], ns, *attr[6:]]
     buf = ctypes.create_string_buffer(struct.pack(_ATTR, *attr), attr[0])
-    return libc.syscall(_SYSCALLS[platform.machine()][0], 0, buf, 0) == 0
+    return libc.syscall(_SYSCALLS[platform.machine()][0], tid, buf, 0) == 0
 
 
 _SUPPORTED: bool | None = None
@@ -110,13 +114,43 @@ class default_slice:
             _set_runtime_ns(*got, self.before)
 
 
-def request_slice(ms: float) -> float | None:
-    """Ask for a time slice of MS milliseconds for the calling thread (and the threads it starts later).
+def request_slice(ms: float, tid: int = 0) -> float | None:
+    """Ask for a time slice of MS milliseconds for thread TID of this process (0: the calling thread; and the
+    threads it starts later).
 
     Returns the slice the kernel then reports (it clamps to [0.1, 100] ms), or None where nothing changed: not
-    Linux, a kernel without custom slices (< 6.12 reports no slice), a non-fair policy, or MS <= 0 (keep the kernel's
-    default). Never raises: a scheduling hint must not stop a peer."""
-    got = _fair_attr() if ms and ms > 0 else None  # none reported: not Linux, or a kernel before custom slices
-    if got is None or not _set_runtime_ns(*got, int(min(MAX_SLICE_MS, max(MIN_SLICE_MS, ms)) * 1e6)):
+    Linux, a kernel without custom slices (< 6.12 reports no slice), a non-fair policy, no such thread, or MS <= 0
+    (keep the kernel's default). Never raises: a scheduling hint must not stop a peer."""
+    got = _fair_attr(tid) if ms and ms > 0 else None  # none reported: not Linux, or a kernel before custom slices
+    if got is None or not _set_runtime_ns(*got, int(min(MAX_SLICE_MS, max(MIN_SLICE_MS, ms)) * 1e6), tid):
         return None
-    return current_slice_ms()
+    return current_slice_ms(tid)
+
+
+def threads_named(prefix: str) -> list[int]:
+    """The ids of this process's threads whose name (/proc/self/task/*/comm) starts with PREFIX; [] off Linux."""
+    tids = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith(prefix):
+                    tids.append(int(tid))
+        except (OSError, ValueError):  # it ended meanwhile
+            continue
+    return sorted(tids)
+
+
+def request_io_slice(ms: float, prefix: str = ZMQ_IO_THREADS) -> list[float]:
+    """The same slice for this process's ZeroMQ I/O threads (named by libzmq): the slices the kernel then reports,
+    one per thread it took (none where unsupported, MS <= 0, or no zmq context has started its threads yet).
+
+    Why: with more peers than cores, an I/O thread woken by a neighbour's bytes has the default (short) slice and so
+    an early deadline, and preempts whichever training thread is computing, on every wake-up (about 90 a second per
+    peer in `make cluster`). With the training thread's slice its deadline is as late as theirs: it runs when a
+    slice ends or a thread blocks, a few ms later, and the steps keep their caches."""
+    got = (request_slice(ms, tid) for tid in threads_named(prefix)) if ms and ms > 0 else ()
+    return [s for s in got if s is not None]

@@ -107,3 +107,46 @@ def test_the_default_slice_on_a_thread_that_had_it_already_changes_nothing():
         return before, inside, _proc_slice_ns(tid), waiting.before
     before, inside, after, restored = _in_thread(probe)
     assert before == inside == after and restored == 0  # nothing to restore: it stays on the kernel's default
+
+
+def test_threads_named_finds_zmqs_io_thread_and_nothing_for_a_name_no_thread_has():
+    zmq = pytest.importorskip("zmq")
+    from deca_p2p.timeslice import ZMQ_IO_THREADS, threads_named
+    before = set(threads_named(ZMQ_IO_THREADS))
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)  # libzmq starts a context's threads with its first socket
+    try:
+        new = set(threads_named(ZMQ_IO_THREADS)) - before
+        assert len(new) == 1  # one I/O thread per context (zmq's default)
+        assert threading.get_native_id() not in new
+        assert threads_named("no thread is called this") == []
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+@needs_slices
+def test_the_io_slice_goes_to_zmqs_io_thread_and_no_other():
+    """peer.py gives ZeroMQ's I/O thread the training thread's slice (timeslice.request_io_slice says why); read back
+    from the scheduler itself. The calling thread keeps its own."""
+    import zmq
+
+    from deca_p2p.timeslice import ZMQ_IO_THREADS, request_io_slice, threads_named
+    before = set(threads_named(ZMQ_IO_THREADS))
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        (io,) = set(threads_named(ZMQ_IO_THREADS)) - before
+        default_ns = _proc_slice_ns(io)
+
+        def probe():
+            mine = _proc_slice_ns(threading.get_native_id())
+            return request_io_slice(0), _proc_slice_ns(io), request_io_slice(30), mine, \
+                _proc_slice_ns(threading.get_native_id())
+        none, unchanged, granted, mine_before, mine_after = _in_thread(probe)
+        assert none == [] and unchanged == default_ns  # 0: the kernel's default stays
+        assert 30.0 in granted and current_slice_ms(io) == 30.0 and _proc_slice_ns(io) == 30_000_000
+        assert mine_after == mine_before  # the caller's own slice did not change
+    finally:
+        sock.close(linger=0)
+        ctx.term()
