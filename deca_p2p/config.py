@@ -104,7 +104,7 @@ class TrainConfig:
     device: str = "cpu"               # cpu | cuda | auto
     threads: int = 0                  # torch threads per peer (0: cores / peers, at least 1)
     time_slice_ms: float = 30.0       # training thread's CPU slice but while waiting (timeslice.py; Linux >= 6.12; 0: kernel's)
-    io_time_slice: bool = True        # ZeroMQ's I/O thread gets that slice too (timeslice.request_io_slice; false: kernel's)
+    io_time_slice: str = "auto"       # ZeroMQ's I/O thread gets that slice too: always | never | auto (where no link is emulated)
     eval_every: int = 16              # evaluate every N activations (0: at the end of each round), and at the end
     checkpoint_every: int = 1         # atomic checkpoint every N activations (and at the end of each round)
     resume: bool = True               # a restarted peer resumes from its latest checkpoint in the run dir
@@ -121,7 +121,8 @@ class TrainConfig:
                    "block_order": ("ascending", "descending", "random"), "comm": ("gossip", "none"),
                    "codec": ("raw", "bf16", "fp16", "int8"), "dtype": ("float32", "bfloat16", "float16"),
                    "device": ("cpu", "cuda", "auto"), "lr_schedule": LR_SCHEDULES,
-                   "robust": ("none", "clip", "trim"), "mix_dtype": ("float32", "float64")}
+                   "robust": ("none", "clip", "trim"), "mix_dtype": ("float32", "float64"),
+                   "io_time_slice": ("auto", "always", "never")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")

@@ -256,10 +256,12 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     trunc = trainer.batcher.truncation
     named = dict(trainer.model.named_parameters())
     # a long CPU slice for this thread, but the default while it waits for a block, so that woken it reads the block at
-    # once; the same slice for ZeroMQ's I/O thread, so that its wake-ups stop preempting other peers' steps
-    # (timeslice.py). The link threads, started already and idle on direct links, keep the default.
+    # once; the same slice for ZeroMQ's I/O thread, so that its wake-ups stop preempting other peers' steps, but not
+    # where a link is emulated: there it would read blocks after their due time (timeslice.request_io_slice). The link
+    # threads, started already and idle on links without emulation, keep the default.
     time_slice_ms = request_slice(cfg.time_slice_ms)
-    io_slices = request_io_slice(time_slice_ms if time_slice_ms and cfg.io_time_slice else 0)
+    io_slice = cfg.io_time_slice == "always" or (cfg.io_time_slice == "auto" and not transport.emulates)
+    io_slices = request_io_slice(time_slice_ms if time_slice_ms and io_slice else 0)
     log.write("start", pid=os.getpid(), inc=inc, glibc_tunables=os.environ.get("GLIBC_TUNABLES"), time_slice_ms=time_slice_ms,
               io_time_slice_ms=io_slices,
               endpoint=transport.endpoint, neighbours=topo.neighbors(me),

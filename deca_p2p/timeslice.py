@@ -151,6 +151,8 @@ def request_io_slice(ms: float, prefix: str = ZMQ_IO_THREADS) -> list[float]:
     Why: with more peers than cores, an I/O thread woken by a neighbour's bytes has the default (short) slice and so
     an early deadline, and preempts whichever training thread is computing, on every wake-up (about 90 a second per
     peer in `make cluster`). With the training thread's slice its deadline is as late as theirs: it runs when a
-    slice ends or a thread blocks, a few ms later, and the steps keep their caches."""
+    slice ends or a thread blocks, a few ms later, and the steps keep their caches. The price is that later read:
+    on an emulated link a block is then read after its due time (peer.py asks for it only where no link is
+    emulated, unless told otherwise). `benchmarks/results/io_slice.md` measures both."""
     got = (request_slice(ms, tid) for tid in threads_named(prefix)) if ms and ms > 0 else ()
     return [s for s in got if s is not None]

@@ -274,6 +274,12 @@ class Transport(HelloBarrier, TransportCounters):
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def emulates(self) -> bool:
+        """Whether any of this peer's outgoing links emulates latency, bandwidth or jitter (link.py). The topology
+        gives its neighbours the same links, so its incoming ones do too."""
+        return any(not link.direct for link in self._links.values())
+
     def _check_open(self) -> None:
         if not self._started:
             raise TransportError("transport not started")

@@ -20,6 +20,7 @@ def test_yaml_and_string_overrides(tmp_path):
 
 @pytest.mark.parametrize("overrides, needle", [
     ({"codec": "zip"}, "codec must be one of"),
+    ({"io_time_slice": "true"}, "io_time_slice must be one of"),
     ({"rounds": 0}, "rounds must be at least 1"),
     ({"lr": "fast"}, "lr: cannot read"),
     ({"nonsense": 1}, "unknown config key"),
