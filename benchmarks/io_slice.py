@@ -38,10 +38,24 @@ from cluster_efficiency import TOPO, timed  # noqa: E402
 from common import RESULTS, ROOT, machine_facts  # noqa: E402
 
 from deca_p2p.bootstrap import free_base_port  # noqa: E402
+from deca_p2p.metrics import read_metrics  # noqa: E402
+from deca_p2p.timeslice import current_slice_ms  # noqa: E402
 
 ROUNDS = 6
 SETTINGS = {"on": ["--set", "io_time_slice=always"], "off": ["--set", "io_time_slice=never"]}
 LINK_CASES = [("ring8, 1 Gbit/s", 8, 1000), ("ring8, 100 Mbit/s", 8, 100), ("2 peers, 1 Gbit/s", 2, 1000)]
+
+
+def check_setting(run_dir: Path, name: str) -> None:
+    """Stop unless every peer of the run logged the I/O slice the setting asked for (its `ready` record): 30 ms with
+    it on, none with it off; on a kernel without per-task slices there is nothing to compare."""
+    if current_slice_ms() is None:
+        raise SystemExit("this kernel has no per-task time slices (Linux >= 6.12): nothing to compare")
+    want = [30.0] if name == "on" else []
+    got = {pid: next((r.get("io_time_slice_ms") for r in recs if r.get("event") == "ready"), None)
+           for pid, recs in read_metrics(run_dir).items()}
+    if any(v != want for v in got.values()):
+        raise SystemExit(f"{run_dir.name}: the I/O slice is not what '{name}' asks for: {got}")
 
 
 def cluster_pairs(tmp: Path, reps: int) -> dict[str, list[tuple[float, float]]]:
@@ -52,6 +66,7 @@ def cluster_pairs(tmp: Path, reps: int) -> dict[str, list[tuple[float, float]]]:
             wall, cpu = timed([sys.executable, "-m", "deca_p2p.cli", "cluster", "--topology", str(TOPO), "--no-live",
                                "--run-dir", str(tmp / f"c{i}{name}"), "--base-port", str(free_base_port(8)),
                                "--rounds", str(ROUNDS), *flags])
+            check_setting(tmp / f"c{i}{name}", name)
             out[name].append((wall, cpu))
             print(f"cluster, I/O slice {name}: {wall:.1f} s wall, {cpu:.1f} CPU s", flush=True)
     return out
@@ -64,6 +79,7 @@ def link_pairs(tmp: Path, reps: int) -> dict[str, dict[str, list[dict]]]:
         for case, n, bw in LINK_CASES:
             for name, flags in (SETTINGS.items() if i % 2 == 0 else reversed(SETTINGS.items())):
                 r = run_links(tmp, f"l{i}{name}{n}-{bw}", 0, bw, 24, flags, n=n)
+                check_setting(tmp / f"l{i}{name}{n}-{bw}", name)
                 out[case][name].append(r)
                 print(f"{case}, I/O slice {name}: step {r['step_mean'] * 1e3:.1f} ms, "
                       f"goodput {r['goodput'] / bw:.3f} of configured", flush=True)

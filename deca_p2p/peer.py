@@ -256,14 +256,10 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     trunc = trainer.batcher.truncation
     named = dict(trainer.model.named_parameters())
     # a long CPU slice for this thread, but the default while it waits for a block, so that woken it reads the block at
-    # once; the same slice for ZeroMQ's I/O thread, so that its wake-ups stop preempting other peers' steps, but not
-    # where a link is emulated: there it would read blocks after their due time (timeslice.request_io_slice). The link
-    # threads, started already and idle on links without emulation, keep the default.
+    # once (timeslice.py). The transport's threads, started already, keep the default; ZeroMQ's I/O thread may get
+    # this slice after the barrier (below).
     time_slice_ms = request_slice(cfg.time_slice_ms)
-    io_slice = cfg.io_time_slice == "always" or (cfg.io_time_slice == "auto" and not transport.emulates)
-    io_slices = request_io_slice(time_slice_ms if time_slice_ms and io_slice else 0)
     log.write("start", pid=os.getpid(), inc=inc, glibc_tunables=os.environ.get("GLIBC_TUNABLES"), time_slice_ms=time_slice_ms,
-              io_time_slice_ms=io_slices,
               endpoint=transport.endpoint, neighbours=topo.neighbors(me),
               train_examples=len(data.train), eval_examples=len(data.evals), train_source=data.source,
               eval_source=data.eval_source, labels=labels, max_len=inputs.max_len, truncated=trunc.as_dict(),
@@ -278,7 +274,13 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
         log.write("eval", round=-1, activation=-1, **_evaluate(trainer, inputs))
     t_barrier = time.perf_counter()
     transport.barrier(inc, cfg.hello_timeout_s)
+    # the same slice for ZeroMQ's I/O thread, so that its wake-ups stop preempting other peers' steps, but not where a
+    # link is emulated: there it would read blocks after their due time (timeslice.request_io_slice). After the
+    # barrier: libzmq names the thread from inside it, so only once it has carried the hellos is its name certain.
+    io_slice = cfg.io_time_slice == "always" or (cfg.io_time_slice == "auto" and not transport.emulates)
+    io_slices = request_io_slice(time_slice_ms if time_slice_ms and io_slice else 0)
     log.write("ready", barrier_s=time.perf_counter() - t_barrier, config_digest=transport.hello_cfg["digest"],
+              io_time_slice_ms=io_slices,
               neighbour_settings=_neighbour_settings(me, transport))
     gossip = Gossip(transport, me, topo, sched, [b.param_names for b in trainer.blocks],
                     block_shapes=[[tuple(named[n].shape) for n in b.param_names] for b in trainer.blocks],

@@ -144,9 +144,10 @@ def threads_named(prefix: str) -> list[int]:
     return sorted(tids)
 
 
-def request_io_slice(ms: float, prefix: str = ZMQ_IO_THREADS) -> list[float]:
-    """The same slice for this process's ZeroMQ I/O threads (named by libzmq): the slices the kernel then reports,
-    one per thread it took (none where unsupported, MS <= 0, or no zmq context has started its threads yet).
+def request_io_slice(ms: float) -> list[float]:
+    """The same slice for this process's ZeroMQ I/O threads (named by libzmq, from inside each thread once it runs):
+    the slices the kernel then reports, one per thread it took (none where unsupported, MS <= 0, or no zmq context
+    has a named I/O thread yet: call it once the transport has carried messages).
 
     Why: with more peers than cores, an I/O thread woken by a neighbour's bytes has the default (short) slice and so
     an early deadline, and preempts whichever training thread is computing, on every wake-up (about 90 a second per
@@ -154,5 +155,5 @@ def request_io_slice(ms: float, prefix: str = ZMQ_IO_THREADS) -> list[float]:
     slice ends or a thread blocks, a few ms later, and the steps keep their caches. The price is that later read:
     on an emulated link a block is then read after its due time (peer.py asks for it only where no link is
     emulated, unless told otherwise). `benchmarks/results/io_slice.md` measures both."""
-    got = (request_slice(ms, tid) for tid in threads_named(prefix)) if ms and ms > 0 else ()
+    got = (request_slice(ms, tid) for tid in threads_named(ZMQ_IO_THREADS)) if ms and ms > 0 else ()
     return [s for s in got if s is not None]

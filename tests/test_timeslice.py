@@ -1,7 +1,9 @@
 """timeslice.py: the training thread's longer CPU slice (the default while it waits), read back from the kernel, on
 that thread only. Where the kernel has no per-task slices (< 6.12, not Linux) every call is a no-op, which is tested too."""
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,19 @@ def test_the_default_slice_on_a_thread_that_had_it_already_changes_nothing():
     assert before == inside == after and restored == 0  # nothing to restore: it stays on the kernel's default
 
 
+def _new_io_threads(before: set[int], wait_s: float = 5.0) -> set[int]:
+    """The ZeroMQ I/O threads started since BEFORE was listed: libzmq names each from inside it once it runs, so
+    right after ``ctx.socket()`` its name may not be there yet (peer.py asks only after the barrier)."""
+    from deca_p2p.timeslice import ZMQ_IO_THREADS, threads_named
+    deadline = time.monotonic() + wait_s
+    while True:
+        new = set(threads_named(ZMQ_IO_THREADS)) - before
+        if new or time.monotonic() > deadline:
+            return new
+        time.sleep(0.001)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads are listed from Linux's /proc")
 def test_threads_named_finds_zmqs_io_thread_and_nothing_for_a_name_no_thread_has():
     zmq = pytest.importorskip("zmq")
     from deca_p2p.timeslice import ZMQ_IO_THREADS, threads_named
@@ -116,7 +131,7 @@ def test_threads_named_finds_zmqs_io_thread_and_nothing_for_a_name_no_thread_has
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)  # libzmq starts a context's threads with its first socket
     try:
-        new = set(threads_named(ZMQ_IO_THREADS)) - before
+        new = _new_io_threads(before)
         assert len(new) == 1  # one I/O thread per context (zmq's default)
         assert threading.get_native_id() not in new
         assert threads_named("no thread is called this") == []
@@ -126,9 +141,10 @@ def test_threads_named_finds_zmqs_io_thread_and_nothing_for_a_name_no_thread_has
 
 
 @needs_slices
-def test_the_io_slice_goes_to_zmqs_io_thread_and_no_other():
+def test_the_io_slice_goes_to_zmqs_io_thread_not_to_the_caller():
     """peer.py gives ZeroMQ's I/O thread the training thread's slice (timeslice.request_io_slice says why); read back
-    from the scheduler itself. The calling thread keeps its own."""
+    from the scheduler itself. The calling thread keeps its own. (Every zmq I/O thread of this process gets it: the
+    other contexts' are left with 30 ms, which changes nothing for the tests.)"""
     import zmq
 
     from deca_p2p.timeslice import ZMQ_IO_THREADS, request_io_slice, threads_named
@@ -136,7 +152,7 @@ def test_the_io_slice_goes_to_zmqs_io_thread_and_no_other():
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     try:
-        (io,) = set(threads_named(ZMQ_IO_THREADS)) - before
+        (io,) = _new_io_threads(before)
         default_ns = _proc_slice_ns(io)
 
         def probe():

@@ -577,7 +577,11 @@ def test_restarted_peer_takes_its_id_back_and_gets_answered():
 def test_emulates_says_whether_any_link_emulates_something():
     """peer.py gives ZeroMQ's I/O thread a long time slice only where no link is emulated (timeslice.request_io_slice)."""
     eps = {0: "tcp://127.0.0.1:1", 1: "tcp://127.0.0.1:2", 2: "tcp://127.0.0.1:3"}
-    assert not Transport(0, eps, [1, 2]).emulates  # never started: nothing to close
-    assert not Transport(0, eps, [1, 2], {1: LinkSpec(), 2: LinkSpec(0.0, None, 0.0)}).emulates
-    for spec in (LinkSpec(latency_ms=1.0), LinkSpec(bandwidth_mbps=1000.0), LinkSpec(jitter_ms=1.0)):
-        assert Transport(0, eps, [1, 2], {2: spec}).emulates
+    ctx = zmq.Context()  # never started: no sockets, only this context to close
+    try:
+        assert not Transport(0, eps, [1, 2], ctx=ctx).emulates
+        assert not Transport(0, eps, [1, 2], {1: LinkSpec(), 2: LinkSpec(0.0, None, 0.0)}, ctx=ctx).emulates
+        for spec in (LinkSpec(latency_ms=1.0), LinkSpec(bandwidth_mbps=1000.0), LinkSpec(jitter_ms=1.0)):
+            assert Transport(0, eps, [1, 2], {2: spec}, ctx=ctx).emulates
+    finally:
+        ctx.term()
