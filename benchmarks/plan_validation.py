@@ -57,9 +57,17 @@ def table_rows(text: str, first_cell: str) -> list[list[list[str]]]:
     return tables
 
 
+def within(pred: float, meas: float) -> bool:
+    return abs(pred / meas - 1) <= TOL
+
+
+def n_within(rows) -> int:
+    """How many (name, predicted, measured) rows are within TOL."""
+    return sum(within(p, m) for _, p, m in rows)
+
+
 def verdict(pred: float, meas: float) -> tuple[str, str]:
-    r = pred / meas
-    return f"{r:.2f}", "yes" if abs(r - 1) <= TOL else "**no**"
+    return f"{pred / meas:.2f}", "yes" if within(pred, meas) else "**no**"
 
 
 def bandwidth_latency(lines: list[str]) -> list[tuple]:
@@ -154,7 +162,7 @@ def earlier_runs() -> list[str]:
         for k, v in (("pipeline", lo), ("all at once", hi), ("mean", (lo + hi) / 2)):
             ratios[k].append(v / r["step_wall_s"])
     span = {k: f"{min(v):.2f}-{max(v):.2f}" for k, v in ratios.items()}
-    within = sum(abs(x - 1) <= TOL for x in ratios["mean"])
+    n_ok = sum(within(x, 1.0) for x in ratios["mean"])
     commits = sorted({r["table_commit"] for r in rows})
     return [f"How the mean was chosen, and a check on runs it was not chosen on: the all-at-once schedule was the "
             "model first. The run committed at 7e98146, the first with the peers' long time slice, had shorter steps "
@@ -163,7 +171,7 @@ def earlier_runs() -> list[str]:
             f"{len(commits)} runs before the time slice (the tables committed at {' and '.join(commits)}; their local "
             "steps' CPU time, from their run directories, in `bandwidth_latency_earlier_runs.json`) give, predicted / "
             f"measured over their {len(rows)} ring8 steps: pipeline {span['pipeline']}, all at once "
-            f"{span['all at once']}, mean {span['mean']} ({within} of {len(rows)} within 15%). Which schedule a host "
+            f"{span['all at once']}, mean {span['mean']} ({n_ok} of {len(rows)} within 15%). Which schedule a host "
             "is nearer depends on how its scheduler orders the peers, which the plan does not model."]
 
 
@@ -302,15 +310,15 @@ def main() -> None:
     lines += shared_table()
     mem = memory_rows(lines)
     allr = comm + mem
-    good = sum(abs(p / m - 1) <= TOL for _, p, m in allr)
-    lines += ["", f"**{good} of {len(allr)} predictions within 15%** (communication {sum(abs(p / m - 1) <= TOL for _, p, m in comm)}"
-              f"/{len(comm)}, memory {sum(abs(p / m - 1) <= TOL for _, p, m in mem)}/{len(mem)}).", ""]
+    good = n_within(allr)
+    lines += ["", f"**{good} of {len(allr)} predictions within 15%** (communication {n_within(comm)}"
+              f"/{len(comm)}, memory {n_within(mem)}/{len(mem)}).", ""]
     lines += why(comm, mem)
     ckpt = checkpoint_rows(lines)
-    ck_good = sum(abs(p / m - 1) <= TOL for _, p, m in ckpt)
+    ck_good = n_within(ckpt)
     lines += ["", f"**Checkpoints: {ck_good} of {len(ckpt)} within 15%** (later saves "
-              f"{sum(abs(p / m - 1) <= TOL for n, p, m in ckpt if 'later' in n)}/{sum('later' in n for n, _, _ in ckpt)})."]
-    small_first = [x for x in ckpt if x[0].endswith("full") and abs(x[1] / x[2] - 1) > TOL]
+              f"{n_within(x for x in ckpt if 'later' in x[0])}/{sum('later' in n for n, _, _ in ckpt)})."]
+    small_first = [x for x in ckpt if x[0].endswith("full") and not within(x[1], x[2])]
     if small_first:
         lines += ["", "Not within 15%: " + ", ".join(f"{n} ({p / m:.2f}: {1 - p / m:.0%} of the measured save is "
                                                      "beyond the predicted)" for n, p, m in small_first)
@@ -330,7 +338,7 @@ def why(comm: list, mem: list) -> list[str]:
         return f"{min(rs):.2f}-{max(rs):.2f}" if len(rs) > 1 else f"{rs[0]:.2f}"
 
     def miss(rows):
-        return [x for x in rows if abs(x[1] / x[2] - 1) > TOL]
+        return [x for x in rows if not within(x[1], x[2])]
 
     out = ["Where it is not within 15%, and why:", ""]
     steps8 = [x for x in comm if x[0].startswith("ring8") and x[0].endswith(" step")]
