@@ -30,7 +30,7 @@ import torch
 from . import public_copy, wire
 from .cpu_parts import CpuParts
 from .robust import MixReport, RobustMixer, sq_distance
-from .sendbuf import SnapshotPool
+from .sendbuf import SnapshotPool, share_payloads
 from .topology import Topology
 from .trainer import Schedule, TrainingDiverged
 from .transport import Transport
@@ -159,8 +159,8 @@ class Gossip:
         frames = self._encode_own(snap if self.exact else published, src=self.me, codec=self.codec,
                                   full=full or self.exact, inc=self.inc, round=round_idx, block=block, step=step,
                                   stats=out_stats, check_finite=False)  # receivers scan it; our divergence shows in the loss
-        if self.exact and not live:
-            frames = self.buffers.track(frames, snap)
+        if self.exact:
+            frames = share_payloads(frames) if live else self.buffers.track(frames, snap)
         repaired = None
         if repair:  # a full block for these links only: our new public copy itself, raw float32 (decoded exactly,
             # so their copy equals everyone else's after the delta); the other neighbours' chains go on undisturbed

@@ -37,7 +37,20 @@ class SnapshotPool:
     def track(self, frames: list, snap: dict[str, torch.Tensor]) -> list:
         """`frames` (a header and payload views of `snap`) with the payloads as tracked zmq.Frames; `snap` becomes a
         spare, reusable once every send of those frames is done."""
+        # every payload tracked, the small ones too: a send still queued on an emulated link copies them only then
         payload = [zmq.Frame(f, copy=False, track=True) for f in frames[1:]]
         self._kept.append((snap, [f.tracker for f in payload]))
         del self._kept[:-self.spares]  # the oldest go (one still in flight on a slow link is garbage once sent)
         return [frames[0], *payload]
+
+
+def share_payloads(frames: list) -> list:
+    """`frames` (a header, then payload buffers that nobody writes to again) with each payload that ZeroMQ would not
+    copy anyway as one zero-copy ``zmq.Frame``, shared by every neighbour's send.
+
+    When ZeroMQ lets a zero-copy buffer go, its free callback tells pyzmq's garbage-collector thread, which wakes to
+    drop the reference. Sent as plain buffers, each neighbour's send makes a Frame of its own: a wake-up per payload
+    per neighbour. A shared Frame is let go once, whatever the degree. Payloads under the socket's copy threshold
+    (``zmq.COPY_THRESHOLD``) stay plain buffers, which ``send_multipart(copy=False)`` copies as it sends them."""
+    return [frames[0], *(f if memoryview(f).nbytes < zmq.COPY_THRESHOLD else zmq.Frame(f, copy=False)
+                         for f in frames[1:])]
