@@ -218,6 +218,9 @@ OPTIONAL_INTS = ("dp_seed",)  # default None; a value is an int ("none" on the c
 def _coerce(key: str, value: Any) -> Any:
     default = getattr(TrainConfig(), key)
     kind = "int" if key in OPTIONAL_INTS else type(default).__name__
+    if isinstance(default, str) and isinstance(value, bool):  # YAML reads an unquoted on/off/yes/no so
+        raise ConfigError(f"{key}: got the boolean {value} (YAML reads an unquoted on, off, yes or no as one): "
+                          f"quote the value, e.g. {key}: \"{default}\"")
     try:
         if key in OPTIONAL_INTS:
             if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):

@@ -36,6 +36,13 @@ def test_bad_values(overrides, needle):
         make_config(None, overrides)
 
 
+def test_an_unquoted_yaml_word_read_as_a_boolean_says_to_quote_it(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("io_time_slice: off\n")
+    with pytest.raises(ConfigError, match=r'io_time_slice: got the boolean False .* e.g. io_time_slice: "auto"'):
+        make_config(f)
+
+
 def test_yaml_that_is_not_a_table(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("- a\n- b\n")
