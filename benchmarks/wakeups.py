@@ -63,6 +63,12 @@ def _switches(pid: int) -> dict[int, tuple[str, int, int]]:
     return out
 
 
+def _minor_faults(pid: int) -> int:
+    """The process's minor page faults so far (/proc/<pid>/stat): memory it touched fresh, e.g. a buffer malloc could
+    not reuse because the last one was not let go yet."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
 def _peer_pids(run_dir: Path, n: int, timeout_s: float = 120.0) -> dict[int, int]:
     """Peer id -> pid, once all N peers have logged `ready` (the hello barrier passed: training starts)."""
     deadline = time.monotonic() + timeout_s
@@ -85,8 +91,10 @@ def run(label: str, tree: Path, run_dir: Path, window_s: float) -> dict:
         pids = _peer_pids(run_dir, 8)
         time.sleep(3.0)
         before = {peer: _switches(pid) for peer, pid in pids.items()}
+        faults0 = sum(_minor_faults(pid) for pid in pids.values())
         time.sleep(window_s)
         after = {peer: _switches(pid) for peer, pid in pids.items()}
+        faults = (sum(_minor_faults(pid) for pid in pids.values()) - faults0) / window_s / len(pids)
         code = p.wait()
         if code != 0:
             log.seek(0)
@@ -104,8 +112,9 @@ def run(label: str, tree: Path, run_dir: Path, window_s: float) -> dict:
             per_kind[kind]["threads"] += 1 / len(pids)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     print(f"{label}: {wall:.1f} s wall, {cpu:.1f} CPU s; per peer and s: " + ", ".join(
-        f"{k} {v['voluntary']:.1f} woke / {v['involuntary']:.1f} preempted" for k, v in per_kind.items()), flush=True)
-    return {"wall": wall, "cpu": cpu, "kinds": per_kind}
+        f"{k} {v['voluntary']:.1f} woke / {v['involuntary']:.1f} preempted" for k, v in per_kind.items())
+        + f", {faults:.0f} minor page faults", flush=True)
+    return {"wall": wall, "cpu": cpu, "kinds": per_kind, "faults": faults}
 
 
 def _env(tree: Path) -> dict[str, str]:
@@ -172,7 +181,9 @@ def write(a, runs: dict[str, list[dict]], head: str, load0: float) -> None:
     tot = {lb: [sum(r["kinds"][k]["voluntary"] for k in KINDS) for r in runs[lb]] for lb in labels}
     L.append("| **all** | " + " | ".join(f"**{mean(tot[lb]):.1f}** | **{mean(sum(r['kinds'][k]['involuntary'] for k in KINDS) for r in runs[lb]):.1f}**"
                                        for lb in labels) + " |")
-    L += ["", "## The runs", "", "| pair | " + " | ".join(f"{lb}: wall s | {lb}: CPU s" for lb in labels)
+    L += ["", "Minor page faults per peer and second (the process): " + ", ".join(
+        f"{lb} {mean(r['faults'] for r in runs[lb]):.0f}" for lb in labels) + ".",
+          "", "## The runs", "", "| pair | " + " | ".join(f"{lb}: wall s | {lb}: CPU s" for lb in labels)
           + f" | wall: {labels[0]} / {labels[1]} |", "|---:|" + "---:|" * (2 * len(labels) + 1)]
     for i, pair in enumerate(zip(*(runs[lb] for lb in labels)), 1):
         L.append(f"| {i} | " + " | ".join(f"{r['wall']:.1f} | {r['cpu']:.1f}" for r in pair)
