@@ -59,7 +59,7 @@ def _train_options(f):
         click.option("--time-slice-ms", type=float,
                      help="CPU time slice a peer's training thread asks Linux for, the kernel's default while it waits for a block "
                           "(default 30; 0: the kernel's default throughout). ZeroMQ's I/O thread gets it too where no link "
-                          "is emulated (--set io_time_slice=auto|always|never), pyzmq's garbage-collector thread always."),
+                          "is emulated (--set io_time_slice=auto|always|never)."),
         click.option("--gossip-every", type=int, help="Exchange after every c-th inner step (default 1)."),
         click.option("--overlap/--no-overlap", default=None,
                      help="Compute each step's gradient while its exchange is in flight (one-step-delayed gossip)."),

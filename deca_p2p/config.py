@@ -105,7 +105,6 @@ class TrainConfig:
     threads: int = 0                  # torch threads per peer (0: cores / peers, at least 1)
     time_slice_ms: float = 30.0       # training thread's CPU slice but while waiting (timeslice.py; Linux >= 6.12; 0: kernel's)
     io_time_slice: str = "auto"       # ZeroMQ's I/O thread gets that slice too: always | never | auto (where no link is emulated)
-                                      # (pyzmq's gc thread gets it whenever the training thread does: nothing waits on it)
     eval_every: int = 16              # evaluate every N activations (0: at the end of each round), and at the end
     checkpoint_every: int = 1         # atomic checkpoint every N activations (and at the end of each round)
     resume: bool = True               # a restarted peer resumes from its latest checkpoint in the run dir

@@ -33,7 +33,7 @@ from .optim import overlap_correction
 from .metrics import METRICS_FILE, MetricsLog, peer_dir, records
 from .privacy import public_stats
 from .robust import make_mixer
-from .timeslice import default_slice, request_io_slice, request_zmq_gc_slice, request_slice
+from .timeslice import default_slice, request_io_slice, request_slice
 from .runtime import PeerData, embedded_data, evaluate_run, label_counts, load, make_batcher, own_data, set_threads
 from .trainer import PeerTrainer
 from .transport import Transport
@@ -279,9 +279,8 @@ def _train(args: PeerArgs, topo, inputs, trainer: PeerTrainer, transport: Transp
     # barrier: libzmq names the thread from inside it, so only once it has carried the hellos is its name certain.
     io_slice = cfg.io_time_slice == "always" or (cfg.io_time_slice == "auto" and not transport.emulates)
     io_slices = request_io_slice(time_slice_ms if time_slice_ms and io_slice else 0)
-    gc_slice = request_zmq_gc_slice(time_slice_ms or 0)  # no one waits for pyzmq's gc thread: links or not
     log.write("ready", barrier_s=time.perf_counter() - t_barrier, config_digest=transport.hello_cfg["digest"],
-              io_time_slice_ms=io_slices, zmq_gc_time_slice_ms=gc_slice,
+              io_time_slice_ms=io_slices,
               neighbour_settings=_neighbour_settings(me, transport))
     gossip = Gossip(transport, me, topo, sched, [b.param_names for b in trainer.blocks],
                     block_shapes=[[tuple(named[n].shape) for n in b.param_names] for b in trainer.blocks],

@@ -10,9 +10,9 @@ or more runs each): the long slice throughout 35.9-37.1 s and 0.38-0.52 of the l
 and 0.64-0.72; the long slice but for the wait 36.3, 36.9 s and 0.62-0.84; the kernel's slice 37.8-38.6 s and
 0.51-0.62. `cluster_efficiency.md` and `bandwidth_latency.md` have the committed runs. Only the calling thread
 changes, and the threads it starts later (torch's OpenMP workers with `--threads` > 1 start on the first step), and,
-by name, ZeroMQ's I/O thread (`request_io_slice`, which says why; `benchmarks/results/io_slice.md` measures it), and
-pyzmq's garbage-collector thread (`request_zmq_gc_slice`). The link threads, started before and asleep on links
-without emulation (link.py), keep the default; `benchmarks/results/wakeups.md` counts every thread's wake-ups.
+by name, ZeroMQ's I/O thread (`request_io_slice`, which says why; `benchmarks/results/io_slice.md` measures it). The
+link threads, started before and asleep on links without emulation (link.py), and pyzmq's garbage-collector thread
+keep the default (with the slice, the latter changed nothing measurable: `benchmarks/results/wakeups_gc_slice.md`).
 
 Unprivileged; the policy (SCHED_OTHER or SCHED_BATCH) and nice value are kept. Elsewhere (another OS, an older
 kernel, a real-time policy a user chose) nothing changes and `request_slice` says so by returning None.
@@ -25,7 +25,6 @@ import os
 import platform
 import struct
 import sys
-import threading
 
 MAX_SLICE_MS = 100.0   # the kernel clamps a requested slice to [0.1, 100] ms
 MIN_SLICE_MS = 0.1
@@ -159,24 +158,3 @@ def request_io_slice(ms: float) -> list[float]:
     emulated, unless told otherwise). `benchmarks/results/io_slice.md` measures both."""
     got = (request_slice(ms, tid) for tid in threads_named(ZMQ_IO_THREADS)) if ms and ms > 0 else ()
     return [s for s in got if s is not None]
-
-
-def request_zmq_gc_slice(ms: float) -> float | None:
-    """The same slice for pyzmq's garbage-collector thread (``zmq.utils.garbage``), started here if it is not yet.
-    Returns the slice the kernel then reports, or None where nothing changed (as `request_slice`, or a pyzmq
-    without that thread).
-
-    Why: when ZeroMQ lets a zero-copy payload go, its free callback wakes that thread to drop pyzmq's reference
-    (12-20 times a second per peer in `make cluster`), and with the default slice every wake-up preempts some
-    peer's step. Nothing waits for it: it may as well run when a slice ends."""
-    if not ms or ms <= 0:
-        return None
-    try:
-        import zmq
-        from zmq.utils import garbage
-        zmq.Frame(bytes(zmq.COPY_THRESHOLD), copy=False)  # a zero-copy frame starts the thread (public API only)
-        tids = [t.native_id for t in threading.enumerate() if isinstance(t, garbage.GarbageCollectorThread)]
-    except Exception:  # another pyzmq: nothing changes (a scheduling hint must not stop a peer)
-        return None
-    got = [request_slice(ms, tid) for tid in tids if tid is not None]
-    return got[0] if len(got) == 1 else None

@@ -166,21 +166,3 @@ def test_the_io_slice_goes_to_zmqs_io_thread_not_to_the_caller():
     finally:
         sock.close(linger=0)
         ctx.term()
-
-
-@needs_slices
-def test_the_gc_slice_goes_to_pyzmqs_garbage_collector_thread_not_to_the_caller():
-    """peer.py gives pyzmq's garbage-collector thread the training thread's slice (timeslice.request_zmq_gc_slice says
-    why), starting the thread if need be; read back from the scheduler itself. 0 asks for nothing."""
-    from zmq.utils import garbage
-
-    from deca_p2p.timeslice import request_zmq_gc_slice
-
-    def probe():
-        mine = _proc_slice_ns(threading.get_native_id())
-        return request_zmq_gc_slice(0), request_zmq_gc_slice(30), mine, _proc_slice_ns(threading.get_native_id())
-    none, granted, mine_before, mine_after = _in_thread(probe)
-    (gc_thread,) = [t for t in threading.enumerate() if isinstance(t, garbage.GarbageCollectorThread)]
-    assert none is None and granted == 30.0
-    assert current_slice_ms(gc_thread.native_id) == 30.0 and _proc_slice_ns(gc_thread.native_id) == 30_000_000
-    assert mine_after == mine_before  # the caller's own slice did not change
